@@ -1,0 +1,818 @@
+/* The backup state machine: plan, start in one transaction, receive, commit
+ * before finalize.  See DESIGN.md sections 1 and 3 for why this order keeps
+ * "nothing lost". */
+#include "agent/backup.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "agent/repo.h"
+#include "agent/target.h"
+#include "io/ring.h"
+#include "qmp/client.h"
+
+#define RING_ENTRIES 256
+#define JOB_POLL_MS 500
+
+struct disk {
+    char *name;  /* device id, or node name without one */
+    char *node;  /* format node backed up and holding the bitmap */
+    char *drv;
+    uint64_t size;
+    json_t *bitmaps; /* from query-block, borrowed from `block` */
+
+    bool full;
+    char *reason;
+    char *chain;
+    char *bitmap;
+    bool add_bitmap;
+    GPtrArray *stale_bitmaps; /* ours, to remove once committed */
+    char *parent_point;
+    char *backing_rel;
+    struct qcow2_reader *backing;
+
+    char *file;
+    char *job_id;
+    char *nbd_node;
+    char *sock_path;
+    struct backup_target *target;
+    bool nbd_added;
+    bool bitmap_added;
+    bool job_started;
+};
+
+struct backup {
+    const struct backup_opts *opts;
+    struct ring ring;
+    bool ring_ok;
+    struct qmp_client *qmp;
+    struct repo_vm *repo;
+    GPtrArray *points;
+    json_t *block; /* query-block */
+    GPtrArray *disks;
+    char *point;
+    int partial_fd;
+    bool partial_made;
+    char *run_dir;
+    bool committed;
+    gint64 start_us;
+};
+
+static void
+disk_free(struct disk *d)
+{
+    backup_target_free(d->target);
+    qcow2_reader_free(d->backing);
+    if (d->stale_bitmaps) {
+        g_ptr_array_free(d->stale_bitmaps, true);
+    }
+    g_free(d->name);
+    g_free(d->node);
+    g_free(d->drv);
+    g_free(d->reason);
+    g_free(d->chain);
+    g_free(d->bitmap);
+    g_free(d->parent_point);
+    g_free(d->backing_rel);
+    g_free(d->file);
+    g_free(d->job_id);
+    g_free(d->nbd_node);
+    g_free(d->sock_path);
+    g_free(d);
+}
+
+/* The disk's name: its device id when the device has one. */
+static char *
+disk_name(json_t *dev, const char *node)
+{
+    const char *qdev = json_string_value(json_object_get(dev, "qdev"));
+    const char *prefix = "/machine/peripheral/";
+
+    if (qdev && g_str_has_prefix(qdev, prefix)) {
+        const char *id = qdev + strlen(prefix);
+        const char *end = strchr(id, '/');
+        return end ? g_strndup(id, (gsize)(end - id)) : g_strdup(id);
+    }
+    return g_strdup(node);
+}
+
+static bool
+wanted(const struct backup_opts *o, const char *name)
+{
+    if (!o->disks) {
+        return true;
+    }
+    for (char **p = o->disks; *p; p++) {
+        if (strcmp(*p, name) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Every writable, non-empty block device with a guest device. */
+static bool
+discover_disks(struct backup *b, GError **errp)
+{
+    const struct backup_opts *o = b->opts;
+    size_t i;
+    json_t *dev;
+
+    b->block = qmp_client_call(b->qmp, "query-block", NULL, o->timeout_ms,
+                               errp);
+    if (!b->block) {
+        return false;
+    }
+    if (!json_is_array(b->block)) {
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "query-block: not an array");
+        return false;
+    }
+    json_array_foreach(b->block, i, dev)
+    {
+        json_t *ins = json_object_get(dev, "inserted");
+        const char *node = json_string_value(json_object_get(ins, "node-name"));
+        json_t *vsize = json_object_get(json_object_get(ins, "image"),
+                                        "virtual-size");
+        struct disk *d;
+
+        if (!json_is_object(ins) || !node || !json_object_get(dev, "qdev") ||
+            json_is_true(json_object_get(ins, "ro"))) {
+            continue;
+        }
+        if (!json_is_integer(vsize) || json_integer_value(vsize) <= 0) {
+            continue;
+        }
+        d = g_new0(struct disk, 1);
+        d->node = g_strdup(node);
+        d->name = disk_name(dev, node);
+        d->drv = g_strdup(json_string_value(json_object_get(ins, "drv")));
+        d->size = (uint64_t)json_integer_value(vsize);
+        d->bitmaps = json_object_get(ins, "dirty-bitmaps");
+        d->stale_bitmaps = g_ptr_array_new_with_free_func(g_free);
+        if (!wanted(o, d->name)) {
+            disk_free(d);
+            continue;
+        }
+        if (!repo_name_valid(d->name, "disk", errp)) {
+            disk_free(d);
+            return false;
+        }
+        g_ptr_array_add(b->disks, d);
+    }
+    for (char **p = o->disks; p && *p; p++) {
+        bool found = false;
+        for (guint k = 0; k < b->disks->len; k++) {
+            found |= strcmp(((struct disk *)b->disks->pdata[k])->name, *p) == 0;
+        }
+        if (!found) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                        "%s: no such writable disk in the VM", *p);
+            return false;
+        }
+    }
+    if (b->disks->len == 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "the VM has no writable disk attached to a device");
+        return false;
+    }
+    return true;
+}
+
+static json_t *
+find_bitmap(json_t *bitmaps, const char *name)
+{
+    size_t i;
+    json_t *bm;
+
+    json_array_foreach(bitmaps, i, bm)
+    {
+        if (g_strcmp0(json_string_value(json_object_get(bm, "name")), name) ==
+            0) {
+            return bm;
+        }
+    }
+    return NULL;
+}
+
+/* Why the chain's bitmap cannot carry an incremental, or NULL if it can. */
+static char *
+bitmap_problem(struct disk *d, json_t *last, const char *bitmap)
+{
+    json_t *bm = find_bitmap(d->bitmaps, bitmap);
+    uint64_t last_size =
+        (uint64_t)json_integer_value(json_object_get(last, "virtual_size"));
+
+    if (!bm) {
+        return g_strdup_printf("bitmap %s is missing (QEMU restarted with a "
+                               "non-persistent bitmap, or it was removed)",
+                               bitmap);
+    }
+    if (json_is_true(json_object_get(bm, "inconsistent"))) {
+        return g_strdup_printf("bitmap %s is inconsistent (QEMU did not shut "
+                               "down cleanly)",
+                               bitmap);
+    }
+    if (json_is_true(json_object_get(bm, "busy"))) {
+        return g_strdup_printf("bitmap %s is busy", bitmap);
+    }
+    if (!json_is_true(json_object_get(bm, "recording"))) {
+        return g_strdup_printf("bitmap %s is not recording", bitmap);
+    }
+    if (last_size != d->size) {
+        return g_strdup_printf("disk size changed from %" PRIu64
+                               " to %" PRIu64,
+                               last_size, d->size);
+    }
+    return NULL;
+}
+
+/* Decide full or incremental for one disk (DESIGN.md section 3). */
+static void
+plan_disk(struct backup *b, struct disk *d)
+{
+    struct restore_point *last = NULL;
+    json_t *entry = NULL;
+    const char *bitmap;
+    g_autofree char *path = NULL;
+    g_autoptr(GError) err = NULL;
+    g_autofree char *prefix = g_strdup_printf("qbak-%s-", b->repo->vm_id);
+    size_t i;
+    json_t *bm;
+
+    for (guint k = b->points->len; k > 0 && !entry; k--) {
+        last = b->points->pdata[k - 1];
+        entry = restore_point_disk(last, d->name);
+    }
+    /* Our bitmaps other than the one this backup uses are stale. */
+    bitmap = entry ? json_string_value(json_object_get(entry, "bitmap")) : NULL;
+    json_array_foreach(d->bitmaps, i, bm)
+    {
+        const char *name = json_string_value(json_object_get(bm, "name"));
+        if (name && g_str_has_prefix(name, prefix)) {
+            g_ptr_array_add(d->stale_bitmaps, g_strdup(name));
+        }
+    }
+
+    if (!entry) {
+        d->full = true; /* first backup of this disk: no reason needed */
+    } else if (b->opts->full) {
+        d->full = true;
+        d->reason = g_strdup("full backup requested (--full)");
+    } else if (!bitmap) {
+        d->full = true;
+        d->reason = g_strdup_printf("point %s has no bitmap for this disk",
+                                    last->id);
+    } else if ((d->reason = bitmap_problem(d, entry, bitmap))) {
+        d->full = true;
+    } else {
+        const char *file = json_string_value(json_object_get(entry, "file"));
+        path = g_build_filename(last->id, file ? file : "", NULL);
+        d->backing = qcow2_reader_open(b->repo->vm_fd, path, &err);
+        if (!d->backing) {
+            d->full = true;
+            d->reason = g_strdup_printf("previous point %s is unreadable: %s",
+                                        last->id, err->message);
+        } else if (qcow2_reader_virtual_size(d->backing) != d->size) {
+            d->full = true;
+            d->reason = g_strdup_printf("previous point %s has another size",
+                                        last->id);
+            g_clear_pointer(&d->backing, qcow2_reader_free);
+        }
+    }
+    if (d->full) {
+        char chain[17];
+        g_snprintf(chain, sizeof(chain), "%08x%08x", g_random_int(),
+                   g_random_int());
+        d->chain = g_strdup(chain);
+        d->bitmap = g_strdup_printf("%s%s", prefix, chain);
+        d->add_bitmap = true;
+        return;
+    }
+    d->chain = g_strdup(json_string_value(json_object_get(entry, "chain")));
+    d->bitmap = g_strdup(bitmap);
+    d->parent_point = g_strdup(last->id);
+    d->backing_rel = g_strdup_printf("../%s", path);
+    for (guint k = 0; k < d->stale_bitmaps->len; k++) {
+        if (strcmp(d->stale_bitmaps->pdata[k], d->bitmap) == 0) {
+            g_ptr_array_remove_index(d->stale_bitmaps, k);
+            break;
+        }
+    }
+}
+
+static bool
+start_targets(struct backup *b, GError **errp)
+{
+    b->run_dir = g_dir_make_tmp("qbak-XXXXXX", errp); /* mode 0700 */
+    if (!b->run_dir) {
+        return false;
+    }
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+
+        d->file = g_strdup_printf("%s.qcow2", d->name);
+        d->job_id = g_strdup_printf("qbak-%s-%s", b->point, d->name);
+        d->nbd_node = g_strdup_printf("qbak-nbd-%s", d->name);
+        d->sock_path = g_strdup_printf("%s/%u.sock", b->run_dir, k);
+        d->target = backup_target_new(&b->ring, b->partial_fd, d->file,
+                                      d->name, d->size, b->opts->cluster_bits,
+                                      d->backing_rel, d->backing, d->sock_path,
+                                      errp);
+        if (!d->target) {
+            return false;
+        }
+    }
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        /* QEMU connects during blockdev-add: the call runs the ring, so our
+         * NBD server answers the handshake meanwhile. */
+        json_t *ret = qmp_client_call(
+            b->qmp, "blockdev-add",
+            json_pack("{s:s, s:s, s:{s:s, s:s}, s:s}", "driver", "nbd",
+                      "node-name", d->nbd_node, "server", "type", "unix",
+                      "path", d->sock_path, "export", d->name),
+            b->opts->timeout_ms, errp);
+        if (!ret) {
+            g_prefix_error(errp, "%s: ", d->name);
+            return false;
+        }
+        json_decref(ret);
+        d->nbd_added = true;
+    }
+    return true;
+}
+
+/* New chains get their bitmap now; it records a little early, which the
+ * full job's on-success reset takes back. */
+static bool
+add_bitmaps(struct backup *b, GError **errp)
+{
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        json_t *ret;
+
+        if (!d->add_bitmap) {
+            continue;
+        }
+        /* Raw images cannot store a persistent bitmap. */
+        ret = qmp_client_call(b->qmp, "block-dirty-bitmap-add",
+                              json_pack("{s:s, s:s, s:b}", "node", d->node,
+                                        "name", d->bitmap, "persistent",
+                                        g_strcmp0(d->drv, "qcow2") == 0),
+                              b->opts->timeout_ms, errp);
+        if (!ret) {
+            g_prefix_error(errp, "%s: ", d->name);
+            return false;
+        }
+        json_decref(ret);
+        d->bitmap_added = true;
+    }
+    return true;
+}
+
+static bool
+start_transaction(struct backup *b, GError **errp)
+{
+    json_t *actions = json_array();
+    json_t *ret;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        json_t *job;
+
+        job = json_pack("{s:s, s:s, s:s, s:s, s:b, s:b}", "device", d->node,
+                        "target", d->nbd_node, "job-id", d->job_id, "sync",
+                        d->full ? "full" : "incremental", "auto-finalize", 0,
+                        "auto-dismiss", 0);
+        /* on-success: QEMU resets the bitmap to "writes since this
+         * transaction" only when we finalize, which we do after the point
+         * is durable.  A full backup takes the new chain's bitmap too: it
+         * was created just before, and the reset makes it start exactly at
+         * the point in time (block-dirty-bitmap-add cannot join a grouped
+         * transaction). */
+        json_object_set_new(job, "bitmap", json_string(d->bitmap));
+        json_object_set_new(job, "bitmap-mode", json_string("on-success"));
+        if (b->opts->speed) {
+            json_object_set_new(job, "speed", json_integer(b->opts->speed));
+        }
+        json_array_append_new(actions, json_pack("{s:s, s:o}", "type",
+                                                 "blockdev-backup", "data",
+                                                 job));
+    }
+    ret = qmp_client_call(b->qmp, "transaction",
+                          json_pack("{s:o, s:{s:s}}", "actions", actions,
+                                    "properties", "completion-mode",
+                                    "grouped"),
+                          b->opts->timeout_ms, errp);
+    if (!ret) {
+        return false;
+    }
+    json_decref(ret);
+    for (guint k = 0; k < b->disks->len; k++) {
+        ((struct disk *)b->disks->pdata[k])->job_started = true;
+    }
+    return true;
+}
+
+static json_t *
+find_job(json_t *jobs, const char *id)
+{
+    size_t i;
+    json_t *j;
+
+    json_array_foreach(jobs, i, j)
+    {
+        if (g_strcmp0(json_string_value(json_object_get(j, "id")), id) == 0) {
+            return j;
+        }
+    }
+    return NULL;
+}
+
+static void
+drop_events(struct backup *b)
+{
+    json_t *ev;
+    while ((ev = qmp_client_pop_event(b->qmp))) {
+        json_decref(ev);
+    }
+}
+
+static void
+show_progress(struct backup *b, json_t *jobs)
+{
+    uint64_t cur = 0, total = 0;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        json_t *j = find_job(jobs, ((struct disk *)b->disks->pdata[k])->job_id);
+        cur += (uint64_t)json_integer_value(json_object_get(j, "current-progress"));
+        total += (uint64_t)json_integer_value(json_object_get(j, "total-progress"));
+    }
+    if (total) {
+        fprintf(stderr, "\rqbak: %s: %3.0f%% of %.1f MiB", b->opts->vm,
+                100.0 * (double)cur / (double)total, (double)total / 1048576.0);
+    }
+}
+
+/* Wait until every job is pending (all data received), or one failed. */
+static bool
+wait_pending(struct backup *b, GError **errp)
+{
+    for (;;) {
+        g_autoptr(GError) err = NULL;
+        json_t *jobs;
+        guint pending = 0;
+
+        jobs = qmp_client_call(b->qmp, "query-jobs", NULL, b->opts->timeout_ms,
+                               errp);
+        if (!jobs) {
+            return false;
+        }
+        for (guint k = 0; k < b->disks->len; k++) {
+            struct disk *d = b->disks->pdata[k];
+            json_t *j = find_job(jobs, d->job_id);
+            const char *st = json_string_value(json_object_get(j, "status"));
+            const char *msg = json_string_value(json_object_get(j, "error"));
+
+            if (!j) {
+                g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
+                            "%s: job %s vanished", d->name, d->job_id);
+                json_decref(jobs);
+                return false;
+            }
+            if (g_strcmp0(st, "pending") == 0) {
+                pending++;
+            } else if (g_strcmp0(st, "concluded") == 0 ||
+                       g_strcmp0(st, "aborting") == 0 ||
+                       g_strcmp0(st, "null") == 0) {
+                const char *te = backup_target_error(d->target);
+                g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
+                            "%s: backup job failed: %s", d->name,
+                            te ? te : msg ? msg : "cancelled with the group");
+                json_decref(jobs);
+                return false;
+            }
+        }
+        if (b->opts->progress) {
+            show_progress(b, jobs);
+        }
+        json_decref(jobs);
+        if (pending == b->disks->len) {
+            if (b->opts->progress) {
+                fputc('\n', stderr);
+            }
+            return true;
+        }
+        /* JOB_STATUS_CHANGE wakes us early; the NBD data flows meanwhile. */
+        if (!qmp_client_wait_event(b->qmp, JOB_POLL_MS, &err) && err) {
+            g_propagate_error(errp, g_steal_pointer(&err));
+            return false;
+        }
+        drop_events(b);
+    }
+}
+
+static json_t *
+disk_result(struct backup *b, struct disk *d)
+{
+    return json_pack(
+        "{s:s, s:s, s:s, s:s?, s:I, s:I, s:s, s:s, s:s, s:s?, s:I}", "disk",
+        d->name, "node", d->node, "type", d->full ? "full" : "incremental",
+        "reason", d->reason, "virtual_size", (json_int_t)d->size,
+        "bytes_written", (json_int_t)backup_target_file_size(d->target),
+        "file", d->file, "chain", d->chain, "bitmap", d->bitmap, "backing",
+        d->backing_rel, "cluster_size",
+        (json_int_t)(1u << b->opts->cluster_bits));
+}
+
+static json_t *
+make_manifest(struct backup *b, const char *parent, double duration)
+{
+    json_t *disks = json_array();
+    int v = qmp_client_qemu_version(b->qmp);
+    g_autofree char *time = repo_time_now();
+    g_autofree char *qemu = g_strdup_printf("%d.%d.%d", v / 10000,
+                                            v / 100 % 100, v % 100);
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        json_array_append_new(disks, disk_result(b, b->disks->pdata[k]));
+    }
+    return json_pack("{s:i, s:s, s:s, s:s?, s:s, s:s, s:s, s:o, s:f}",
+                     "format", MANIFEST_FORMAT, "vm", b->opts->vm, "point",
+                     b->point, "parent", parent, "time", time, "qemu_version",
+                     qemu, "consistency", "crash", "disks", disks,
+                     "duration_s", duration);
+}
+
+static bool
+commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
+{
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        if (!backup_target_commit(d->target, errp)) {
+            return false;
+        }
+    }
+    *manifest = make_manifest(b, parent,
+                              (double)(g_get_monotonic_time() - b->start_us) /
+                                  1e6);
+    if (!repo_commit(b->repo, b->partial_fd, b->point, *manifest, errp)) {
+        return false;
+    }
+    b->committed = true;
+    return true;
+}
+
+/* Wait (bounded) for our jobs to reach concluded, then dismiss them. */
+static void
+conclude_jobs(struct backup *b, bool cancel)
+{
+    gint64 deadline = qmp_now_ms() + b->opts->timeout_ms;
+
+    for (guint k = 0; cancel && k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        json_t *r;
+        if (d->job_started) {
+            r = qmp_client_call(b->qmp, "job-cancel",
+                                json_pack("{s:s}", "id", d->job_id),
+                                b->opts->timeout_ms, NULL);
+            json_decref(r);
+        }
+    }
+    while (qmp_now_ms() < deadline) {
+        json_t *jobs = qmp_client_call(b->qmp, "query-jobs", NULL,
+                                       b->opts->timeout_ms, NULL);
+        bool all = true;
+        if (!jobs) {
+            return;
+        }
+        for (guint k = 0; k < b->disks->len; k++) {
+            struct disk *d = b->disks->pdata[k];
+            json_t *j = find_job(jobs, d->job_id);
+            if (d->job_started && j &&
+                g_strcmp0(json_string_value(json_object_get(j, "status")),
+                          "concluded") != 0) {
+                all = false;
+            }
+        }
+        json_decref(jobs);
+        if (all) {
+            break;
+        }
+        qmp_client_wait_event(b->qmp, 200, NULL);
+        drop_events(b);
+    }
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        if (d->job_started) {
+            json_decref(qmp_client_call(b->qmp, "job-dismiss",
+                                        json_pack("{s:s}", "id", d->job_id),
+                                        b->opts->timeout_ms, NULL));
+            d->job_started = false;
+        }
+    }
+}
+
+/* Finalize makes QEMU advance the bitmaps: only after the commit. */
+static void
+finalize(struct backup *b, GPtrArray *warnings)
+{
+    g_autoptr(GError) err = NULL;
+    struct disk *first = b->disks->pdata[0];
+    json_t *r = qmp_client_call(b->qmp, "job-finalize",
+                                json_pack("{s:s}", "id", first->job_id),
+                                b->opts->timeout_ms, &err);
+
+    if (!r) {
+        /* The point is committed; the bitmap merely stays a superset. */
+        g_ptr_array_add(warnings, g_strdup_printf("%s", err->message));
+    }
+    json_decref(r);
+    conclude_jobs(b, false);
+}
+
+static void
+remove_bitmap(struct backup *b, struct disk *d, const char *name,
+              GPtrArray *warnings)
+{
+    g_autoptr(GError) err = NULL;
+    json_t *r = qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
+                                json_pack("{s:s, s:s}", "node", d->node,
+                                          "name", name),
+                                b->opts->timeout_ms, &err);
+    if (!r) {
+        g_ptr_array_add(warnings, g_strdup_printf("%s: %s", d->name,
+                                                  err->message));
+    }
+    json_decref(r);
+}
+
+/* Undo what QEMU holds for us: jobs, NBD nodes; then stop serving. */
+static void
+release_qemu(struct backup *b, bool failed, GPtrArray *warnings)
+{
+    gint64 deadline;
+
+    if (b->qmp && failed) {
+        conclude_jobs(b, true);
+    }
+    for (guint k = 0; b->qmp && k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        if (d->nbd_added) {
+            g_autoptr(GError) err = NULL;
+            json_t *r = qmp_client_call(b->qmp, "blockdev-del",
+                                        json_pack("{s:s}", "node-name",
+                                                  d->nbd_node),
+                                        b->opts->timeout_ms, &err);
+            if (!r && warnings) {
+                g_ptr_array_add(warnings, g_strdup(err->message));
+            }
+            json_decref(r);
+            d->nbd_added = false;
+        }
+        if (failed && d->bitmap_added && b->qmp) {
+            /* A full that failed leaves a bitmap nothing refers to. */
+            json_decref(qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
+                                        json_pack("{s:s, s:s}", "node",
+                                                  d->node, "name", d->bitmap),
+                                        b->opts->timeout_ms, NULL));
+        }
+    }
+    /* QEMU sends NBD_CMD_DISC on blockdev-del; give it a moment. */
+    deadline = qmp_now_ms() + 2000;
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        while (d->target && !backup_target_finished(d->target) &&
+               qmp_now_ms() < deadline) {
+            ring_run_once(&b->ring, 100);
+        }
+        g_clear_pointer(&d->target, backup_target_free);
+    }
+}
+
+static json_t *
+result_json(struct backup *b, json_t *manifest, GPtrArray *warnings)
+{
+    json_t *out = json_pack("{s:s, s:s, s:O?, s:O, s:O, s:O}", "vm",
+                            b->opts->vm, "point", b->point, "parent",
+                            json_object_get(manifest, "parent"), "disks",
+                            json_object_get(manifest, "disks"), "duration_s",
+                            json_real((double)(g_get_monotonic_time() -
+                                               b->start_us) / 1e6),
+                            "consistency",
+                            json_object_get(manifest, "consistency"));
+    json_t *w = json_array();
+
+    for (guint i = 0; i < warnings->len; i++) {
+        json_array_append_new(w, json_string(warnings->pdata[i]));
+    }
+    json_object_set_new(out, "warnings", w);
+    return out;
+}
+
+json_t *
+backup_run(const struct backup_opts *o, GError **errp)
+{
+    struct backup b = {.opts = o, .partial_fd = -1};
+    g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
+    json_t *manifest = NULL, *result = NULL;
+    const char *parent = NULL;
+    bool any_incremental = false;
+    int ret;
+
+    b.start_us = g_get_monotonic_time();
+    b.disks = g_ptr_array_new_with_free_func((GDestroyNotify)disk_free);
+    ret = ring_init(&b.ring, RING_ENTRIES);
+    if (ret < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
+                    "io_uring: %s", g_strerror(-ret));
+        goto out;
+    }
+    b.ring_ok = true;
+    b.repo = repo_vm_open(o->repo, o->vm, true, REPO_LOCK_EXCLUSIVE, errp);
+    if (!b.repo) {
+        goto out;
+    }
+    repo_partial_cleanup(b.repo);
+    b.points = repo_list_points(b.repo, errp);
+    if (!b.points) {
+        goto out;
+    }
+    b.qmp = qmp_client_connect(&b.ring, o->qmp_path, QMP_PARSER_QMP,
+                               o->timeout_ms, errp);
+    if (!b.qmp || !discover_disks(&b, errp)) {
+        goto out;
+    }
+    for (guint k = 0; k < b.disks->len; k++) {
+        struct disk *d = b.disks->pdata[k];
+        plan_disk(&b, d);
+        any_incremental |= !d->full;
+    }
+    if (b.points->len > 0 && any_incremental) {
+        parent = ((struct restore_point *)
+                      b.points->pdata[b.points->len - 1])->id;
+    }
+    b.point = repo_new_point_id(
+        b.points->len ? ((struct restore_point *)
+                             b.points->pdata[b.points->len - 1])->id
+                      : NULL);
+    b.partial_fd = repo_partial_create(b.repo, b.point, errp);
+    if (b.partial_fd < 0) {
+        goto out;
+    }
+    b.partial_made = true;
+    if (!start_targets(&b, errp) || !add_bitmaps(&b, errp) ||
+        !start_transaction(&b, errp) ||
+        !wait_pending(&b, errp) || !commit(&b, parent, &manifest, errp)) {
+        goto out;
+    }
+    finalize(&b, warnings);
+    for (guint k = 0; k < b.disks->len; k++) {
+        struct disk *d = b.disks->pdata[k];
+        for (guint i = 0; i < d->stale_bitmaps->len; i++) {
+            remove_bitmap(&b, d, d->stale_bitmaps->pdata[i], warnings);
+        }
+    }
+    release_qemu(&b, false, warnings);
+    result = result_json(&b, manifest, warnings);
+out:
+    if (b.partial_made || b.disks->len) {
+        release_qemu(&b, !b.committed, b.committed ? warnings : NULL);
+    }
+    if (b.partial_made && !b.committed) {
+        repo_partial_remove(b.repo, b.point);
+    }
+    if (b.partial_fd >= 0) {
+        close(b.partial_fd);
+    }
+    if (b.run_dir) {
+        for (guint k = 0; k < b.disks->len; k++) {
+            const char *sock = ((struct disk *)b.disks->pdata[k])->sock_path;
+            if (sock) {
+                unlink(sock);
+            }
+        }
+        rmdir(b.run_dir);
+        g_free(b.run_dir);
+    }
+    json_decref(manifest);
+    g_ptr_array_free(b.disks, true);
+    qmp_client_free(b.qmp);
+    json_decref(b.block);
+    if (b.points) {
+        g_ptr_array_free(b.points, true);
+    }
+    repo_vm_close(b.repo);
+    if (b.ring_ok) {
+        ring_fini(&b.ring);
+    }
+    g_free(b.point);
+    if (!result && errp && !*errp) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "internal error: no result and no error");
+    }
+    return result;
+}

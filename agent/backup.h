@@ -1,0 +1,27 @@
+/* qbak backup: one consistent point in time of a VM's disks (DESIGN.md
+ * section 1). */
+#ifndef QBAK_AGENT_BACKUP_H
+#define QBAK_AGENT_BACKUP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <jansson.h>
+#include <glib.h>
+
+struct backup_opts {
+    const char *qmp_path;
+    const char *repo;
+    const char *vm;
+    char **disks;     /* NULL: every writable disk with a device */
+    bool full;
+    uint64_t speed;   /* bytes/s per job, 0: unlimited */
+    unsigned cluster_bits;
+    int timeout_ms;   /* per QMP call */
+    bool progress;    /* progress lines on stderr */
+};
+
+/* Returns the result object (see the README's --json) or NULL with *errp.
+ * Nothing is listed unless every disk was backed up and committed. */
+json_t *backup_run(const struct backup_opts *opts, GError **errp);
+
+#endif

@@ -1,0 +1,519 @@
+/* Repository catalog: see repo.h. */
+#include "agent/repo.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_MANIFEST_SIZE (4u << 20)
+#define DIR_MODE 0750
+#define FILE_MODE 0640
+
+static bool
+set_errno_error(GError **errp, int err, const char *fmt, ...)
+    G_GNUC_PRINTF(3, 4);
+
+static bool
+set_errno_error(GError **errp, int err, const char *fmt, ...)
+{
+    va_list ap;
+    g_autofree char *what = NULL;
+
+    va_start(ap, fmt);
+    what = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s", what,
+                g_strerror(err));
+    return false;
+}
+
+bool
+repo_name_valid(const char *name, const char *what, GError **errp)
+{
+    size_t n = strlen(name);
+
+    if (n == 0 || n > 128 || name[0] == '.' || name[0] == '-') {
+        goto bad;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char ch = name[i];
+        if (!g_ascii_isalnum(ch) && ch != '_' && ch != '-' && ch != '.') {
+            goto bad;
+        }
+    }
+    return true;
+bad:
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                "invalid %s name '%s' (letters, digits, '_', '-', '.'; not "
+                "starting with '.' or '-')",
+                what, name);
+    return false;
+}
+
+/* A directory we keep data in must be ours (or root's) and not writable by
+ * others: anyone who can write there can swap files under us. */
+static bool
+check_dir_safe(int fd, const char *path, GError **errp)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) < 0) {
+        return set_errno_error(errp, errno, "%s", path);
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "%s: not a directory", path);
+        return false;
+    }
+    if ((st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "%s: refusing a world-writable directory", path);
+        return false;
+    }
+    if (st.st_uid != geteuid() && st.st_uid != 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "%s: owned by uid %u, not by us", path,
+                    (unsigned)st.st_uid);
+        return false;
+    }
+    return true;
+}
+
+static int
+open_dir_at(int dirfd, const char *name, const char *path, bool create,
+            GError **errp)
+{
+    int fd;
+
+    if (create && mkdirat(dirfd, name, DIR_MODE) < 0 && errno != EEXIST) {
+        set_errno_error(errp, errno, "%s: mkdir", path);
+        return -1;
+    }
+    fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ELOOP || errno == ENOTDIR) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                        "%s: not a directory (a symlink is refused)", path);
+        } else {
+            set_errno_error(errp, errno, "%s", path);
+        }
+        return -1;
+    }
+    if (!check_dir_safe(fd, path, errp)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static char *
+read_or_create_id(int vm_fd, GError **errp)
+{
+    char buf[64];
+    ssize_t n;
+    int fd;
+
+    fd = openat(vm_fd, ".id", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        char id[17];
+        g_snprintf(id, sizeof(id), "%08x%08x", g_random_int(), g_random_int());
+        fd = openat(vm_fd, ".id.tmp",
+                    O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC,
+                    FILE_MODE);
+        if (fd < 0 || write(fd, id, 16) != 16 || fsync(fd) < 0 ||
+            renameat(vm_fd, ".id.tmp", vm_fd, ".id") < 0) {
+            set_errno_error(errp, errno, ".id");
+            if (fd >= 0) {
+                close(fd);
+            }
+            return NULL;
+        }
+        close(fd);
+        fsync(vm_fd);
+        return g_strdup(id);
+    }
+    if (fd < 0) {
+        set_errno_error(errp, errno, ".id");
+        return NULL;
+    }
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n != 16) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    ".id: corrupt repository identity");
+        return NULL;
+    }
+    buf[n] = 0;
+    for (int i = 0; i < 16; i++) {
+        if (!g_ascii_isxdigit(buf[i])) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                        ".id: corrupt repository identity");
+            return NULL;
+        }
+    }
+    return g_strdup(buf);
+}
+
+struct repo_vm *
+repo_vm_open(const char *repo_path, const char *vm, bool create,
+             enum repo_lock lock, GError **errp)
+{
+    struct repo_vm *r;
+    g_autofree char *vm_path = g_build_filename(repo_path, vm, NULL);
+
+    if (!repo_name_valid(vm, "VM", errp)) {
+        return NULL;
+    }
+    r = g_new0(struct repo_vm, 1);
+    r->repo_fd = r->vm_fd = r->lock_fd = -1;
+    r->repo_path = g_strdup(repo_path);
+    r->vm = g_strdup(vm);
+    if (create && mkdir(repo_path, DIR_MODE) < 0 && errno != EEXIST) {
+        set_errno_error(errp, errno, "%s: mkdir", repo_path);
+        goto fail;
+    }
+    r->repo_fd = open_dir_at(AT_FDCWD, repo_path, repo_path, false, errp);
+    if (r->repo_fd < 0) {
+        goto fail;
+    }
+    r->vm_fd = open_dir_at(r->repo_fd, vm, vm_path, create, errp);
+    if (r->vm_fd < 0) {
+        goto fail;
+    }
+    if (lock != REPO_LOCK_NONE) {
+        r->lock_fd = openat(r->vm_fd, ".lock",
+                            O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+                            FILE_MODE);
+        if (r->lock_fd < 0) {
+            set_errno_error(errp, errno, "%s/.lock", vm_path);
+            goto fail;
+        }
+        /* flock dies with its holder: a crashed qbak blocks nobody. */
+        if (flock(r->lock_fd, (lock == REPO_LOCK_SHARED ? LOCK_SH : LOCK_EX) |
+                                  LOCK_NB) < 0) {
+            if (errno == EWOULDBLOCK) {
+                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                            "%s: another qbak is working on this VM (a "
+                            "backup or prune holds its lock)",
+                            vm_path);
+            } else {
+                set_errno_error(errp, errno, "%s/.lock", vm_path);
+            }
+            goto fail;
+        }
+    }
+    if (create) {
+        r->vm_id = read_or_create_id(r->vm_fd, errp);
+        if (!r->vm_id) {
+            g_prefix_error(errp, "%s/", vm_path);
+            goto fail;
+        }
+    }
+    return r;
+fail:
+    repo_vm_close(r);
+    return NULL;
+}
+
+void
+repo_vm_close(struct repo_vm *r)
+{
+    if (!r) {
+        return;
+    }
+    if (r->lock_fd >= 0) {
+        close(r->lock_fd);
+    }
+    if (r->vm_fd >= 0) {
+        close(r->vm_fd);
+    }
+    if (r->repo_fd >= 0) {
+        close(r->repo_fd);
+    }
+    g_free(r->repo_path);
+    g_free(r->vm);
+    g_free(r->vm_id);
+    g_free(r);
+}
+
+json_t *
+repo_read_json(int dirfd, const char *name, GError **errp)
+{
+    struct stat st;
+    g_autofree char *buf = NULL;
+    json_error_t jerr;
+    json_t *j;
+    ssize_t n;
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+
+    if (fd < 0) {
+        set_errno_error(errp, errno, "%s", name);
+        return NULL;
+    }
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
+        st.st_size > MAX_MANIFEST_SIZE) {
+        close(fd);
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "%s: not a regular file of sane size", name);
+        return NULL;
+    }
+    buf = g_malloc(st.st_size + 1);
+    n = pread(fd, buf, st.st_size, 0);
+    close(fd);
+    if (n != st.st_size) {
+        set_errno_error(errp, n < 0 ? errno : EIO, "%s: read", name);
+        return NULL;
+    }
+    j = json_loadb(buf, n, JSON_REJECT_DUPLICATES, &jerr);
+    if (!j || !json_is_object(j)) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED, "%s: %s", name,
+                    j ? "not a JSON object" : jerr.text);
+        json_decref(j);
+        return NULL;
+    }
+    return j;
+}
+
+void
+restore_point_free(struct restore_point *p)
+{
+    if (p) {
+        g_free(p->id);
+        json_decref(p->manifest);
+        g_free(p);
+    }
+}
+
+json_t *
+restore_point_disk(const struct restore_point *p, const char *disk)
+{
+    size_t i;
+    json_t *d;
+
+    json_array_foreach(json_object_get(p->manifest, "disks"), i, d)
+    {
+        if (g_strcmp0(json_string_value(json_object_get(d, "disk")), disk) ==
+            0) {
+            return d;
+        }
+    }
+    return NULL;
+}
+
+static gint
+point_cmp(gconstpointer a, gconstpointer b)
+{
+    const struct restore_point *pa = *(struct restore_point *const *)a;
+    const struct restore_point *pb = *(struct restore_point *const *)b;
+    return strcmp(pa->id, pb->id);
+}
+
+GPtrArray *
+repo_list_points(struct repo_vm *r, GError **errp)
+{
+    GPtrArray *points =
+        g_ptr_array_new_with_free_func((GDestroyNotify)restore_point_free);
+    int fd = dup(r->vm_fd);
+    DIR *d;
+    struct dirent *de;
+
+    if (fd < 0 || !(d = fdopendir(fd))) {
+        set_errno_error(errp, errno, "%s/%s", r->repo_path, r->vm);
+        if (fd >= 0) {
+            close(fd);
+        }
+        g_ptr_array_free(points, true);
+        return NULL;
+    }
+    rewinddir(d);
+    while ((de = readdir(d))) {
+        int pfd;
+        json_t *m;
+        struct restore_point *p;
+
+        if (de->d_name[0] == '.' || de->d_type != DT_DIR) {
+            continue; /* .partial-*, .lock, .id and anything odd */
+        }
+        pfd = openat(r->vm_fd, de->d_name,
+                     O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (pfd < 0) {
+            continue;
+        }
+        m = repo_read_json(pfd, MANIFEST_NAME, NULL);
+        close(pfd);
+        if (!m || g_strcmp0(json_string_value(json_object_get(m, "point")),
+                            de->d_name) != 0) {
+            json_decref(m);
+            continue;
+        }
+        p = g_new0(struct restore_point, 1);
+        p->id = g_strdup(de->d_name);
+        p->manifest = m;
+        g_ptr_array_add(points, p);
+    }
+    closedir(d);
+    g_ptr_array_sort(points, point_cmp);
+    return points;
+}
+
+char *
+repo_time_now(void)
+{
+    g_autoptr(GDateTime) now = g_date_time_new_now_utc();
+    return g_date_time_format(now, "%Y-%m-%dT%H:%M:%SZ");
+}
+
+char *
+repo_new_point_id(const char *last)
+{
+    g_autoptr(GDateTime) now = g_date_time_new_now_utc();
+    g_autofree char *stamp = g_date_time_format(now, "%Y%m%dT%H%M%SZ");
+    unsigned seq = 1;
+    const char *dash = last ? strrchr(last, '-') : NULL;
+
+    if (dash) {
+        seq = (unsigned)strtoul(dash + 1, NULL, 10) + 1;
+    }
+    /* If the clock went back, keep ids sorting after the last one. */
+    if (last && strncmp(stamp, last, strlen(stamp)) < 0) {
+        g_free(stamp);
+        stamp = g_strndup(last, dash ? (gsize)(dash - last) : strlen(last));
+    }
+    return g_strdup_printf("%s-%04u", stamp, seq % 10000);
+}
+
+int
+repo_partial_create(struct repo_vm *r, const char *id, GError **errp)
+{
+    g_autofree char *name = g_strdup_printf(".partial-%s", id);
+    int fd;
+
+    if (mkdirat(r->vm_fd, name, DIR_MODE) < 0) {
+        set_errno_error(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
+        return -1;
+    }
+    fd = openat(r->vm_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        set_errno_error(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
+    }
+    return fd;
+}
+
+static void
+remove_dir_at(int parent_fd, const char *name)
+{
+    int fd = openat(parent_fd, name,
+                    O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d;
+    struct dirent *de;
+
+    if (fd < 0) {
+        unlinkat(parent_fd, name, 0);
+        return;
+    }
+    d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return;
+    }
+    while ((de = readdir(d))) {
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
+            unlinkat(fd, de->d_name, 0);
+        }
+    }
+    closedir(d);
+    unlinkat(parent_fd, name, AT_REMOVEDIR);
+}
+
+void
+repo_partial_remove(struct repo_vm *r, const char *id)
+{
+    g_autofree char *name = g_strdup_printf(".partial-%s", id);
+    remove_dir_at(r->vm_fd, name);
+    fsync(r->vm_fd);
+}
+
+unsigned
+repo_partial_cleanup(struct repo_vm *r)
+{
+    int fd = dup(r->vm_fd);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+    GPtrArray *names = g_ptr_array_new_with_free_func(g_free);
+    unsigned n;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        g_ptr_array_free(names, true);
+        return 0;
+    }
+    rewinddir(d);
+    while ((de = readdir(d))) {
+        if (g_str_has_prefix(de->d_name, ".partial-")) {
+            g_ptr_array_add(names, g_strdup(de->d_name));
+        }
+    }
+    closedir(d);
+    for (guint i = 0; i < names->len; i++) {
+        remove_dir_at(r->vm_fd, names->pdata[i]);
+    }
+    n = names->len;
+    g_ptr_array_free(names, true);
+    if (n) {
+        fsync(r->vm_fd);
+    }
+    return n;
+}
+
+bool
+repo_commit(struct repo_vm *r, int partial_fd, const char *id,
+            json_t *manifest, GError **errp)
+{
+    g_autofree char *text = json_dumps(manifest, JSON_INDENT(2) | JSON_SORT_KEYS);
+    g_autofree char *partial = g_strdup_printf(".partial-%s", id);
+    size_t len = strlen(text), off = 0;
+    int fd = openat(partial_fd, MANIFEST_NAME,
+                    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                    FILE_MODE);
+
+    if (fd < 0) {
+        return set_errno_error(errp, errno, "%s: create", MANIFEST_NAME);
+    }
+    while (off < len) {
+        ssize_t n = write(fd, text + off, len - off);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            int err = n < 0 ? errno : EIO;
+            close(fd);
+            return set_errno_error(errp, err, "%s: write", MANIFEST_NAME);
+        }
+        off += (size_t)n;
+    }
+    if (write(fd, "\n", 1) != 1 || fsync(fd) < 0) {
+        int err = errno;
+        close(fd);
+        return set_errno_error(errp, err, "%s: fsync", MANIFEST_NAME);
+    }
+    close(fd);
+    if (fsync(partial_fd) < 0) {
+        return set_errno_error(errp, errno, "%s: fsync", partial);
+    }
+    if (renameat(r->vm_fd, partial, r->vm_fd, id) < 0) {
+        return set_errno_error(errp, errno, "%s: rename to %s", partial, id);
+    }
+    /* The rename is the commit only once the directory entry is durable. */
+    if (fsync(r->vm_fd) < 0) {
+        return set_errno_error(errp, errno, "%s/%s: fsync", r->repo_path,
+                               r->vm);
+    }
+    return true;
+}

@@ -1,0 +1,327 @@
+/* Restore: see restore.h.  A pipeline of buffers, each reading one mapped
+ * run of the chain and writing it out; zero runs cost no I/O on a regular
+ * file (it stays sparse). */
+#include "agent/restore.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "agent/repo.h"
+#include "io/qcow2.h"
+#include "io/ring.h"
+
+#define NBUF 16
+#define BUF_SIZE (1u << 20)
+
+struct restore;
+
+struct restore_buf {
+    struct restore *r;
+    struct ring_rw rw;
+    uint8_t *data;
+    uint64_t guest_off;
+    size_t len;
+    bool busy;
+    bool reading;
+    unsigned pending_ext;
+    struct qcow2_extent *ext;
+};
+
+struct restore {
+    struct ring ring;
+    int out_fd;
+    struct qcow2_writer *out_qcow2;
+    struct restore_buf bufs[NBUF];
+    size_t max_ext;
+    int err;
+    uint64_t bytes_read;
+};
+
+static void buf_write_done(struct ring_rw *rw, int err);
+
+static void
+buf_release(struct restore_buf *b, int err)
+{
+    if (err < 0 && !b->r->err) {
+        b->r->err = err;
+    }
+    b->busy = false;
+}
+
+static void
+buf_write_done(struct ring_rw *rw, int err)
+{
+    struct restore_buf *b = rw->opaque;
+
+    /* qcow2 output: several extents may share one buffer; the last one
+     * releases it. */
+    if (err < 0 && !b->r->err) {
+        b->r->err = err;
+    }
+    if (b->pending_ext > 1) {
+        b->pending_ext--;
+        return;
+    }
+    buf_release(b, 0);
+}
+
+/* Extent writes need their own ring_rw each: kept after the buffer. */
+static void
+buf_start_write(struct restore_buf *b)
+{
+    struct restore *r = b->r;
+    g_autoptr(GError) err = NULL;
+    size_t n = 0;
+
+    if (!r->out_qcow2) {
+        b->pending_ext = 1;
+        b->rw.done_fn = buf_write_done;
+        b->rw.opaque = b;
+        ring_rw_start(&r->ring, &b->rw, r->out_fd, true, b->data, b->len,
+                      b->guest_off);
+        return;
+    }
+    if (!qcow2_writer_write(r->out_qcow2, b->guest_off, b->data, b->len,
+                            b->ext, &n, &err)) {
+        buf_release(b, -EIO);
+        return;
+    }
+    if (n == 0) {
+        buf_release(b, 0);
+        return;
+    }
+    b->pending_ext = (unsigned)n;
+    for (size_t i = 0; i < n; i++) {
+        struct ring_rw *rw = (struct ring_rw *)(b->ext + r->max_ext) + i;
+        rw->done_fn = buf_write_done;
+        rw->opaque = b;
+        ring_rw_start(&r->ring, rw, r->out_fd, true,
+                      b->data + b->ext[i].buf_offset, b->ext[i].len,
+                      b->ext[i].host_offset);
+    }
+}
+
+static void
+buf_read_done(struct ring_rw *rw, int err)
+{
+    struct restore_buf *b = rw->opaque;
+
+    if (err < 0) {
+        buf_release(b, err);
+        return;
+    }
+    b->r->bytes_read += b->len;
+    buf_start_write(b);
+}
+
+static struct restore_buf *
+free_buf(struct restore *r)
+{
+    for (unsigned i = 0; i < NBUF; i++) {
+        if (!r->bufs[i].busy) {
+            return &r->bufs[i];
+        }
+    }
+    return NULL;
+}
+
+static bool
+copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
+           bool progress, GError **errp)
+{
+    uint64_t size = qcow2_reader_virtual_size(src);
+    uint64_t off = 0;
+    gint64 last_report = 0;
+
+    while (off < size && !r->err) {
+        struct restore_buf *b = free_buf(r);
+        struct qcow2_map m;
+
+        if (!b) {
+            ring_run_once(&r->ring, -1);
+            continue;
+        }
+        if (!qcow2_reader_map(src, off, MIN(size - off, BUF_SIZE), &m, errp)) {
+            ring_drain(&r->ring);
+            return false;
+        }
+        if (m.kind == QCOW2_MAP_ZERO && (sparse || r->out_qcow2)) {
+            off += m.len;
+            continue;
+        }
+        b->busy = true;
+        b->guest_off = off;
+        b->len = m.len;
+        b->rw.opaque = b;
+        if (m.kind == QCOW2_MAP_ZERO) {
+            /* A device or existing file: zeroes must really be written. */
+            memset(b->data, 0, m.len);
+            buf_start_write(b);
+        } else {
+            b->rw.done_fn = buf_read_done;
+            ring_rw_start(&r->ring, &b->rw, m.fd, false, b->data, m.len,
+                          m.host_offset);
+        }
+        off += m.len;
+        if (progress && g_get_monotonic_time() - last_report > 500000) {
+            last_report = g_get_monotonic_time();
+            fprintf(stderr, "\rqbak: restore %3.0f%%",
+                    100.0 * (double)off / (double)size);
+        }
+    }
+    ring_drain(&r->ring);
+    if (progress) {
+        fprintf(stderr, "\rqbak: restore 100%%\n");
+    }
+    if (r->err) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-r->err),
+                    "restore I/O: %s", g_strerror(-r->err));
+        return false;
+    }
+    return true;
+}
+
+static struct restore_point *
+find_point(GPtrArray *points, const char *id, const char *disk)
+{
+    for (guint k = points->len; k > 0; k--) {
+        struct restore_point *p = points->pdata[k - 1];
+        if ((id && strcmp(p->id, id) == 0) ||
+            (!id && restore_point_disk(p, disk))) {
+            return p;
+        }
+    }
+    return NULL;
+}
+
+json_t *
+restore_run(const struct restore_opts *o, GError **errp)
+{
+    struct restore r = {.out_fd = -1};
+    struct repo_vm *repo = NULL;
+    GPtrArray *points = NULL;
+    struct restore_point *p;
+    struct qcow2_reader *src = NULL;
+    json_t *entry, *result = NULL;
+    g_autofree char *path = NULL;
+    struct stat st;
+    gint64 start = g_get_monotonic_time();
+    bool ring_ok = false, ok = false;
+    int ret;
+
+    repo = repo_vm_open(o->repo, o->vm, false, REPO_LOCK_SHARED, errp);
+    if (!repo || !(points = repo_list_points(repo, errp))) {
+        goto out;
+    }
+    p = find_point(points, o->point, o->disk);
+    if (!p) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    o->point ? "%s: no committed point %s"
+                             : "%s: no committed point holds disk %s",
+                    o->vm, o->point ? o->point : o->disk);
+        goto out;
+    }
+    entry = restore_point_disk(p, o->disk);
+    if (!entry || !json_is_string(json_object_get(entry, "file"))) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "%s: point %s has no disk %s", o->vm, p->id, o->disk);
+        goto out;
+    }
+    path = g_build_filename(p->id,
+                            json_string_value(json_object_get(entry, "file")),
+                            NULL);
+    if (!repo_name_valid(json_string_value(json_object_get(entry, "file")),
+                         "file", errp) ||
+        !(src = qcow2_reader_open(repo->vm_fd, path, errp))) {
+        g_prefix_error(errp, "%s/%s: ", o->vm, p->id);
+        goto out;
+    }
+    r.out_fd = open(o->output,
+                    O_WRONLY | O_CREAT | O_CLOEXEC |
+                        (o->force ? O_TRUNC : O_EXCL),
+                    0640);
+    if (r.out_fd < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: %s%s", o->output, g_strerror(errno),
+                    errno == EEXIST ? " (use --force to replace it)" : "");
+        goto out;
+    }
+    if (fstat(r.out_fd, &st) < 0) {
+        goto out;
+    }
+    ret = ring_init(&r.ring, 64);
+    if (ret < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-ret),
+                    "io_uring: %s", g_strerror(-ret));
+        goto out;
+    }
+    ring_ok = true;
+    if (o->qcow2) {
+        r.out_qcow2 = qcow2_writer_new(r.out_fd, qcow2_reader_virtual_size(src),
+                                       qcow2_reader_cluster_bits(src), NULL,
+                                       NULL, errp);
+        if (!r.out_qcow2) {
+            goto out;
+        }
+        r.max_ext = qcow2_writer_max_extents(r.out_qcow2, BUF_SIZE);
+    }
+    for (unsigned i = 0; i < NBUF; i++) {
+        r.bufs[i].r = &r;
+        r.bufs[i].data = g_aligned_alloc(1, BUF_SIZE, 4096);
+        if (r.max_ext) {
+            /* extents, then one ring_rw per extent */
+            r.bufs[i].ext = g_malloc0(r.max_ext * (sizeof(struct qcow2_extent) +
+                                                   sizeof(struct ring_rw)));
+        }
+    }
+    /* A new or truncated regular file reads zero where nothing is written;
+     * a block device must get its zeroes written. */
+    if (!copy_chain(&r, src, S_ISREG(st.st_mode), o->progress, errp)) {
+        goto out;
+    }
+    if (r.out_qcow2 && !qcow2_writer_finish(r.out_qcow2, errp)) {
+        goto out;
+    }
+    if (!r.out_qcow2 && S_ISREG(st.st_mode) &&
+        ftruncate(r.out_fd, (off_t)qcow2_reader_virtual_size(src)) < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: truncate: %s", o->output, g_strerror(errno));
+        goto out;
+    }
+    if (fsync(r.out_fd) < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: fsync: %s", o->output, g_strerror(errno));
+        goto out;
+    }
+    ok = true;
+    result = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:f}", "vm", o->vm,
+                       "point", p->id, "disk", o->disk, "output", o->output,
+                       "format", o->qcow2 ? "qcow2" : "raw", "virtual_size",
+                       (json_int_t)qcow2_reader_virtual_size(src), "bytes_read",
+                       (json_int_t)r.bytes_read, "duration_s",
+                       (double)(g_get_monotonic_time() - start) / 1e6);
+out:
+    if (ring_ok) {
+        ring_fini(&r.ring);
+    }
+    for (unsigned i = 0; i < NBUF; i++) {
+        g_aligned_free(r.bufs[i].data);
+        g_free(r.bufs[i].ext);
+    }
+    qcow2_writer_free(r.out_qcow2);
+    if (r.out_fd >= 0) {
+        close(r.out_fd);
+        if (!ok && !o->force) {
+            unlink(o->output); /* never leave a half image behind */
+        }
+    }
+    qcow2_reader_free(src);
+    if (points) {
+        g_ptr_array_free(points, true);
+    }
+    repo_vm_close(repo);
+    return result;
+}

@@ -1,0 +1,23 @@
+/* qbak restore: one disk at one point, as a standalone raw or qcow2 image,
+ * read through the chain with io_uring. */
+#ifndef QBAK_AGENT_RESTORE_H
+#define QBAK_AGENT_RESTORE_H
+
+#include <stdbool.h>
+#include <jansson.h>
+#include <glib.h>
+
+struct restore_opts {
+    const char *repo;
+    const char *vm;
+    const char *disk;
+    const char *point; /* NULL: the newest point holding the disk */
+    const char *output;
+    bool qcow2;
+    bool force; /* replace an existing output file */
+    bool progress;
+};
+
+json_t *restore_run(const struct restore_opts *opts, GError **errp);
+
+#endif

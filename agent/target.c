@@ -1,0 +1,345 @@
+/* NBD backend writing one qcow2 layer: see target.h. */
+#include "agent/target.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#define NBD_SLOTS 16
+#define NBD_MAX_BLOCK (1u << 20)
+
+/* Per request slot: the extent writes of one NBD WRITE, then an optional
+ * fsync (FLUSH, or FUA). */
+struct target_req {
+    struct backup_target *t;
+    struct nbd_request *req;
+    struct ring_rw *rw;
+    struct qcow2_extent *ext;
+    size_t max_ext;
+    unsigned pending;
+    uint32_t err;
+    bool needs_sync;
+    bool waiting_sync; /* FLUSH parked until earlier writes completed */
+    struct ring_op fsync_op;
+};
+
+struct backup_target {
+    struct ring *ring;
+    int fd;
+    char *disk;
+    struct qcow2_writer *writer;
+    struct nbd_export exp;
+    struct nbd_backend backend;
+    struct nbd_server *server;
+    struct target_req reqs[NBD_SLOTS];
+    unsigned writes_inflight;
+    char *error;
+};
+
+static void
+target_fail(struct backup_target *t, const char *what, int err)
+{
+    if (!t->error) {
+        t->error = g_strdup_printf("%s: %s: %s", t->disk, what,
+                                   g_strerror(err));
+    }
+}
+
+static uint32_t
+nbd_errno(int err)
+{
+    return err == ENOSPC ? NBD_ENOSPC : NBD_EIO;
+}
+
+static void start_sync(struct target_req *tr);
+
+static void
+req_complete(struct target_req *tr)
+{
+    struct nbd_request *req = tr->req;
+
+    tr->req = NULL;
+    nbd_conn_request_done(req, tr->err);
+}
+
+/* A FLUSH waits for the writes before it; when the last write finishes,
+ * parked flushes start their fsync. */
+static void
+wake_flushes(struct backup_target *t)
+{
+    if (t->writes_inflight > 0) {
+        return;
+    }
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        if (t->reqs[i].waiting_sync) {
+            t->reqs[i].waiting_sync = false;
+            start_sync(&t->reqs[i]);
+        }
+    }
+}
+
+static void
+fsync_done(struct ring_op *op, int res)
+{
+    struct target_req *tr = container_of(op, struct target_req, fsync_op);
+
+    if (res < 0) {
+        /* Sticky: the page cache may have dropped the data, so a later
+         * fsync that succeeds proves nothing. */
+        target_fail(tr->t, "fsync", -res);
+        tr->err = NBD_EIO;
+    } else if (tr->t->error) {
+        tr->err = NBD_EIO;
+    }
+    req_complete(tr);
+}
+
+static void
+start_sync(struct target_req *tr)
+{
+    struct io_uring_sqe *sqe = ring_get_sqe(tr->t->ring);
+
+    io_uring_prep_fsync(sqe, tr->t->fd, IORING_FSYNC_DATASYNC);
+    ring_queue(tr->t->ring, sqe, &tr->fsync_op);
+}
+
+static void
+extent_done(struct ring_rw *rw, int err)
+{
+    struct target_req *tr = rw->opaque;
+    struct backup_target *t = tr->t;
+
+    if (err < 0) {
+        target_fail(t, "write", -err);
+        tr->err = nbd_errno(-err);
+    }
+    if (--tr->pending > 0) {
+        return;
+    }
+    t->writes_inflight--;
+    if (tr->needs_sync && tr->err == 0) {
+        start_sync(tr);
+    } else {
+        req_complete(tr);
+    }
+    wake_flushes(t);
+}
+
+static void
+handle_write(struct backup_target *t, struct target_req *tr)
+{
+    struct nbd_request *req = tr->req;
+    g_autoptr(GError) err = NULL;
+    size_t n = 0;
+
+    if (!qcow2_writer_write(t->writer, req->offset, req->buf, req->len,
+                            tr->ext, &n, &err)) {
+        if (!t->error) {
+            t->error = g_strdup_printf("%s: %s", t->disk, err->message);
+        }
+        tr->err = NBD_EIO;
+        req_complete(tr);
+        return;
+    }
+    tr->needs_sync = req->flags & NBD_CMD_FLAG_FUA;
+    if (n == 0) {
+        /* All of it went into partial clusters held by the writer. */
+        if (tr->needs_sync) {
+            start_sync(tr);
+        } else {
+            req_complete(tr);
+        }
+        return;
+    }
+    tr->pending = (unsigned)n;
+    t->writes_inflight++;
+    for (size_t i = 0; i < n; i++) {
+        tr->rw[i].done_fn = extent_done;
+        tr->rw[i].opaque = tr;
+        ring_rw_start(t->ring, &tr->rw[i], t->fd, true,
+                      (uint8_t *)req->buf + tr->ext[i].buf_offset,
+                      tr->ext[i].len, tr->ext[i].host_offset);
+    }
+}
+
+static void
+request(void *opaque, struct nbd_request *req)
+{
+    struct backup_target *t = opaque;
+    struct target_req *tr = &t->reqs[req->slot];
+    g_autoptr(GError) err = NULL;
+    bool ok = true;
+
+    tr->req = req;
+    tr->err = 0;
+    tr->needs_sync = false;
+    if (t->error && req->type != NBD_CMD_READ) {
+        /* After a failed write or fsync nothing more can be promised. */
+        tr->err = NBD_EIO;
+        req_complete(tr);
+        return;
+    }
+    switch (req->type) {
+    case NBD_CMD_WRITE:
+        handle_write(t, tr);
+        return;
+    case NBD_CMD_WRITE_ZEROES:
+    case NBD_CMD_TRIM:
+        /* TRIM too: an unallocated cluster in an incremental layer would
+         * show the old data of the backing file. */
+        ok = qcow2_writer_zero(t->writer, req->offset, req->len, &err);
+        if (ok && (req->flags & NBD_CMD_FLAG_FUA)) {
+            tr->waiting_sync = true;
+            wake_flushes(t);
+            return;
+        }
+        break;
+    case NBD_CMD_READ:
+        ok = qcow2_writer_read(t->writer, req->offset, req->buf, req->len,
+                               &err);
+        break;
+    case NBD_CMD_FLUSH:
+        tr->waiting_sync = true;
+        wake_flushes(t);
+        return;
+    }
+    if (!ok) {
+        if (!t->error && req->type != NBD_CMD_READ) {
+            t->error = g_strdup_printf("%s: %s", t->disk, err->message);
+        }
+        tr->err = NBD_EIO;
+    }
+    req_complete(tr);
+}
+
+struct backup_target *
+backup_target_new(struct ring *ring, int dir_fd, const char *file,
+                  const char *disk, uint64_t size, unsigned cluster_bits,
+                  const char *backing_file, struct qcow2_reader *backing,
+                  const char *socket_path, GError **errp)
+{
+    struct backup_target *t = g_new0(struct backup_target, 1);
+    int listen_fd;
+
+    t->ring = ring;
+    t->disk = g_strdup(disk);
+    t->fd = openat(dir_fd, file,
+                   O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
+    if (t->fd < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: create %s: %s", disk, file, g_strerror(errno));
+        goto fail;
+    }
+    t->writer = qcow2_writer_new(t->fd, size, cluster_bits, backing_file,
+                                 backing, errp);
+    if (!t->writer) {
+        g_prefix_error(errp, "%s: ", disk);
+        goto fail;
+    }
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        struct target_req *tr = &t->reqs[i];
+        tr->t = t;
+        tr->max_ext = qcow2_writer_max_extents(t->writer, NBD_MAX_BLOCK);
+        tr->ext = g_new0(struct qcow2_extent, tr->max_ext);
+        tr->rw = g_new0(struct ring_rw, tr->max_ext);
+        tr->fsync_op.done_fn = fsync_done;
+    }
+    listen_fd = unix_listen(socket_path, errp);
+    if (listen_fd < 0) {
+        goto fail;
+    }
+    t->exp.name = t->disk;
+    t->exp.size = size;
+    t->exp.min_block = 1;
+    t->exp.pref_block = 1u << cluster_bits;
+    t->exp.max_block = NBD_MAX_BLOCK;
+    t->backend.request_fn = request;
+    t->backend.opaque = t;
+    t->server = nbd_server_new(ring, listen_fd, &t->exp, &t->backend,
+                               NBD_SLOTS);
+    return t;
+fail:
+    backup_target_free(t);
+    return NULL;
+}
+
+void
+backup_target_free(struct backup_target *t)
+{
+    if (!t) {
+        return;
+    }
+    /* Waits for every op that points into our slots. */
+    nbd_server_free(t->server);
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        g_free(t->reqs[i].ext);
+        g_free(t->reqs[i].rw);
+    }
+    qcow2_writer_free(t->writer);
+    if (t->fd >= 0) {
+        close(t->fd);
+    }
+    g_free(t->error);
+    g_free(t->disk);
+    g_free(t);
+}
+
+const char *
+backup_target_error(const struct backup_target *t)
+{
+    if (t->error) {
+        return t->error;
+    }
+    return nbd_server_error(t->server);
+}
+
+bool
+backup_target_connected(const struct backup_target *t)
+{
+    return nbd_server_connected(t->server);
+}
+
+bool
+backup_target_finished(const struct backup_target *t)
+{
+    return nbd_server_finished(t->server);
+}
+
+bool
+backup_target_commit(struct backup_target *t, GError **errp)
+{
+    if (t->error) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED, "%s", t->error);
+        return false;
+    }
+    if (t->writes_inflight > 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                    "%s: writes still in flight at commit", t->disk);
+        return false;
+    }
+    if (!qcow2_writer_finish(t->writer, errp)) {
+        g_prefix_error(errp, "%s: ", t->disk);
+        return false;
+    }
+    if (fsync(t->fd) < 0) {
+        int err = errno;
+        target_fail(t, "fsync", err);
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s",
+                    t->error);
+        return false;
+    }
+    return true;
+}
+
+uint64_t
+backup_target_file_size(const struct backup_target *t)
+{
+    return qcow2_writer_file_size(t->writer);
+}
+
+uint64_t
+backup_target_data_bytes(const struct backup_target *t)
+{
+    return qcow2_writer_data_bytes(t->writer);
+}

@@ -1,0 +1,41 @@
+/* A backup target: the NBD export QEMU pushes one disk to, written as one
+ * qcow2 layer in the partial point directory through io_uring. */
+#ifndef QBAK_AGENT_TARGET_H
+#define QBAK_AGENT_TARGET_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "io/nbd.h"
+#include "io/qcow2.h"
+#include "io/ring.h"
+
+struct backup_target;
+
+/* Creates `file` in dir_fd (O_EXCL) and listens on socket_path.
+ * backing_file/backing: see qcow2_writer_new (backing borrowed). */
+struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
+                                        const char *file, const char *disk,
+                                        uint64_t size, unsigned cluster_bits,
+                                        const char *backing_file,
+                                        struct qcow2_reader *backing,
+                                        const char *socket_path,
+                                        GError **errp);
+/* Stops serving, waits for in-flight I/O, closes the file. */
+void backup_target_free(struct backup_target *t);
+
+/* The first error of the data path (NBD protocol, write, fsync), or NULL. */
+const char *backup_target_error(const struct backup_target *t);
+bool backup_target_connected(const struct backup_target *t);
+/* The NBD client has gone and all I/O has completed. */
+bool backup_target_finished(const struct backup_target *t);
+
+/* Complete the qcow2 file and fsync it.  Fails if any earlier write or
+ * fsync failed: a failed fsync is never retried into a success. */
+bool backup_target_commit(struct backup_target *t, GError **errp);
+
+uint64_t backup_target_file_size(const struct backup_target *t);
+uint64_t backup_target_data_bytes(const struct backup_target *t);
+
+#endif

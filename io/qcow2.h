@@ -1,0 +1,131 @@
+/* qcow2 v3 images: an append-only writer (one backup layer) and a chain
+ * reader (restore, NBD READ, partial-cluster fill).
+ *
+ * The writer does the mapping; the caller does the hot-path data I/O.
+ * qcow2_writer_write() hands back extents (host offset + slice of the
+ * caller's buffer) that the caller writes, typically through io_uring.
+ * Metadata, the header and the rare partial-cluster data are written by the
+ * writer itself with pwrite() in qcow2_writer_finish().  Nothing fsyncs:
+ * durability is the caller's job.
+ *
+ * File layout written: cluster 0 = header (+ backing file name and header
+ * extensions), data clusters appended from cluster 1 in arrival order, then
+ * L2 tables, L1 table, refcount blocks and refcount table at the end.
+ * Guest clusters never written stay unallocated (they read from the backing
+ * file); WRITE_ZEROES/TRIM produce v3 zero clusters, never "unallocated".
+ */
+#ifndef QBAK_IO_QCOW2_H
+#define QBAK_IO_QCOW2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <glib.h>
+
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_DEFAULT_CLUSTER_BITS 16
+/* Largest virtual size either side accepts (QEMU's own limit is 2^61). */
+#define QCOW2_MAX_VIRTUAL_SIZE (UINT64_C(1) << 50)
+/* Longest backing chain the reader follows. */
+#define QCOW2_MAX_CHAIN_DEPTH 1024
+
+struct qcow2_reader;
+struct qcow2_writer;
+
+/* One piece of a write: the caller writes len bytes from its own buffer at
+ * buf_offset to the image file at host_offset. */
+struct qcow2_extent {
+    uint64_t host_offset;
+    size_t buf_offset;
+    size_t len;
+};
+
+/* fd: the new, empty image file, open for reading and writing; borrowed
+ * (the caller closes it after qcow2_writer_free).
+ * backing_file: name written into the header (relative to the image's own
+ * directory), or NULL for a standalone image.  backing: the reader of that
+ * chain, borrowed, used to fill the uncovered bytes of partially written
+ * clusters; NULL means those bytes are zero. */
+struct qcow2_writer *qcow2_writer_new(int fd, uint64_t virtual_size,
+                                      unsigned cluster_bits,
+                                      const char *backing_file,
+                                      struct qcow2_reader *backing,
+                                      GError **errp);
+void qcow2_writer_free(struct qcow2_writer *w);
+
+/* Size of the extent array qcow2_writer_write() may need for len bytes. */
+size_t qcow2_writer_max_extents(const struct qcow2_writer *w, size_t len);
+
+/* Guest write of buf[0..len) at off.  Whole clusters not yet written in this
+ * layer get fresh host clusters (consecutive ones coalesced into one extent);
+ * clusters written before are overwritten in place; pieces of clusters not
+ * yet written are kept in memory (or written by the writer itself once
+ * complete) and produce no extent.  On success *n_ext extents were filled;
+ * the caller must write them before qcow2_writer_finish().
+ * Fails (no change) on a range past the virtual size. */
+bool qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
+                        size_t len, struct qcow2_extent *ext, size_t *n_ext,
+                        GError **errp);
+
+/* WRITE_ZEROES and TRIM: whole clusters become zero clusters; pieces of
+ * clusters are written as zero bytes. */
+bool qcow2_writer_zero(struct qcow2_writer *w, uint64_t off, uint64_t len,
+                       GError **errp);
+
+/* Read the layer as a guest would see it (this layer over the backing
+ * chain).  Synchronous; for NBD READ, which a backup job never sends. */
+bool qcow2_writer_read(struct qcow2_writer *w, uint64_t off, void *buf,
+                       size_t len, GError **errp);
+
+/* Complete partial clusters, write L2/L1/refcount tables and the header.
+ * All extents handed out must have been written before this is called.
+ * The writer is spent afterwards (only _free and the getters below). */
+bool qcow2_writer_finish(struct qcow2_writer *w, GError **errp);
+
+/* Bytes of the image file after finish (header, data and metadata). */
+uint64_t qcow2_writer_file_size(const struct qcow2_writer *w);
+/* Guest bytes that became data clusters or zero clusters in this layer. */
+uint64_t qcow2_writer_data_bytes(const struct qcow2_writer *w);
+uint64_t qcow2_writer_zero_bytes(const struct qcow2_writer *w);
+
+/* Open an image and its whole backing chain read-only.  path is resolved
+ * relative to dirfd (AT_FDCWD allowed); a backing file name is resolved
+ * relative to the directory of the image that names it, as QEMU does.
+ * Every field read from a file is validated: a bad or hostile image fails
+ * with a message naming the file, never crashes. */
+struct qcow2_reader *qcow2_reader_open(int dirfd, const char *path,
+                                       GError **errp);
+void qcow2_reader_free(struct qcow2_reader *r);
+
+uint64_t qcow2_reader_virtual_size(const struct qcow2_reader *r);
+unsigned qcow2_reader_cluster_bits(const struct qcow2_reader *r);
+/* Backing file name as stored in the top image's header, or NULL. */
+const char *qcow2_reader_backing_file(const struct qcow2_reader *r);
+unsigned qcow2_reader_chain_depth(const struct qcow2_reader *r);
+
+enum qcow2_map_kind {
+    QCOW2_MAP_DATA, /* bytes at host_offset in fd */
+    QCOW2_MAP_ZERO, /* reads as zeroes (zero cluster, or unallocated in
+                       the whole chain, or beyond a shorter backing file) */
+};
+
+struct qcow2_map {
+    enum qcow2_map_kind kind;
+    int fd;               /* DATA: file to read; owned by the reader */
+    uint64_t host_offset; /* DATA: offset in fd */
+    uint64_t len;         /* bytes described, 1 <= len <= max_len */
+    unsigned depth;       /* layer that answered: 0 = top */
+};
+
+/* Describe the guest range starting at off (off < virtual size) as seen
+ * through the chain: the longest run of at most max_len bytes that has one
+ * kind and, for DATA, consecutive host offsets in one file. */
+bool qcow2_reader_map(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
+                      struct qcow2_map *m, GError **errp);
+
+/* Synchronous read through the chain (pread). */
+bool qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf,
+                        size_t len, GError **errp);
+
+#endif

@@ -1,0 +1,795 @@
+/* qcow2 chain reader: restore, verify, NBD READ and the writer's
+ * partial-cluster fill.
+ *
+ * Every byte of every image is untrusted: images come back from a
+ * repository that may have been damaged or tampered with, and a backing
+ * file name is a path chosen by whoever wrote the file.  Nothing read from
+ * a file reaches an assert(), every length is bounded before it is used to
+ * allocate, and every offset is checked against the file before it is
+ * read.  We never need refcounts to read, so they are not looked at.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "io/qcow2.h"
+
+/* Format constants (QEMU docs/interop/qcow2.txt); the writer has its own
+ * copy of the few it needs. */
+#define QCOW2_MAGIC 0x514649fbU
+#define QCOW2_V2_HEADER_LEN 72
+#define QCOW2_V3_HEADER_LEN 104
+#define QCOW2_EXT_END 0x00000000U
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
+#define QCOW2_MAX_BACKING_NAME 1023
+/* QEMU refuses L1 tables larger than this (QCOW_MAX_L1_SIZE). */
+#define QCOW2_MAX_L1_BYTES (UINT64_C(32) << 20)
+
+#define INCOMPAT_DIRTY (UINT64_C(1) << 0)
+
+#define L1E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
+#define L1E_RESERVED_MASK UINT64_C(0x7f000000000001ff)
+#define L2E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
+#define L2E_RESERVED_MASK UINT64_C(0x3f000000000001fe)
+#define L2E_COMPRESSED (UINT64_C(1) << 62)
+#define L2E_ZERO UINT64_C(1)
+
+/* L2 tables cached per layer.  A restore walks the disk in order, so one
+ * table is hot at a time; a few more absorb a chain whose layers
+ * interleave. */
+#define L2_CACHE_SIZE 4
+
+struct l2_cache_entry {
+    uint64_t offset; /* host offset of the table; 0 = slot empty */
+    uint64_t last_use;
+    uint64_t *table; /* host-endian entries */
+};
+
+struct qcow2_layer {
+    char *name; /* for messages: the path as given or as named */
+    int fd;
+    dev_t dev;
+    ino_t ino;
+    uint64_t file_size;
+    uint64_t virtual_size;
+    unsigned cluster_bits;
+    uint64_t cluster_size;
+    unsigned l2_bits;    /* log2 of entries per L2 table */
+    uint64_t *l1;        /* host-endian, only the entries virtual_size needs */
+    uint64_t l1_entries;
+    uint64_t use_clock;
+    struct l2_cache_entry cache[L2_CACHE_SIZE];
+};
+
+struct qcow2_reader {
+    struct qcow2_layer **layers; /* [0] is the top */
+    unsigned n_layers;
+    char *backing_file;
+};
+
+enum cluster_kind {
+    CLUSTER_UNALLOCATED,
+    CLUSTER_ZERO,
+    CLUSTER_DATA,
+};
+
+/* A run of guest bytes inside one layer with one kind. */
+struct layer_run {
+    enum cluster_kind kind;
+    uint64_t host_offset;
+    uint64_t len;
+};
+
+static uint32_t
+load_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+           (uint32_t)p[3];
+}
+
+static uint64_t
+load_be64(const uint8_t *p)
+{
+    return (uint64_t)load_be32(p) << 32 | load_be32(p + 4);
+}
+
+/* pread() that reads everything or says why not; a file shorter than its
+ * own metadata claims is corrupt, not an I/O error. */
+static bool
+read_exact(int fd, void *buf, size_t len, uint64_t off, const char *name,
+           const char *what, GError **errp)
+{
+    uint8_t *p = buf;
+
+    while (len > 0) {
+        ssize_t n = pread(fd, p, len, (off_t)off);
+
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            int err = errno;
+            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                        "%s: reading %s at %" PRIu64 ": %s", name, what, off,
+                        g_strerror(err));
+            return false;
+        }
+        if (n == 0) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "%s: %s at %" PRIu64 " is past the end of the file",
+                        name, what, off);
+            return false;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return true;
+}
+
+static void
+layer_free(struct qcow2_layer *l)
+{
+    if (l == NULL) {
+        return;
+    }
+    for (unsigned i = 0; i < L2_CACHE_SIZE; i++) {
+        g_free(l->cache[i].table);
+    }
+    g_free(l->l1);
+    if (l->fd >= 0) {
+        close(l->fd);
+    }
+    g_free(l->name);
+    g_free(l);
+}
+
+static bool G_GNUC_PRINTF(3, 4)
+corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt, ...)
+{
+    va_list ap;
+    g_autofree char *msg = NULL;
+
+    va_start(ap, fmt);
+    msg = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "%s: %s", l->name,
+                msg);
+    return false;
+}
+
+/* Header extensions sit between the header and the backing file name (or
+ * the end of cluster 0).  Only the backing format matters to us: a chain
+ * over a raw file cannot be read as qcow2. */
+static bool
+parse_extensions(struct qcow2_layer *l, const uint8_t *hdr, uint64_t start,
+                 uint64_t end, GError **errp)
+{
+    uint64_t off = start;
+
+    while (off < end) {
+        if (end - off < 8) {
+            return corrupt(errp, l, "truncated header extension at %" PRIu64,
+                           off);
+        }
+        uint32_t type = load_be32(hdr + off);
+        uint32_t len = load_be32(hdr + off + 4);
+        off += 8;
+        if (type == QCOW2_EXT_END) {
+            break;
+        }
+        if (len > end - off) {
+            return corrupt(errp, l,
+                           "header extension 0x%08x of %u bytes overruns "
+                           "the header",
+                           type, len);
+        }
+        if (type == QCOW2_EXT_BACKING_FORMAT) {
+            if (len != 5 || memcmp(hdr + off, "qcow2", 5) != 0) {
+                g_autofree char *fmt =
+                    g_strndup((const char *)hdr + off, MIN(len, 32u));
+                return corrupt(errp, l,
+                               "backing file format '%s' is not supported "
+                               "(only qcow2)",
+                               fmt);
+            }
+        }
+        off += ((uint64_t)len + 7) & ~UINT64_C(7);
+    }
+    return true;
+}
+
+/* Parse and check the header; on success l describes the image and
+ * *backing_name is the backing file name or NULL. */
+static bool
+layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
+{
+    uint8_t fixed[QCOW2_V3_HEADER_LEN] = {0};
+    size_t have = (size_t)MIN(l->file_size, (uint64_t)sizeof(fixed));
+
+    *backing_name = NULL;
+    if (have < QCOW2_V2_HEADER_LEN) {
+        return corrupt(errp, l, "file too short for a qcow2 header");
+    }
+    if (!read_exact(l->fd, fixed, have, 0, l->name, "header", errp)) {
+        return false;
+    }
+    if (load_be32(fixed) != QCOW2_MAGIC) {
+        return corrupt(errp, l, "not a qcow2 image (bad magic)");
+    }
+    uint32_t version = load_be32(fixed + 4);
+    if (version != 2 && version != 3) {
+        return corrupt(errp, l, "unsupported qcow2 version %u", version);
+    }
+    uint64_t backing_offset = load_be64(fixed + 8);
+    uint32_t backing_len = load_be32(fixed + 16);
+    uint32_t cluster_bits = load_be32(fixed + 20);
+    uint64_t virtual_size = load_be64(fixed + 24);
+    uint32_t crypt_method = load_be32(fixed + 32);
+    uint32_t l1_size = load_be32(fixed + 36);
+    uint64_t l1_offset = load_be64(fixed + 40);
+    uint64_t incompat = 0;
+    uint32_t header_len = QCOW2_V2_HEADER_LEN;
+
+    if (version == 3) {
+        if (have < QCOW2_V3_HEADER_LEN) {
+            return corrupt(errp, l, "file too short for a qcow2 v3 header");
+        }
+        incompat = load_be64(fixed + 72);
+        uint32_t refcount_order = load_be32(fixed + 96);
+        header_len = load_be32(fixed + 100);
+        if (refcount_order > 6) {
+            return corrupt(errp, l, "invalid refcount order %u",
+                           refcount_order);
+        }
+        if (header_len < QCOW2_V3_HEADER_LEN) {
+            return corrupt(errp, l, "header length %u too small", header_len);
+        }
+    }
+    if (cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
+        cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
+        return corrupt(errp, l, "unsupported cluster bits %u", cluster_bits);
+    }
+    l->cluster_bits = cluster_bits;
+    l->cluster_size = UINT64_C(1) << cluster_bits;
+    l->l2_bits = cluster_bits - 3;
+    if (header_len > l->cluster_size) {
+        return corrupt(errp, l, "header length %u exceeds the cluster size",
+                       header_len);
+    }
+    /* The dirty bit only says refcounts may be stale; a reader does not
+     * use them.  Every other bit changes how data is found. */
+    if (incompat & ~INCOMPAT_DIRTY) {
+        return corrupt(errp, l,
+                       "unsupported incompatible features 0x%" PRIx64
+                       " (corrupt, external data file, compression type or "
+                       "extended L2)",
+                       incompat & ~INCOMPAT_DIRTY);
+    }
+    if (crypt_method != 0) {
+        return corrupt(errp, l, "encrypted images are not supported");
+    }
+    if (virtual_size > QCOW2_MAX_VIRTUAL_SIZE) {
+        return corrupt(errp, l, "virtual size %" PRIu64 " too large",
+                       virtual_size);
+    }
+    l->virtual_size = virtual_size;
+
+    /* Bytes of one L2 table's reach: cluster_size << l2_bits, at most
+     * 2^21 * 2^18, so no overflow below. */
+    unsigned reach_bits = cluster_bits + l->l2_bits;
+    uint64_t l1_needed = (virtual_size + (UINT64_C(1) << reach_bits) - 1) >>
+                         reach_bits;
+    if (l1_size < l1_needed) {
+        return corrupt(errp, l,
+                       "L1 table of %u entries too small for virtual size "
+                       "%" PRIu64,
+                       l1_size, virtual_size);
+    }
+    if ((uint64_t)l1_size * 8 > QCOW2_MAX_L1_BYTES) {
+        return corrupt(errp, l, "L1 table of %u entries too large", l1_size);
+    }
+    if (l1_size > 0) {
+        if (l1_offset & (l->cluster_size - 1)) {
+            return corrupt(errp, l,
+                           "L1 table offset 0x%" PRIx64 " not aligned",
+                           l1_offset);
+        }
+        if (l1_offset == 0 || l1_offset > l->file_size ||
+            (uint64_t)l1_size * 8 > l->file_size - l1_offset) {
+            return corrupt(errp, l,
+                           "L1 table at 0x%" PRIx64
+                           " (%u entries) is outside the file",
+                           l1_offset, l1_size);
+        }
+    }
+
+    /* Cluster 0 holds the extensions and the backing name; bytes past the
+     * end of a short file read as zero, which ends the extension list. */
+    g_autofree uint8_t *hdr = g_malloc0(l->cluster_size);
+    size_t hdr_have = (size_t)MIN(l->file_size, l->cluster_size);
+    if (!read_exact(l->fd, hdr, hdr_have, 0, l->name, "header cluster",
+                    errp)) {
+        return false;
+    }
+    uint64_t ext_end = l->cluster_size;
+    if (backing_offset != 0) {
+        if (backing_offset > l->cluster_size) {
+            return corrupt(errp, l,
+                           "backing file name offset 0x%" PRIx64
+                           " outside cluster 0",
+                           backing_offset);
+        }
+        ext_end = backing_offset;
+    }
+    if (!parse_extensions(l, hdr, header_len, ext_end, errp)) {
+        return false;
+    }
+    if (backing_offset != 0 && backing_len != 0) {
+        if (backing_len > QCOW2_MAX_BACKING_NAME ||
+            backing_len > l->cluster_size - backing_offset) {
+            return corrupt(errp, l, "backing file name of %u bytes too long",
+                           backing_len);
+        }
+        if (memchr(hdr + backing_offset, '\0', backing_len) != NULL) {
+            return corrupt(errp, l, "backing file name contains a NUL byte");
+        }
+        *backing_name =
+            g_strndup((const char *)hdr + backing_offset, backing_len);
+    }
+
+    l->l1_entries = l1_needed;
+    l->l1 = g_new(uint64_t, MAX(l1_needed, 1));
+    if (l1_needed > 0) {
+        if (!read_exact(l->fd, l->l1, l1_needed * 8, l1_offset, l->name,
+                        "L1 table", errp)) {
+            g_clear_pointer(backing_name, g_free);
+            return false;
+        }
+        for (uint64_t i = 0; i < l1_needed; i++) {
+            l->l1[i] = GUINT64_FROM_BE(l->l1[i]);
+        }
+    }
+    return true;
+}
+
+/* Open one image of the chain.  follow_symlink is false for names found
+ * inside images: the name is untrusted, and a symlink in its last
+ * component (or a /proc magic link) is not something qbak writes. */
+static struct qcow2_layer *
+layer_open(int dirfd, const char *path, bool follow_symlink,
+           char **backing_name, GError **errp)
+{
+    g_autofree char *name = g_strdup(path);
+    struct qcow2_layer *l = g_new0(struct qcow2_layer, 1);
+    struct stat st;
+    /* O_NONBLOCK: a FIFO named as a backing file must not hang us. */
+    int flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
+
+    if (!follow_symlink) {
+        flags |= O_NOFOLLOW;
+    }
+    l->name = g_steal_pointer(&name);
+    l->fd = openat(dirfd, path, flags);
+    if (l->fd < 0) {
+        int err = errno;
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                    "%s: open: %s", path, g_strerror(err));
+        goto fail;
+    }
+    if (fstat(l->fd, &st) < 0) {
+        int err = errno;
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                    "%s: fstat: %s", path, g_strerror(err));
+        goto fail;
+    }
+    if (S_ISREG(st.st_mode)) {
+        l->file_size = (uint64_t)st.st_size;
+    } else if (S_ISBLK(st.st_mode)) {
+        off_t end = lseek(l->fd, 0, SEEK_END);
+        if (end < 0) {
+            int err = errno;
+            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                        "%s: lseek: %s", path, g_strerror(err));
+            goto fail;
+        }
+        l->file_size = (uint64_t)end;
+    } else {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "%s: not a regular file or block device", path);
+        goto fail;
+    }
+    l->dev = st.st_dev;
+    l->ino = st.st_ino;
+    if (!layer_parse_header(l, backing_name, errp)) {
+        goto fail;
+    }
+    return l;
+
+fail:
+    layer_free(l);
+    return NULL;
+}
+
+struct qcow2_reader *
+qcow2_reader_open(int dirfd, const char *path, GError **errp)
+{
+    struct qcow2_reader *r = g_new0(struct qcow2_reader, 1);
+    g_autofree char *cur = g_strdup(path);
+    int cur_dirfd = dirfd;
+    int owned_dirfd = -1;
+
+    r->layers = g_new0(struct qcow2_layer *, 1);
+    for (;;) {
+        g_autofree char *backing = NULL;
+        struct qcow2_layer *l =
+            layer_open(cur_dirfd, cur, r->n_layers == 0, &backing, errp);
+
+        if (l == NULL) {
+            goto fail;
+        }
+        for (unsigned i = 0; i < r->n_layers; i++) {
+            if (r->layers[i]->dev == l->dev && r->layers[i]->ino == l->ino) {
+                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                            "%s: backing chain loops back to %s", l->name,
+                            r->layers[i]->name);
+                layer_free(l);
+                goto fail;
+            }
+        }
+        r->layers = g_renew(struct qcow2_layer *, r->layers, r->n_layers + 1);
+        r->layers[r->n_layers++] = l;
+        if (r->n_layers == 1 && backing != NULL) {
+            r->backing_file = g_strdup(backing);
+        }
+        if (backing == NULL) {
+            break;
+        }
+        if (r->n_layers >= QCOW2_MAX_CHAIN_DEPTH) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "%s: backing chain deeper than %u images", path,
+                        QCOW2_MAX_CHAIN_DEPTH);
+            goto fail;
+        }
+
+        /* The backing name is relative to the directory of the image
+         * that names it, as in QEMU. */
+        g_autofree char *dir = g_path_get_dirname(cur);
+        int next_dirfd =
+            openat(cur_dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (next_dirfd < 0) {
+            int err = errno;
+            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                        "%s: opening directory %s: %s", l->name, dir,
+                        g_strerror(err));
+            goto fail;
+        }
+        if (owned_dirfd >= 0) {
+            close(owned_dirfd);
+        }
+        owned_dirfd = cur_dirfd = next_dirfd;
+        g_free(cur);
+        cur = g_steal_pointer(&backing);
+    }
+    if (owned_dirfd >= 0) {
+        close(owned_dirfd);
+    }
+    return r;
+
+fail:
+    if (owned_dirfd >= 0) {
+        close(owned_dirfd);
+    }
+    qcow2_reader_free(r);
+    return NULL;
+}
+
+void
+qcow2_reader_free(struct qcow2_reader *r)
+{
+    if (r == NULL) {
+        return;
+    }
+    for (unsigned i = 0; i < r->n_layers; i++) {
+        layer_free(r->layers[i]);
+    }
+    g_free(r->layers);
+    g_free(r->backing_file);
+    g_free(r);
+}
+
+uint64_t
+qcow2_reader_virtual_size(const struct qcow2_reader *r)
+{
+    return r->layers[0]->virtual_size;
+}
+
+unsigned
+qcow2_reader_cluster_bits(const struct qcow2_reader *r)
+{
+    return r->layers[0]->cluster_bits;
+}
+
+const char *
+qcow2_reader_backing_file(const struct qcow2_reader *r)
+{
+    return r->backing_file;
+}
+
+unsigned
+qcow2_reader_chain_depth(const struct qcow2_reader *r)
+{
+    return r->n_layers;
+}
+
+/* The L2 table at host offset off, from the cache or the file. */
+static const uint64_t *
+layer_l2(struct qcow2_layer *l, uint64_t off, GError **errp)
+{
+    struct l2_cache_entry *victim = &l->cache[0];
+
+    l->use_clock++;
+    for (unsigned i = 0; i < L2_CACHE_SIZE; i++) {
+        struct l2_cache_entry *c = &l->cache[i];
+        if (c->offset == off) {
+            c->last_use = l->use_clock;
+            return c->table;
+        }
+        if (c->last_use < victim->last_use) {
+            victim = c;
+        }
+    }
+    if ((off & (l->cluster_size - 1)) != 0) {
+        corrupt(errp, l, "L2 table offset 0x%" PRIx64 " not aligned", off);
+        return NULL;
+    }
+    if (off > l->file_size || l->cluster_size > l->file_size - off) {
+        corrupt(errp, l, "L2 table offset 0x%" PRIx64 " past end of file",
+                off);
+        return NULL;
+    }
+    if (victim->table == NULL) {
+        victim->table = g_malloc(l->cluster_size);
+    }
+    victim->offset = 0;
+    if (!read_exact(l->fd, victim->table, l->cluster_size, off, l->name,
+                    "L2 table", errp)) {
+        return NULL;
+    }
+    for (uint64_t i = 0; i < (l->cluster_size >> 3); i++) {
+        victim->table[i] = GUINT64_FROM_BE(victim->table[i]);
+    }
+    victim->offset = off;
+    victim->last_use = l->use_clock;
+    return victim->table;
+}
+
+/* Describe guest cluster c of layer l: its kind and, for data, where it
+ * starts in the file. */
+static bool
+layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
+              uint64_t *host, GError **errp)
+{
+    uint64_t l1_index = c >> l->l2_bits;
+    uint64_t l1e = l->l1[l1_index];
+
+    if (l1e & L1E_RESERVED_MASK) {
+        return corrupt(errp, l, "L1 entry %" PRIu64 " has reserved bits set",
+                       l1_index);
+    }
+    uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
+    if (l2_offset == 0) {
+        *kind = CLUSTER_UNALLOCATED;
+        return true;
+    }
+    const uint64_t *l2 = layer_l2(l, l2_offset, errp);
+    if (l2 == NULL) {
+        return false;
+    }
+    uint64_t e = l2[c & ((UINT64_C(1) << l->l2_bits) - 1)];
+    if (e & L2E_COMPRESSED) {
+        return corrupt(errp, l,
+                       "guest cluster %" PRIu64
+                       " is compressed (not supported)",
+                       c);
+    }
+    if (e & L2E_RESERVED_MASK) {
+        return corrupt(errp, l,
+                       "L2 entry for guest cluster %" PRIu64
+                       " has reserved bits set",
+                       c);
+    }
+    uint64_t off = e & L2E_OFFSET_MASK;
+    if (off & (l->cluster_size - 1)) {
+        return corrupt(errp, l,
+                       "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64,
+                       c, off);
+    }
+    if (e & L2E_ZERO) {
+        *kind = CLUSTER_ZERO;
+    } else if (off == 0) {
+        *kind = CLUSTER_UNALLOCATED;
+    } else if (off >= l->file_size) {
+        return corrupt(errp, l,
+                       "guest cluster %" PRIu64 " at 0x%" PRIx64
+                       " past end of file",
+                       c, off);
+    } else {
+        *kind = CLUSTER_DATA;
+        *host = off;
+    }
+    return true;
+}
+
+/* The part of [off, off+max_len) that lies in off's cluster, as one run.
+ * A data cluster that the file ends inside reads as zero past the end, as
+ * it does in QEMU. */
+static bool
+layer_piece(struct qcow2_layer *l, uint64_t off, uint64_t max_len,
+            struct layer_run *run, GError **errp)
+{
+    uint64_t in_off = off & (l->cluster_size - 1);
+    uint64_t host = 0;
+
+    run->len = MIN(max_len, l->cluster_size - in_off);
+    if (!layer_cluster(l, off >> l->cluster_bits, &run->kind, &host, errp)) {
+        return false;
+    }
+    if (run->kind == CLUSTER_DATA) {
+        host += in_off;
+        if (host >= l->file_size) {
+            run->kind = CLUSTER_ZERO;
+        } else {
+            run->host_offset = host;
+            run->len = MIN(run->len, l->file_size - host);
+        }
+    }
+    return true;
+}
+
+/* Longest run at [off, off+max_len) of one kind in layer l alone
+ * (off + max_len <= the layer's virtual size). */
+static bool
+layer_run(struct qcow2_layer *l, uint64_t off, uint64_t max_len,
+          struct layer_run *run, GError **errp)
+{
+    if (!layer_piece(l, off, max_len, run, errp)) {
+        return false;
+    }
+    while (run->len < max_len) {
+        struct layer_run next;
+
+        if (!layer_piece(l, off + run->len, max_len - run->len, &next,
+                         errp)) {
+            return false;
+        }
+        if (next.kind != run->kind ||
+            (run->kind == CLUSTER_DATA &&
+             next.host_offset != run->host_offset + run->len)) {
+            break;
+        }
+        run->len += next.len;
+    }
+    return true;
+}
+
+/* One answer through the chain: the top layer that has the bytes decides,
+ * and an unallocated run narrows the question asked of the layer below. */
+static bool
+chain_map_once(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
+               struct qcow2_map *m, GError **errp)
+{
+    uint64_t len = max_len;
+
+    for (unsigned depth = 0;; depth++) {
+        struct qcow2_layer *l = r->layers[depth];
+        struct layer_run run;
+
+        m->depth = depth;
+        m->fd = -1;
+        m->host_offset = 0;
+        if (off >= l->virtual_size) {
+            /* QEMU reads a backing file as zero past its end. */
+            m->kind = QCOW2_MAP_ZERO;
+            m->len = len;
+            return true;
+        }
+        len = MIN(len, l->virtual_size - off);
+        if (!layer_run(l, off, len, &run, errp)) {
+            return false;
+        }
+        switch (run.kind) {
+        case CLUSTER_DATA:
+            m->kind = QCOW2_MAP_DATA;
+            m->fd = l->fd;
+            m->host_offset = run.host_offset;
+            m->len = run.len;
+            return true;
+        case CLUSTER_ZERO:
+            m->kind = QCOW2_MAP_ZERO;
+            m->len = run.len;
+            return true;
+        case CLUSTER_UNALLOCATED:
+            if (depth + 1 == r->n_layers) {
+                m->kind = QCOW2_MAP_ZERO;
+                m->len = run.len;
+                return true;
+            }
+            len = run.len;
+            break;
+        }
+    }
+}
+
+bool
+qcow2_reader_map(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
+                 struct qcow2_map *m, GError **errp)
+{
+    uint64_t size = r->layers[0]->virtual_size;
+
+    if (off >= size || max_len == 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "%s: map of %" PRIu64 "+%" PRIu64
+                    " outside virtual size %" PRIu64,
+                    r->layers[0]->name, off, max_len, size);
+        return false;
+    }
+    max_len = MIN(max_len, size - off);
+    if (!chain_map_once(r, off, max_len, m, errp)) {
+        return false;
+    }
+    /* Zero answers from different layers (a zero cluster here, the end of
+     * a shorter backing file there) are one run to the caller. */
+    while (m->len < max_len) {
+        struct qcow2_map next;
+
+        if (!chain_map_once(r, off + m->len, max_len - m->len, &next, errp)) {
+            return false;
+        }
+        if (next.kind != m->kind ||
+            (m->kind == QCOW2_MAP_DATA &&
+             (next.fd != m->fd ||
+              next.host_offset != m->host_offset + m->len))) {
+            break;
+        }
+        m->len += next.len;
+    }
+    return true;
+}
+
+bool
+qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf,
+                   size_t len, GError **errp)
+{
+    uint8_t *p = buf;
+    uint64_t size = r->layers[0]->virtual_size;
+
+    if (off > size || len > size - off) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "%s: read of %" PRIu64 "+%zu outside virtual size %" PRIu64,
+                    r->layers[0]->name, off, len, size);
+        return false;
+    }
+    while (len > 0) {
+        struct qcow2_map m;
+
+        if (!qcow2_reader_map(r, off, len, &m, errp)) {
+            return false;
+        }
+        if (m.kind == QCOW2_MAP_ZERO) {
+            memset(p, 0, (size_t)m.len);
+        } else if (!read_exact(m.fd, p, (size_t)m.len, m.host_offset,
+                               r->layers[m.depth]->name, "data cluster",
+                               errp)) {
+            return false;
+        }
+        p += m.len;
+        off += m.len;
+        len -= (size_t)m.len;
+    }
+    return true;
+}

@@ -1,0 +1,482 @@
+/* QMP/QGA client: see client.h. */
+#include "qmp/client.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define READ_CHUNK 65536
+
+struct qmp_client {
+    struct ring *ring;
+    enum qmp_parser_mode mode;
+    int fd;
+    struct qmp_parser *parser;
+    struct ring_op poll_op;
+    bool poll_pending;
+    bool closed;
+    char *error;         /* why the connection broke */
+    GError *proto_error; /* parser error, kept for the next caller */
+
+    int64_t next_id;
+    GHashTable *waiting; /* id -> reply (NULL until it arrives) */
+    GQueue events;
+    int qemu_version;
+    int64_t sync_id;     /* QGA: the guest-sync-delimited id we await */
+    bool synced;
+};
+
+GQuark
+qmp_error_quark(void)
+{
+    return g_quark_from_static_string("qmp-error");
+}
+
+gint64
+qmp_now_ms(void)
+{
+    return g_get_monotonic_time() / 1000;
+}
+
+static void arm_poll(struct qmp_client *c);
+
+static void
+mark_closed(struct qmp_client *c, const char *why)
+{
+    if (!c->closed) {
+        c->closed = true;
+        c->error = g_strdup(why);
+    }
+}
+
+/* A message from the peer: a reply to a call we wait for, an event, or
+ * noise to drop.  msg is taken. */
+static void
+dispatch(struct qmp_client *c, json_t *msg)
+{
+    json_t *id = json_object_get(msg, "id");
+    gpointer key;
+
+    if (json_object_get(msg, "event") || json_object_get(msg, "QMP")) {
+        if (g_queue_get_length(&c->events) >= 100000) {
+            json_decref(msg); /* a flood of events: keep memory bounded */
+            return;
+        }
+        g_queue_push_tail(&c->events, msg);
+        return;
+    }
+    if (c->mode == QMP_PARSER_QGA && json_is_integer(json_object_get(msg,
+                                                                 "return")) &&
+        !id && c->sync_id &&
+        json_integer_value(json_object_get(msg, "return")) == c->sync_id) {
+        /* guest-sync-delimited answers with the id as its return value. */
+        c->synced = true;
+        json_decref(msg);
+        return;
+    }
+    if (!json_is_integer(id)) {
+        json_decref(msg);
+        return;
+    }
+    key = GINT_TO_POINTER(0);
+    if (g_hash_table_lookup_extended(c->waiting,
+                                     (gconstpointer)(intptr_t)json_integer_value(id),
+                                     &key, NULL)) {
+        g_hash_table_insert(c->waiting, key, msg);
+        return;
+    }
+    json_decref(msg); /* unknown id, or a call that already timed out */
+}
+
+static void
+read_available(struct qmp_client *c)
+{
+    char buf[READ_CHUNK];
+    json_t *msg;
+    GError *err = NULL;
+    ssize_t n;
+    int r;
+
+    for (;;) {
+        n = read(c->fd, buf, sizeof(buf));
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && errno == EAGAIN) {
+            break;
+        }
+        if (n <= 0) {
+            mark_closed(c, n == 0 ? "connection closed by peer"
+                                  : g_strerror(errno));
+            break;
+        }
+        qmp_parser_feed(c->parser, buf, (size_t)n);
+        while ((r = qmp_parser_next(c->parser, &msg, &err)) > 0) {
+            dispatch(c, msg);
+        }
+        if (r < 0) {
+            if (c->mode == QMP_PARSER_QGA) {
+                /* Junk from the guest: drop it and wait for a 0xFF. */
+                g_clear_error(&err);
+                qmp_parser_reset(c->parser);
+                continue;
+            }
+            if (!c->proto_error) {
+                c->proto_error = err;
+            } else {
+                g_error_free(err);
+            }
+            err = NULL;
+            mark_closed(c, "protocol error");
+            break;
+        }
+    }
+}
+
+static void
+poll_done(struct ring_op *op, int res)
+{
+    struct qmp_client *c = container_of(op, struct qmp_client, poll_op);
+
+    c->poll_pending = false;
+    if (c->fd < 0) {
+        return; /* being freed */
+    }
+    if (res < 0 && res != -EINTR && res != -ECANCELED) {
+        mark_closed(c, g_strerror(-res));
+        return;
+    }
+    read_available(c);
+    arm_poll(c);
+}
+
+static void
+arm_poll(struct qmp_client *c)
+{
+    struct io_uring_sqe *sqe;
+
+    if (c->poll_pending || c->closed || c->fd < 0) {
+        return;
+    }
+    sqe = ring_get_sqe(c->ring);
+    io_uring_prep_poll_add(sqe, c->fd, POLLIN);
+    ring_queue(c->ring, sqe, &c->poll_op);
+    c->poll_pending = true;
+}
+
+static bool
+closed_error(struct qmp_client *c, const char *what, GError **errp)
+{
+    if (c->proto_error) {
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_PROTOCOL, "%s: %s", what,
+                    c->proto_error->message);
+    } else {
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_CLOSED, "%s: %s", what,
+                    c->error ? c->error : "connection closed");
+    }
+    return false;
+}
+
+static bool
+write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
+          GError **errp)
+{
+    struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
+
+    while (len > 0) {
+        ssize_t n = send(c->fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && errno == EAGAIN) {
+            if (poll(&pfd, 1, 10000) <= 0) {
+                g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                            "%s: peer does not read its socket", what);
+                return false;
+            }
+            continue;
+        }
+        if (n < 0) {
+            mark_closed(c, g_strerror(errno));
+            return closed_error(c, what, errp);
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return true;
+}
+
+static bool
+send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
+             GError **errp)
+{
+    json_t *req = json_pack("{s:s}", "execute", cmd);
+    g_autofree char *text = NULL;
+
+    if (args) {
+        json_object_set_new(req, "arguments", args);
+    }
+    if (id) {
+        json_object_set_new(req, "id", json_integer(id));
+    }
+    text = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+    if (c->closed) {
+        return closed_error(c, cmd, errp);
+    }
+    if (!write_all(c, text, strlen(text), cmd, errp) ||
+        !write_all(c, "\n", 1, cmd, errp)) {
+        return false;
+    }
+    return true;
+}
+
+bool
+qmp_client_send(struct qmp_client *c, const char *cmd, json_t *args,
+                GError **errp)
+{
+    return send_command(c, cmd, args, 0, errp);
+}
+
+json_t *
+qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
+                int timeout_ms, GError **errp)
+{
+    int64_t id = ++c->next_id;
+    gpointer key = (gpointer)(intptr_t)id;
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+    json_t *reply = NULL, *ret, *err;
+
+    g_hash_table_insert(c->waiting, key, NULL);
+    if (!send_command(c, cmd, args, id, errp)) {
+        g_hash_table_remove(c->waiting, key);
+        return NULL;
+    }
+    while (!(reply = g_hash_table_lookup(c->waiting, key))) {
+        gint64 left = deadline - qmp_now_ms();
+        if (c->closed) {
+            g_hash_table_remove(c->waiting, key);
+            closed_error(c, cmd, errp);
+            return NULL;
+        }
+        if (left <= 0) {
+            /* Removing the id drops a late reply when it comes. */
+            g_hash_table_remove(c->waiting, key);
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "%s: no reply within %d ms", cmd, timeout_ms);
+            return NULL;
+        }
+        arm_poll(c);
+        ring_run_once(c->ring, (int)MIN(left, 1000));
+    }
+    g_hash_table_steal(c->waiting, key);
+    ret = json_object_get(reply, "return");
+    err = json_object_get(reply, "error");
+    if (ret) {
+        json_incref(ret);
+        json_decref(reply);
+        return ret;
+    }
+    if (json_is_object(err)) {
+        const char *desc = json_string_value(json_object_get(err, "desc"));
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED, "%s: %s", cmd,
+                    desc ? desc : "error without description");
+    } else {
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "%s: reply has neither return nor error", cmd);
+    }
+    json_decref(reply);
+    return NULL;
+}
+
+json_t *
+qmp_client_pop_event(struct qmp_client *c)
+{
+    return g_queue_pop_head(&c->events);
+}
+
+bool
+qmp_client_wait_event(struct qmp_client *c, int timeout_ms, GError **errp)
+{
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+
+    while (g_queue_is_empty(&c->events)) {
+        gint64 left = deadline - qmp_now_ms();
+        if (c->closed) {
+            return closed_error(c, "waiting for events", errp);
+        }
+        if (left <= 0) {
+            return false;
+        }
+        arm_poll(c);
+        ring_run_once(c->ring, (int)MIN(left, 1000));
+    }
+    return true;
+}
+
+int
+qmp_client_qemu_version(const struct qmp_client *c)
+{
+    return c->qemu_version;
+}
+
+/* QMP greeting, then capabilities negotiation. */
+static bool
+qmp_handshake(struct qmp_client *c, int timeout_ms, GError **errp)
+{
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+    json_t *greeting = NULL, *ver, *ret;
+
+    while (!greeting) {
+        gint64 left = deadline - qmp_now_ms();
+        if (c->closed) {
+            return closed_error(c, "QMP greeting", errp);
+        }
+        if (left <= 0) {
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "no QMP greeting within %d ms", timeout_ms);
+            return false;
+        }
+        /* The greeting has no id and is no event: it comes first, so take
+         * the first message, raw. */
+        arm_poll(c);
+        ring_run_once(c->ring, (int)MIN(left, 1000));
+        greeting = g_queue_peek_head(&c->events);
+        if (greeting && json_object_get(greeting, "QMP")) {
+            g_queue_pop_head(&c->events);
+        } else {
+            greeting = NULL;
+        }
+    }
+    ver = json_object_get(json_object_get(json_object_get(greeting, "QMP"),
+                                          "version"),
+                          "qemu");
+    c->qemu_version =
+        (int)(json_integer_value(json_object_get(ver, "major")) * 10000 +
+              json_integer_value(json_object_get(ver, "minor")) * 100 +
+              json_integer_value(json_object_get(ver, "micro")));
+    json_decref(greeting);
+    ret = qmp_client_call(c, "qmp_capabilities", NULL, timeout_ms, errp);
+    if (!ret) {
+        return false;
+    }
+    json_decref(ret);
+    return true;
+}
+
+struct qmp_client *
+qmp_client_connect(struct ring *ring, const char *path,
+                   enum qmp_parser_mode mode, int timeout_ms, GError **errp)
+{
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    struct qmp_client *c;
+    int fd;
+
+    if (strlen(path) >= sizeof(sun.sun_path)) {
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_CLOSED,
+                    "%s: socket path too long", path);
+        return NULL;
+    }
+    strcpy(sun.sun_path, path);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+        int err = errno;
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_CLOSED, "%s: connect: %s",
+                    path, g_strerror(err));
+        if (fd >= 0) {
+            close(fd);
+        }
+        return NULL;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+
+    c = g_new0(struct qmp_client, 1);
+    c->ring = ring;
+    c->mode = mode;
+    c->fd = fd;
+    c->parser = qmp_parser_new(mode, QMP_PARSER_DEFAULT_MAX_MSG);
+    c->poll_op.done_fn = poll_done;
+    c->waiting = g_hash_table_new_full(NULL, NULL, NULL,
+                                       (GDestroyNotify)json_decref);
+    g_queue_init(&c->events);
+    if (mode == QMP_PARSER_QMP && !qmp_handshake(c, timeout_ms, errp)) {
+        g_prefix_error(errp, "%s: ", path);
+        qmp_client_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void
+qmp_client_free(struct qmp_client *c)
+{
+    struct io_uring_sqe *sqe;
+    json_t *ev;
+
+    if (!c) {
+        return;
+    }
+    if (c->poll_pending) {
+        /* The poll op points into c: cancel it and reap it before free. */
+        sqe = ring_get_sqe(c->ring);
+        io_uring_prep_cancel(sqe, &c->poll_op, 0);
+        io_uring_sqe_set_data(sqe, NULL);
+        io_uring_submit(&c->ring->uring);
+        shutdown(c->fd, SHUT_RDWR);
+        while (c->poll_pending) {
+            ring_run_once(c->ring, 1000);
+        }
+    }
+    close(c->fd);
+    c->fd = -1;
+    while ((ev = g_queue_pop_head(&c->events))) {
+        json_decref(ev);
+    }
+    g_hash_table_destroy(c->waiting);
+    qmp_parser_free(c->parser);
+    g_clear_error(&c->proto_error);
+    g_free(c->error);
+    g_free(c);
+}
+
+bool
+qga_client_sync(struct qmp_client *c, int timeout_ms, GError **errp)
+{
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+    const char ff = (char)0xff;
+
+    c->synced = false;
+    while (!c->synced) {
+        gint64 left = deadline - qmp_now_ms();
+        gint64 resend = qmp_now_ms() + 1500;
+        if (left <= 0) {
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "guest agent did not answer guest-sync-delimited "
+                        "within %d ms",
+                        timeout_ms);
+            return false;
+        }
+        /* A fresh id each time: an old answer never satisfies a new sync. */
+        c->sync_id = g_random_int_range(1, G_MAXINT32);
+        if (!write_all(c, &ff, 1, "guest-sync-delimited", errp) ||
+            !send_command(c, "guest-sync-delimited",
+                          json_pack("{s:I}", "id", (json_int_t)c->sync_id), 0,
+                          errp)) {
+            return false;
+        }
+        /* The first bytes after a reconnect may be lost: resend until one
+         * sync is answered. */
+        while (!c->synced && qmp_now_ms() < MIN(resend, deadline)) {
+            if (c->closed) {
+                return closed_error(c, "guest-sync-delimited", errp);
+            }
+            arm_poll(c);
+            ring_run_once(c->ring, 200);
+        }
+    }
+    return true;
+}

@@ -1,0 +1,66 @@
+/* QMP and QGA client on the shared ring.
+ *
+ * Calls look synchronous to the caller but run the ring while they wait, so
+ * other I/O (QEMU connecting to our NBD server during blockdev-add, NBD
+ * writes during a job) keeps flowing.  Replies are matched by id, events
+ * queued, every call has a deadline, and a reply that arrives after its
+ * call timed out is dropped, never taken for another call's reply.
+ */
+#ifndef QBAK_QMP_CLIENT_H
+#define QBAK_QMP_CLIENT_H
+
+#include <stdbool.h>
+#include <jansson.h>
+#include <glib.h>
+
+#include "io/ring.h"
+#include "qmp/parser.h"
+
+#define QMP_ERROR qmp_error_quark()
+GQuark qmp_error_quark(void);
+
+enum qmp_error_code {
+    QMP_ERROR_FAILED,     /* the peer answered with an error */
+    QMP_ERROR_TIMEOUT,    /* no answer in time */
+    QMP_ERROR_CLOSED,     /* connection closed or broken */
+    QMP_ERROR_PROTOCOL,   /* the peer sent something unacceptable */
+};
+
+struct qmp_client;
+
+/* Connect to a unix socket.  QMP mode reads the greeting and negotiates
+ * capabilities; QGA mode only connects (see qga_client_sync). */
+struct qmp_client *qmp_client_connect(struct ring *ring, const char *path,
+                                      enum qmp_parser_mode mode,
+                                      int timeout_ms, GError **errp);
+void qmp_client_free(struct qmp_client *c);
+
+/* Execute cmd (args taken, may be NULL).  Returns the "return" value (a new
+ * reference) or NULL with *errp: "cmd: <desc from peer>" for an error
+ * reply. */
+json_t *qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
+                        int timeout_ms, GError **errp);
+
+/* Send cmd and do not wait; its reply, if any, is dropped. */
+bool qmp_client_send(struct qmp_client *c, const char *cmd, json_t *args,
+                     GError **errp);
+
+/* Pop the oldest queued event (new reference), or NULL. */
+json_t *qmp_client_pop_event(struct qmp_client *c);
+/* Run the ring until an event is queued, the deadline passes (false, no
+ * error) or the connection fails (false, *errp). */
+bool qmp_client_wait_event(struct qmp_client *c, int timeout_ms,
+                           GError **errp);
+
+/* "major.minor.micro" of QEMU from the greeting, as one number
+ * major*10000 + minor*100 + micro; 0 in QGA mode. */
+int qmp_client_qemu_version(const struct qmp_client *c);
+
+/* QGA: resynchronise (0xFF then guest-sync-delimited with a random id,
+ * resent until answered), discarding everything before the answer. */
+bool qga_client_sync(struct qmp_client *c, int timeout_ms, GError **errp);
+
+/* A monotonic clock in milliseconds, for deadlines. */
+gint64 qmp_now_ms(void);
+
+#endif

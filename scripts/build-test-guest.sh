@@ -1,0 +1,423 @@
+#!/usr/bin/env bash
+# build-test-guest.sh: build (and cache) a tiny Linux test guest for qbak.
+#
+# The guest is a Debian kernel plus a busybox initramfs that runs the real
+# QEMU guest agent (qemu-ga) and a writer that keeps writing verifiable files
+# to an ext4 data disk, so tests can do real guest-fsfreeze-freeze/thaw.
+# Everything comes from Debian packages fetched with `apt-get download` and
+# unpacked with `dpkg -x`; nothing is installed on the host except the host
+# tools named in ensure_tools (cpio, xz-utils, e2fsprogs, qemu-utils).
+#
+# Usage:
+#   scripts/build-test-guest.sh [build] [--force]
+#       Build the kernel and initramfs into the cache directory unless they
+#       are already there for this version of the script. Prints (stdout):
+#         QBAK_GUEST_KERNEL=<path>
+#         QBAK_GUEST_INITRD=<path>
+#         QBAK_GUEST_APPEND=<kernel command line>
+#   scripts/build-test-guest.sh mkdisk <out.qcow2> [size-MiB]
+#       Create a qcow2 data disk (default 64 MiB) holding an empty ext4 file
+#       system, made on the host without mounting anything.
+#
+# Cache: ${QBAK_GUEST_DIR:-$HOME/.cache/qbak/guest}; rebuilt when a file is
+# missing or when this script's content changed (its sha256 is in `stamp`).
+# The downloaded .deb files are kept in <cache>/debs and reused.
+#
+# Boot (what qbak's tests use; ~10 s to a responsive agent under TCG):
+#   qemu-system-x86_64 -machine q35 -accel tcg -m 256 -nodefaults \
+#     -display none -serial file:console.log -no-reboot \
+#     -kernel "$QBAK_GUEST_KERNEL" -initrd "$QBAK_GUEST_INITRD" \
+#     -append "$QBAK_GUEST_APPEND" \
+#     -qmp unix:qmp.sock,server=on,wait=off \
+#     -blockdev driver=file,filename=data.qcow2,node-name=file0 \
+#     -blockdev driver=qcow2,file=file0,node-name=drive0 \
+#     -device virtio-blk-pci,drive=drive0,id=vd0 \
+#     -device virtio-serial-pci \
+#     -chardev socket,path=qga.sock,server=on,wait=off,id=qga0 \
+#     -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0
+#
+# Guest behaviour (see the /init written below):
+#   - mounts the first virtio-blk disk (/dev/vda) at /data (ext4);
+#   - starts the writer: file /data/w/NNNNNN (6 digits, from 000000) holds
+#     65536 bytes, 2048 lines "qbak-NNNNNN-line-IIII-xxxxxxxxx\n" (IIII the
+#     line number from 0000); written to /data/w/.tmp, fsynced, renamed into
+#     place, then NNNNNN is appended to /data/w/DONE-log (fsynced too) and
+#     file NNNNNN-256 is removed (the newest 256 files are kept). On a later boot it goes on
+#     after the last DONE-log entry. scripts/verify-guest-data.sh checks this.
+#   - starts qemu-ga on the virtio-serial port named org.qemu.guest_agent.0
+#     (found through /sys/class/virtio-ports/*/name), after /data is mounted,
+#     so the first freeze always covers /data.
+#   - QGA guest-shutdown stops the writer, unmounts /data and powers off.
+#   Kernel command line knobs: qbak.writer=0 (no writer), qbak.interval=SEC
+#   (pause between files, default 0.2), qbak.data=/dev/vdX (data disk).
+set -euo pipefail
+
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+CACHE=${QBAK_GUEST_DIR:-$HOME/.cache/qbak/guest}
+APPEND="console=ttyS0 quiet panic=-1"
+# Wanted modules, in load order; their dependencies (read from each .ko's
+# .modinfo) are put before them automatically. Missing ones are skipped.
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
+virtio_pci virtio_blk virtio_console crc16 mbcache jbd2 crc32c_generic ext4"
+
+log() { echo "build-test-guest: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+apt_update_once() {
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "running apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+}
+
+# Host tools: command -> Debian package. Installed only when missing.
+ensure_tools() {
+    local missing=() cmd pkg
+    for pair in "$@"; do
+        cmd=${pair%%:*} pkg=${pair#*:}
+        command -v "$cmd" >/dev/null 2>&1 ||
+            [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "need packages ${missing[*]} (run as root to install)"
+    log "installing host packages: ${missing[*]}"
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 </dev/null; then
+        apt_update_once
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 </dev/null ||
+            die "apt-get install ${missing[*]} failed"
+    fi
+}
+PATH=$PATH:/usr/sbin:/sbin
+
+# apt-cache, running apt-get update once if the lists are missing.
+apt_cache() {
+    local out
+    out=$(apt-cache "$@" 2>/dev/null) || true
+    if [ -z "$out" ]; then
+        apt_update_once
+        out=$(apt-cache "$@" 2>/dev/null) || true
+    fi
+    printf '%s\n' "$out"
+}
+
+# fetch_debs DIR PKG...: put PKG_*.deb for each PKG in DIR, reusing the copy
+# in $CACHE/debs when there is one.
+fetch_debs() {
+    local dir=$1; shift
+    local need=() p f dl
+    mkdir -p "$CACHE/debs"
+    for p in "$@"; do
+        f=$(ls "$CACHE/debs/${p}_"*.deb 2>/dev/null | tail -n 1 || true)
+        [ -n "$f" ] || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        log "apt-get download ${need[*]}"
+        dl=$(mktemp -d "$CACHE/debs/.dl.XXXXXX")
+        # As root apt would switch to the _apt user, which may not be able
+        # to write here (e.g. under /root): download as root.
+        local aptopt=()
+        [ "$(id -u)" = 0 ] && aptopt=(-o APT::Sandbox::User=root)
+        if ! (cd "$dl" && apt-get download -qq "${aptopt[@]}" "${need[@]}" >&2 </dev/null); then
+            apt_update_once
+            (cd "$dl" && apt-get download -qq "${aptopt[@]}" "${need[@]}" >&2 </dev/null) ||
+                { rm -rf "$dl"; die "apt-get download ${need[*]} failed"; }
+        fi
+        for p in "${need[@]}"; do
+            rm -f "$CACHE/debs/${p}_"*.deb
+        done
+        mv "$dl"/*.deb "$CACHE/debs/"
+        rm -rf "$dl"
+    fi
+    for p in "$@"; do
+        f=$(ls "$CACHE/debs/${p}_"*.deb | tail -n 1)
+        cp "$f" "$dir/"
+    done
+}
+
+kernel_package() {
+    local k
+    k=$(apt_cache depends linux-image-amd64 |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+    [ -n "$k" ] || die "cannot resolve the kernel package behind linux-image-amd64"
+    echo "$k"
+}
+
+# Dependencies of a module as listed in its .modinfo section.
+mod_depends() {
+    tr '\0' '\n' < "$1" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' '
+}
+
+write_init() {
+    cat > "$1" <<'EOF'
+#!/bin/sh
+# qbak test guest init (generated by scripts/build-test-guest.sh)
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+log() { echo "qbak-guest: $*" > /dev/console; }
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /dev/pts /tmp /data /var
+ln -sf /run /var/run
+exec < /dev/console > /dev/console 2>&1
+
+WRITER=1 INTERVAL=0.2 DATA=/dev/vda
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+    qbak.writer=*) WRITER=${arg#*=} ;;
+    qbak.interval=*) INTERVAL=${arg#*=} ;;
+    qbak.data=*) DATA=${arg#*=} ;;
+    esac
+done
+
+for m in $(cat /etc/qbak-modules); do
+    insmod /lib/modules/$m.ko 2>/dev/null || log "insmod $m failed"
+done
+
+# wait_for CMD...: retry for up to 15 s.
+wait_for() {
+    i=0
+    while ! "$@"; do
+        i=$((i + 1)); [ $i -ge 150 ] && return 1
+        usleep 100000
+    done
+}
+
+find_qga_port() {
+    for f in /sys/class/virtio-ports/*/name; do
+        [ -r "$f" ] || continue
+        if [ "$(cat "$f")" = org.qemu.guest_agent.0 ]; then
+            p=${f%/name}; p=/dev/${p##*/}
+            [ -c "$p" ] && { QGA_PORT=$p; return 0; }
+        fi
+    done
+    return 1
+}
+
+writer() {
+    cd /data || return
+    mkdir -p w
+    n=0
+    if [ -s w/DONE-log ]; then
+        last=$(tail -n 1 w/DONE-log)
+        case $last in
+        [0-9][0-9][0-9][0-9][0-9][0-9]) n=$((1$last - 1000000 + 1)) ;;
+        *) log "writer: bad last DONE-log line '$last'"; return ;;
+        esac
+    fi
+    log "writer: starting at $n"
+    while :; do
+        name=$(printf %06d $n)
+        awk -v n=$n 'BEGIN { for (i = 0; i < 2048; i++)
+            printf "qbak-%06d-line-%04d-xxxxxxxxx\n", n, i }' > w/.tmp || break
+        sync w/.tmp || break
+        mv w/.tmp w/$name || break
+        echo $name >> w/DONE-log || break
+        sync w/DONE-log || break
+        if [ $n -ge 256 ]; then rm -f w/$(printf %06d $((n - 256))); fi
+        n=$((n + 1))
+        sleep $INTERVAL
+    done
+    log "writer: stopped at $n"
+}
+
+if wait_for [ -b "$DATA" ]; then
+    if mount -t ext4 "$DATA" /data; then
+        log "mounted $DATA on /data"
+        if [ "$WRITER" = 1 ]; then
+            writer &
+            echo $! > /run/writer.pid
+        fi
+    else
+        log "mount $DATA failed"
+    fi
+else
+    log "no data disk $DATA"
+fi
+
+if wait_for find_qga_port; then
+    (
+        while :; do
+            qemu-ga -m virtio-serial -p "$QGA_PORT" -t /run -f /run/qemu-ga.pid
+            log "qemu-ga exited ($?), restarting"
+            sleep 1
+        done
+    ) &
+    log "qemu-ga started on $QGA_PORT"
+else
+    log "no virtio port named org.qemu.guest_agent.0"
+fi
+
+while :; do sleep 3600; done
+EOF
+    # qemu-ga runs "/sbin/shutdown -P|-H|-r +0 ..." for guest-shutdown.
+    cat > "$2" <<'EOF'
+#!/bin/sh
+# qbak test guest shutdown (used by qemu-ga guest-shutdown)
+[ -s /run/writer.pid ] && kill $(cat /run/writer.pid) 2>/dev/null
+sleep 1
+sync
+umount /data 2>/dev/null || mount -o remount,ro /data 2>/dev/null
+sync
+case " $* " in
+*" -r "*) reboot -f ;;
+*) poweroff -f ;;
+esac
+EOF
+}
+
+build() {
+    ensure_tools cpio:cpio xz:xz-utils gzip:gzip dpkg-deb:dpkg ldd:libc-bin \
+        mkfs.ext4:e2fsprogs
+    command -v apt-get >/dev/null || die "apt-get not found"
+    local work kpkg kver kdir root m f deps added
+    work=$(mktemp -d "${TMPDIR:-/tmp}/qbak-guest.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    kpkg=$(kernel_package)
+    log "kernel package: $kpkg"
+    mkdir -p "$work/debs" "$work/pkg"
+    fetch_debs "$work/debs" "$kpkg" busybox-static qemu-guest-agent
+    for f in "$work/debs"/*.deb; do dpkg -x "$f" "$work/pkg"; done
+
+    kver=$(ls "$work/pkg/lib/modules" | head -n 1)
+    kdir=$work/pkg/lib/modules/$kver
+    [ -n "$kver" ] && [ -f "$work/pkg/boot/vmlinuz-$kver" ] ||
+        die "no kernel in $kpkg"
+
+    root=$work/root
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,data,lib/modules}
+    cp "$work/pkg/bin/busybox" "$root/bin/busybox"
+    local applet
+    for applet in $("$root/bin/busybox" --list); do
+        [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+    done
+    write_init "$root/init" "$root/sbin/shutdown"
+    chmod 755 "$root/init" "$root/sbin/shutdown"
+    rm -f "$root/bin/shutdown"
+
+    # Kernel modules, dependencies first.
+    local order=""
+    add_mod() {
+        local name=$1 file d
+        case " $order " in *" $name "*) return 0 ;; esac
+        file=$(find "$kdir/kernel" -name "$name.ko" -o -name "$name.ko.xz" \
+            -o -name "$name.ko.zst" -o -name "$name.ko.gz" | head -n 1)
+        if [ -z "$file" ]; then
+            log "module $name not found (built in?), skipped"
+            return 0
+        fi
+        case $file in
+        *.xz) xz -dc "$file" > "$root/lib/modules/$name.ko" ;;
+        *.gz) gzip -dc "$file" > "$root/lib/modules/$name.ko" ;;
+        *.zst) zstd -qdc "$file" > "$root/lib/modules/$name.ko" ;;
+        *) cp "$file" "$root/lib/modules/$name.ko" ;;
+        esac
+        for d in $(mod_depends "$root/lib/modules/$name.ko"); do
+            add_mod "$(echo "$d" | tr - _)"
+        done
+        order="$order $name"
+    }
+    for m in $MODULES; do add_mod "$m"; done
+    echo $order | tr ' ' '\n' > "$root/etc/qbak-modules"
+    log "modules:" $order
+
+    # qemu-ga and its libraries.
+    local qga=$work/pkg/usr/sbin/qemu-ga libdir=$work/libs ldpath="" lib
+    [ -x "$qga" ] || die "qemu-ga not found in qemu-guest-agent"
+    cp "$qga" "$root/usr/sbin/qemu-ga"
+    if [ "${QBAK_GUEST_DOWNLOAD_LIBS:-0}" = 1 ] || ldd "$qga" | grep -q 'not found'; then
+        # The host lacks some of them: take the library packages qemu-ga
+        # depends on (recursively) from Debian too.
+        local libpkgs
+        libpkgs=$(apt_cache depends --recurse --no-recommends --no-suggests \
+            --no-conflicts --no-breaks --no-replaces --no-enhances --no-pre-depends \
+            qemu-guest-agent | awk '/^lib[^ ]*$/ && !/:i386$/' | sort -u)
+        log "downloading libraries for qemu-ga:" $libpkgs
+        mkdir -p "$work/libdebs" "$libdir"
+        # shellcheck disable=SC2086
+        fetch_debs "$work/libdebs" $libpkgs
+        for f in "$work/libdebs"/*.deb; do dpkg -x "$f" "$libdir"; done
+        ldpath=$libdir/lib/x86_64-linux-gnu:$libdir/usr/lib/x86_64-linux-gnu
+    fi
+    local libs
+    libs=$(LD_LIBRARY_PATH=$ldpath ldd "$qga") || die "ldd qemu-ga failed"
+    if echo "$libs" | grep -q 'not found'; then
+        die "libraries of qemu-ga not found: $(echo "$libs" | grep 'not found')"
+    fi
+    for lib in $(echo "$libs" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }
+                                     $1 ~ /^\// { print $1 }'); do
+        # Install under the standard path (/lib/x86_64-linux-gnu, /lib64).
+        local dest=$lib
+        case $lib in "$libdir"/*) dest=${lib#"$libdir"} ;; esac
+        dest=${dest#/usr}
+        mkdir -p "$root$(dirname "$dest")"
+        cp -L "$lib" "$root$dest"
+    done
+    # The dynamic loader under its ELF interpreter path as well.
+    [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || {
+        mkdir -p "$root/lib64"
+        cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+    }
+
+    (cd "$root" && find . -print0 | LC_ALL=C sort -z |
+        cpio --null -o -H newc --owner=0:0 --quiet) | gzip -6 > "$work/initrd.gz"
+    cp "$work/pkg/boot/vmlinuz-$kver" "$work/vmlinuz"
+    echo "$kver" > "$work/kernel-version"
+
+    mv -f "$work/vmlinuz" "$CACHE/vmlinuz"
+    mv -f "$work/initrd.gz" "$CACHE/initrd.gz"
+    mv -f "$work/kernel-version" "$CACHE/kernel-version"
+    script_hash > "$CACHE/stamp"
+    rm -rf "$work"
+    trap - EXIT
+    log "built guest with kernel $kver ($(du -k "$CACHE/initrd.gz" | cut -f1) KiB initramfs)"
+}
+
+script_hash() { sha256sum "$SELF" | cut -d' ' -f1; }
+
+cmd_build() {
+    local force=0
+    for a in "$@"; do
+        case $a in
+        --force) force=1 ;;
+        *) die "unknown argument $a" ;;
+        esac
+    done
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/.lock"
+    flock 9
+    if [ $force = 1 ] || [ ! -s "$CACHE/vmlinuz" ] || [ ! -s "$CACHE/initrd.gz" ] ||
+        [ "$(cat "$CACHE/stamp" 2>/dev/null)" != "$(script_hash)" ]; then
+        build
+    fi
+    exec 9>&-
+    echo "QBAK_GUEST_KERNEL=$CACHE/vmlinuz"
+    echo "QBAK_GUEST_INITRD=$CACHE/initrd.gz"
+    echo "QBAK_GUEST_APPEND=$APPEND"
+}
+
+cmd_mkdisk() {
+    [ $# -ge 1 ] && [ $# -le 2 ] || die "usage: $0 mkdisk OUT.qcow2 [SIZE_MIB]"
+    local out=$1 size=${2:-64} raw
+    ensure_tools mkfs.ext4:e2fsprogs qemu-img:qemu-utils
+    raw=$(mktemp "${TMPDIR:-/tmp}/qbak-disk.XXXXXX")
+    truncate -s "${size}M" "$raw"
+    # No lazy init: the guest must not write in the background by itself.
+    mkfs.ext4 -F -q -L qbakdata -E lazy_itable_init=0,lazy_journal_init=0 "$raw" >&2 ||
+        { rm -f "$raw"; die "mkfs.ext4 failed"; }
+    qemu-img convert -f raw -O qcow2 "$raw" "$out" ||
+        { rm -f "$raw"; die "qemu-img convert failed"; }
+    rm -f "$raw"
+    echo "$out"
+}
+
+case ${1:-build} in
+build) shift $(($# > 0 ? 1 : 0)); cmd_build "$@" ;;
+--force) cmd_build "$@" ;;
+mkdisk) shift; cmd_mkdisk "$@" ;;
+-h|--help) sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//' ;;
+*) die "unknown command $1 (build, mkdisk, --help)" ;;
+esac

@@ -1,0 +1,235 @@
+"""Shared helpers for qbak's integration tests against real QEMU.
+
+Each test is a script exiting 0 (pass), 77 (skip) or anything else (fail).
+Under CI=true a skip of a required test is a failure (tests/run decides).
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QBAK = os.environ.get("QBAK", os.path.join(ROOT, "qbak"))
+QEMU = shutil.which("qemu-system-x86_64")
+QEMU_IMG = shutil.which("qemu-img")
+SKIP = 77
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def require_qemu():
+    if not QEMU or not QEMU_IMG:
+        log("SKIP: qemu-system-x86_64 or qemu-img missing (scripts/install-deps.sh)")
+        sys.exit(SKIP)
+
+
+def fail(msg):
+    log("FAIL: " + msg)
+    sys.exit(1)
+
+
+def check(cond, msg):
+    if not cond:
+        fail(msg)
+
+
+def run(cmd, check_rc=True, **kw):
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, **kw)
+    if check_rc and p.returncode != 0:
+        fail("%s exited %d\nstdout: %s\nstderr: %s"
+             % (" ".join(cmd), p.returncode, p.stdout, p.stderr))
+    return p
+
+
+class QMP:
+    """A minimal synchronous QMP client for the test side."""
+
+    def __init__(self, path, timeout=30):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self.events = []
+        self.greeting = self._recv()
+        self.cmd("qmp_capabilities")
+
+    def _recv(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self._recv()
+            if "event" in r:
+                self.events.append(r)
+                continue
+            if "error" in r:
+                raise RuntimeError("%s: %s" % (name, r["error"]["desc"]))
+            return r["return"]
+
+    def hmp(self, line):
+        out = self.cmd("human-monitor-command", **{"command-line": line})
+        return out
+
+    def close(self):
+        self.sock.close()
+
+
+class VM:
+    """qemu-system-x86_64 -machine q35 -S: vCPUs paused, no guest OS.
+    Disks are virtio-blk devices with ids vd0, vd1, ...; guest writes go
+    through the device with HMP qemu-io (DESIGN.md section 4)."""
+
+    def __init__(self, workdir, disks, extra=None):
+        self.dir = workdir
+        self.disks = disks  # list of (id, path, fmt)
+        self.qbak_sock = os.path.join(workdir, "qbak.qmp")
+        self.test_sock = os.path.join(workdir, "test.qmp")
+        args = [QEMU, "-machine", "q35", "-accel", "tcg", "-S", "-nodefaults",
+                "-display", "none", "-m", "64",
+                "-qmp", "unix:%s,server=on,wait=off" % self.qbak_sock,
+                "-qmp", "unix:%s,server=on,wait=off" % self.test_sock]
+        for i, (dev, path, fmt) in enumerate(disks):
+            args += self.disk_args(i, dev, path, fmt)
+        args += extra or []
+        self.log = open(os.path.join(workdir, "qemu.log"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log)
+        self.qmp = QMP(self.test_sock)
+
+    @staticmethod
+    def disk_args(i, dev, path, fmt):
+        return ["-blockdev", "driver=file,filename=%s,node-name=file%d" % (path, i),
+                "-blockdev", "driver=%s,file=file%d,node-name=drive%d" % (fmt, i, i),
+                "-device", "virtio-blk-pci,drive=drive%d,id=%s" % (i, dev)]
+
+    def io(self, dev, cmd):
+        out = self.qmp.hmp('qemu-io -d /machine/peripheral/%s/virtio-backend "%s"'
+                           % (dev, cmd))
+        if out.strip():
+            # qemu-io prints its statistics; anything with "error" is one.
+            if "error" in out.lower() or "failed" in out.lower():
+                fail("qemu-io %s %s: %s" % (dev, cmd, out))
+        return out
+
+    def flush(self, dev):
+        self.io(dev, "flush")
+
+    def reference(self, dev, dest):
+        """A raw copy of the disk as the guest sees it now."""
+        path = [p for d, p, f in self.disks if d == dev][0]
+        fmt = [f for d, p, f in self.disks if d == dev][0]
+        self.flush(dev)
+        run([QEMU_IMG, "convert", "-U", "-f", fmt, "-O", "raw", path, dest])
+        return dest
+
+    def bitmaps(self, node):
+        for b in self.qmp.cmd("query-block"):
+            ins = b.get("inserted", {})
+            if ins.get("node-name") == node:
+                return ins.get("dirty-bitmaps", [])
+        return []
+
+    def jobs(self):
+        return self.qmp.cmd("query-jobs")
+
+    def block_nodes(self):
+        return [n["node-name"] for n in self.qmp.cmd("query-named-block-nodes")]
+
+    def stop(self):
+        try:
+            self.qmp.cmd("quit")
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+
+def make_disk(path, size, fmt="qcow2"):
+    run([QEMU_IMG, "create", "-q", "-f", fmt, path, str(size)])
+    return path
+
+
+def qbak(*args, check_rc=True, env=None):
+    p = run([QBAK] + [str(a) for a in args], check_rc=check_rc, env=env)
+    return p
+
+
+def qbak_json(*args, env=None):
+    p = qbak(*(list(args) + ["--json"]), env=env)
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        fail("qbak %s printed no JSON: %r" % (args[0], p.stdout))
+
+
+def img_check(path):
+    p = run([QEMU_IMG, "check", path], check_rc=False)
+    check(p.returncode == 0, "qemu-img check %s: %s%s" % (path, p.stdout, p.stderr))
+
+
+def img_compare(a, b, fmt_a=None, fmt_b="raw"):
+    cmd = [QEMU_IMG, "compare", "-q"]
+    if fmt_a:
+        cmd += ["-f", fmt_a]
+    if fmt_b:
+        cmd += ["-F", fmt_b]
+    p = run(cmd + [a, b], check_rc=False)
+    check(p.returncode == 0, "qemu-img compare %s %s: differ (%d) %s%s"
+          % (a, b, p.returncode, p.stdout, p.stderr))
+
+
+def workdir(name):
+    base = os.environ.get("QBAK_TEST_TMP", tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix="qbak-%s-" % name, dir=base)
+
+
+def random_writes(vm, dev, size, rng, n, max_len=256 * 1024, zero_ratio=0.2,
+                  discard_ratio=0.1):
+    """n guest writes of random patterns, zero writes and discards, at any
+    alignment (512-byte sectors, as a guest would)."""
+    for _ in range(n):
+        length = rng.randrange(1, max_len // 512 + 1) * 512
+        off = rng.randrange(0, max(1, (size - length) // 512)) * 512
+        r = rng.random()
+        if r < zero_ratio:
+            vm.io(dev, "write -z %d %d" % (off, length))
+        elif r < zero_ratio + discard_ratio:
+            vm.io(dev, "discard %d %d" % (off, length))
+        else:
+            vm.io(dev, "write -P 0x%02x %d %d" % (rng.randrange(1, 256), off, length))
