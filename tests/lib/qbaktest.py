@@ -80,8 +80,8 @@ class QMP:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
-    def cmd(self, name, **args):
-        msg = {"execute": name}
+    def cmd(self, command, **args):
+        msg = {"execute": command}
         if args:
             msg["arguments"] = args
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -91,7 +91,7 @@ class QMP:
                 self.events.append(r)
                 continue
             if "error" in r:
-                raise RuntimeError("%s: %s" % (name, r["error"]["desc"]))
+                raise RuntimeError("%s: %s" % (command, r["error"]["desc"]))
             return r["return"]
 
     def hmp(self, line):
@@ -118,6 +118,9 @@ class VM:
                 "-qmp", "unix:%s,server=on,wait=off" % self.test_sock]
         for i, (dev, path, fmt) in enumerate(disks):
             args += self.disk_args(i, dev, path, fmt)
+        # A free root port, so tests can hot-plug a disk (q35's root bus
+        # cannot).
+        args += ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"]
         args += extra or []
         self.log = open(os.path.join(workdir, "qemu.log"), "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log)
