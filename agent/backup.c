@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "agent/recover.h"
 #include "agent/repo.h"
 #include "agent/target.h"
 #include "io/ring.h"
@@ -306,7 +307,7 @@ plan_disk(struct backup *b, struct disk *d)
 static bool
 start_targets(struct backup *b, GError **errp)
 {
-    b->run_dir = g_dir_make_tmp("qbak-XXXXXX", errp); /* mode 0700 */
+    b->run_dir = recover_runtime_dir(b->repo, errp);
     if (!b->run_dir) {
         return false;
     }
@@ -314,8 +315,8 @@ start_targets(struct backup *b, GError **errp)
         struct disk *d = b->disks->pdata[k];
 
         d->file = g_strdup_printf("%s.qcow2", d->name);
-        d->job_id = g_strdup_printf("qbak-%s-%s", b->point, d->name);
-        d->nbd_node = g_strdup_printf("qbak-nbd-%s", d->name);
+        d->job_id = recover_job_id(b->repo, b->point, k);
+        d->nbd_node = recover_node_name(b->repo, k);
         d->sock_path = g_strdup_printf("%s/%u.sock", b->run_dir, k);
         d->target = backup_target_new(&b->ring, b->partial_fd, d->file,
                                       d->name, d->size, b->opts->cluster_bits,
@@ -414,6 +415,7 @@ start_transaction(struct backup *b, GError **errp)
     for (guint k = 0; k < b->disks->len; k++) {
         ((struct disk *)b->disks->pdata[k])->job_started = true;
     }
+    recover_crash_point("transaction");
     return true;
 }
 
@@ -476,6 +478,19 @@ wait_pending(struct backup *b, GError **errp)
             json_t *j = find_job(jobs, d->job_id);
             const char *st = json_string_value(json_object_get(j, "status"));
             const char *msg = json_string_value(json_object_get(j, "error"));
+            const char *te = backup_target_error(d->target);
+
+            if (te) {
+                /* The repository failed: QEMU was told the writes
+                 * succeeded (so no guest write fails), and the backup
+                 * stops here; cancelling merges the bitmap back. */
+                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED, "%s", te);
+                json_decref(jobs);
+                return false;
+            }
+            if (g_strcmp0(st, "running") == 0) {
+                recover_crash_point("running");
+            }
 
             if (!j) {
                 g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
@@ -488,10 +503,9 @@ wait_pending(struct backup *b, GError **errp)
             } else if (g_strcmp0(st, "concluded") == 0 ||
                        g_strcmp0(st, "aborting") == 0 ||
                        g_strcmp0(st, "null") == 0) {
-                const char *te = backup_target_error(d->target);
                 g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
                             "%s: backup job failed: %s", d->name,
-                            te ? te : msg ? msg : "cancelled with the group");
+                            msg ? msg : "cancelled with the group");
                 json_decref(jobs);
                 return false;
             }
@@ -504,6 +518,7 @@ wait_pending(struct backup *b, GError **errp)
             if (b->opts->progress) {
                 fputc('\n', stderr);
             }
+            recover_crash_point("pending");
             return true;
         }
         /* JOB_STATUS_CHANGE wakes us early; the NBD data flows meanwhile. */
@@ -547,15 +562,46 @@ make_manifest(struct backup *b, const char *parent, double duration)
                      "duration_s", duration);
 }
 
+/* Every job still pending in a live QEMU: a point whose jobs can no longer
+ * be finalized is not committed (the next run falls back to full). */
+static bool
+jobs_still_pending(struct backup *b, GError **errp)
+{
+    json_t *jobs = qmp_client_call(b->qmp, "query-jobs", NULL,
+                                   b->opts->timeout_ms, errp);
+
+    if (!jobs) {
+        g_prefix_error(errp, "before commit: ");
+        return false;
+    }
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        json_t *j = find_job(jobs, d->job_id);
+        if (g_strcmp0(json_string_value(json_object_get(j, "status")),
+                      "pending") != 0) {
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
+                        "%s: job no longer pending before commit", d->name);
+            json_decref(jobs);
+            return false;
+        }
+    }
+    json_decref(jobs);
+    return true;
+}
+
 static bool
 commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
 {
+    if (!jobs_still_pending(b, errp)) {
+        return false;
+    }
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
         if (!backup_target_commit(d->target, errp)) {
             return false;
         }
     }
+    recover_crash_point("fsynced");
     *manifest = make_manifest(b, parent,
                               (double)(g_get_monotonic_time() - b->start_us) /
                                   1e6);
@@ -563,6 +609,7 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
         return false;
     }
     b->committed = true;
+    recover_crash_point("committed");
     return true;
 }
 
@@ -694,7 +741,19 @@ release_qemu(struct backup *b, bool failed, GPtrArray *warnings)
 }
 
 static json_t *
-result_json(struct backup *b, json_t *manifest, GPtrArray *warnings)
+strings_json(GPtrArray *a)
+{
+    json_t *arr = json_array();
+
+    for (guint i = 0; i < a->len; i++) {
+        json_array_append_new(arr, json_string(a->pdata[i]));
+    }
+    return arr;
+}
+
+static json_t *
+result_json(struct backup *b, json_t *manifest, GPtrArray *warnings,
+            GPtrArray *recovered)
 {
     json_t *out = json_pack("{s:s, s:s, s:O?, s:O, s:O, s:O}", "vm",
                             b->opts->vm, "point", b->point, "parent",
@@ -704,12 +763,8 @@ result_json(struct backup *b, json_t *manifest, GPtrArray *warnings)
                                                b->start_us) / 1e6),
                             "consistency",
                             json_object_get(manifest, "consistency"));
-    json_t *w = json_array();
-
-    for (guint i = 0; i < warnings->len; i++) {
-        json_array_append_new(w, json_string(warnings->pdata[i]));
-    }
-    json_object_set_new(out, "warnings", w);
+    json_object_set_new(out, "warnings", strings_json(warnings));
+    json_object_set_new(out, "recovered", strings_json(recovered));
     return out;
 }
 
@@ -718,6 +773,7 @@ backup_run(const struct backup_opts *o, GError **errp)
 {
     struct backup b = {.opts = o, .partial_fd = -1};
     g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) recovered = g_ptr_array_new_with_free_func(g_free);
     json_t *manifest = NULL, *result = NULL;
     const char *parent = NULL;
     bool any_incremental = false;
@@ -736,14 +792,19 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!b.repo) {
         goto out;
     }
-    repo_partial_cleanup(b.repo);
+    if (repo_partial_cleanup(b.repo) > 0) {
+        g_ptr_array_add(recovered, g_strdup("removed unfinished point "
+                                            "directories (.partial-*)"));
+    }
     b.points = repo_list_points(b.repo, errp);
     if (!b.points) {
         goto out;
     }
     b.qmp = qmp_client_connect(&b.ring, o->qmp_path, QMP_PARSER_QMP,
                                o->timeout_ms, errp);
-    if (!b.qmp || !discover_disks(&b, errp)) {
+    if (!b.qmp ||
+        !recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
+        !discover_disks(&b, errp)) {
         goto out;
     }
     for (guint k = 0; k < b.disks->len; k++) {
@@ -777,7 +838,7 @@ backup_run(const struct backup_opts *o, GError **errp)
         }
     }
     release_qemu(&b, false, warnings);
-    result = result_json(&b, manifest, warnings);
+    result = result_json(&b, manifest, warnings, recovered);
 out:
     if (b.partial_made || b.disks->len) {
         release_qemu(&b, !b.committed, b.committed ? warnings : NULL);
@@ -795,7 +856,6 @@ out:
                 unlink(sock);
             }
         }
-        rmdir(b.run_dir);
         g_free(b.run_dir);
     }
     json_decref(manifest);

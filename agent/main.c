@@ -96,6 +96,10 @@ print_backup_human(json_t *res)
                    1048576.0,
                reason ? ": " : "", reason ? reason : "");
     }
+    json_array_foreach(json_object_get(res, "recovered"), i, w)
+    {
+        fprintf(stderr, "qbak backup: recovered: %s\n", json_string_value(w));
+    }
     json_array_foreach(json_object_get(res, "warnings"), i, w)
     {
         fprintf(stderr, "qbak backup: warning: %s\n", json_string_value(w));

@@ -46,11 +46,6 @@ target_fail(struct backup_target *t, const char *what, int err)
     }
 }
 
-static uint32_t
-nbd_errno(int err)
-{
-    return err == ENOSPC ? NBD_ENOSPC : NBD_EIO;
-}
 
 static void start_sync(struct target_req *tr);
 
@@ -83,14 +78,16 @@ static void
 fsync_done(struct ring_op *op, int res)
 {
     struct target_req *tr = container_of(op, struct target_req, fsync_op);
+    int fault = ring_fault_fsync();
 
+    if (fault < 0 && res >= 0) {
+        res = fault;
+    }
     if (res < 0) {
         /* Sticky: the page cache may have dropped the data, so a later
-         * fsync that succeeds proves nothing. */
+         * fsync that succeeds proves nothing.  QEMU still hears success,
+         * for the same reason as in extent_done. */
         target_fail(tr->t, "fsync", -res);
-        tr->err = NBD_EIO;
-    } else if (tr->t->error) {
-        tr->err = NBD_EIO;
     }
     req_complete(tr);
 }
@@ -111,8 +108,10 @@ extent_done(struct ring_rw *rw, int err)
     struct backup_target *t = tr->t;
 
     if (err < 0) {
+        /* QEMU is told the write succeeded: an error would reach the
+         * guest through copy-before-write (and ENOSPC would pause the
+         * VM).  The backup is failed instead, and never committed. */
         target_fail(t, "write", -err);
-        tr->err = nbd_errno(-err);
     }
     if (--tr->pending > 0) {
         return;
@@ -138,7 +137,6 @@ handle_write(struct backup_target *t, struct target_req *tr)
         if (!t->error) {
             t->error = g_strdup_printf("%s: %s", t->disk, err->message);
         }
-        tr->err = NBD_EIO;
         req_complete(tr);
         return;
     }
@@ -175,8 +173,7 @@ request(void *opaque, struct nbd_request *req)
     tr->err = 0;
     tr->needs_sync = false;
     if (t->error && req->type != NBD_CMD_READ) {
-        /* After a failed write or fsync nothing more can be promised. */
-        tr->err = NBD_EIO;
+        /* The backup has failed: drop the data, keep the guest going. */
         req_complete(tr);
         return;
     }
@@ -204,11 +201,10 @@ request(void *opaque, struct nbd_request *req)
         wake_flushes(t);
         return;
     }
-    if (!ok) {
-        if (!t->error && req->type != NBD_CMD_READ) {
-            t->error = g_strdup_printf("%s: %s", t->disk, err->message);
-        }
-        tr->err = NBD_EIO;
+    if (!ok && req->type == NBD_CMD_READ) {
+        tr->err = NBD_EIO; /* a READ cannot be answered with made-up data */
+    } else if (!ok && !t->error) {
+        t->error = g_strdup_printf("%s: %s", t->disk, err->message);
     }
     req_complete(tr);
 }
@@ -309,6 +305,8 @@ backup_target_finished(const struct backup_target *t)
 bool
 backup_target_commit(struct backup_target *t, GError **errp)
 {
+    int err;
+
     if (t->error) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED, "%s", t->error);
         return false;
@@ -322,10 +320,13 @@ backup_target_commit(struct backup_target *t, GError **errp)
         g_prefix_error(errp, "%s: ", t->disk);
         return false;
     }
-    if (fsync(t->fd) < 0) {
-        int err = errno;
-        target_fail(t, "fsync", err);
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s",
+    err = ring_fault_fsync();
+    if (err == 0 && fsync(t->fd) < 0) {
+        err = -errno;
+    }
+    if (err < 0) {
+        target_fail(t, "fsync", -err);
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-err), "%s",
                     t->error);
         return false;
     }

@@ -435,7 +435,9 @@ queue_reply(struct nbd_conn *c, struct slot *s)
     put64(s->reply + 8, s->req.cookie);
     s->reply_queued = true;
     out_push_slot(c, s->reply, REPLY_LEN, (int)s->req.slot);
-    if (s->req.type == NBD_CMD_READ && s->error == 0) {
+    /* No empty chunk for a zero-length READ: it would keep the slot busy
+     * and make the glue send 0 bytes, which reads as a dead socket. */
+    if (s->req.type == NBD_CMD_READ && s->error == 0 && s->req.len > 0) {
         out_push_slot(c, s->req.buf, s->req.len, (int)s->req.slot);
     }
 }

@@ -633,8 +633,17 @@ layer_piece(struct qcow2_layer *l, uint64_t off, uint64_t max_len,
             struct layer_run *run, GError **errp)
 {
     uint64_t in_off = off & (l->cluster_size - 1);
+    uint64_t l1_index = off >> (l->cluster_bits + l->l2_bits);
     uint64_t host = 0;
 
+    if (l->l1[l1_index] == 0) {
+        /* A whole table's reach at once: walking a sparse 1 TiB disk
+         * costs its L1 entries, not its clusters. */
+        uint64_t reach_end = (l1_index + 1) << (l->cluster_bits + l->l2_bits);
+        run->kind = CLUSTER_UNALLOCATED;
+        run->len = MIN(max_len, reach_end - off);
+        return true;
+    }
     run->len = MIN(max_len, l->cluster_size - in_off);
     if (!layer_cluster(l, off >> l->cluster_bits, &run->kind, &host, errp)) {
         return false;

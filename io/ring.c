@@ -5,33 +5,56 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Test-only fault injection state (see ring.h). */
-static long fault_write_nth;
-static int fault_write_err;
-static long fault_write_count;
+/* Test-only fault injection (see ring.h): fail the Nth operation. */
+struct fault {
+    long nth;
+    long count;
+    int err; /* 0: a short transfer */
+};
+
+static struct fault fault_write, fault_fsync;
+
+static void
+fault_parse(struct fault *f, const char *var)
+{
+    const char *s = getenv(var);
+    char *end;
+
+    memset(f, 0, sizeof(*f));
+    if (!s || !*s) {
+        return;
+    }
+    f->nth = strtol(s, &end, 10);
+    f->err = EIO;
+    if (*end == ':') {
+        if (strcmp(end + 1, "short") == 0) {
+            f->err = 0;
+        } else if (strcmp(end + 1, "ENOSPC") == 0) {
+            f->err = ENOSPC;
+        } else if (strcmp(end + 1, "EIO") != 0) {
+            f->err = atoi(end + 1);
+        }
+    }
+}
+
+static bool
+fault_hit(struct fault *f)
+{
+    return f->nth > 0 && ++f->count == f->nth;
+}
 
 static void
 fault_init(void)
 {
-    const char *s = getenv("QBAK_FAULT_FILE_WRITE");
-    char *end;
+    fault_parse(&fault_write, "QBAK_FAULT_FILE_WRITE");
+    fault_parse(&fault_fsync, "QBAK_FAULT_FSYNC");
+}
 
-    fault_write_nth = 0;
-    fault_write_count = 0;
-    if (!s || !*s) {
-        return;
-    }
-    fault_write_nth = strtol(s, &end, 10);
-    fault_write_err = EIO;
-    if (*end == ':') {
-        if (strcmp(end + 1, "short") == 0) {
-            fault_write_err = 0;
-        } else if (strcmp(end + 1, "ENOSPC") == 0) {
-            fault_write_err = ENOSPC;
-        } else {
-            fault_write_err = atoi(end + 1);
-        }
-    }
+int
+ring_fault_fsync(void)
+{
+    return fault_hit(&fault_fsync) ? -(fault_fsync.err ? fault_fsync.err : EIO)
+                                   : 0;
 }
 
 int
@@ -127,12 +150,11 @@ ring_rw_done(struct ring_op *op, int res)
 {
     struct ring_rw *rw = (struct ring_rw *)op;
 
-    if (rw->is_write && fault_write_nth > 0 &&
-        ++fault_write_count == fault_write_nth) {
-        if (fault_write_err == 0 && res > 1) {
+    if (rw->is_write && res > 0 && fault_hit(&fault_write)) {
+        if (fault_write.err == 0 && res > 1) {
             res /= 2; /* a short write: must be continued, not lost */
-        } else if (fault_write_err) {
-            res = -fault_write_err;
+        } else if (fault_write.err) {
+            res = -fault_write.err;
         }
     }
     if (res == -EAGAIN || res == -EINTR) {

@@ -73,7 +73,12 @@ void ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
 
 /* Fault injection for tests (RELIABILITY.md: "an io_uring shim that fails
  * the Nth operation"): QBAK_FAULT_FILE_WRITE=N[:err] makes the Nth file
- * write completion fail with -err (default EIO), or be short when err is
- * "short".  Unset in normal runs; read once at ring_init(). */
+ * write completion fail with -err (err: EIO (default), ENOSPC or a number),
+ * or be short when err is "short".  QBAK_FAULT_FSYNC=N[:err] does the same
+ * to the Nth data fsync, through ring_fault_fsync().  Unset in normal runs;
+ * read once at ring_init(). */
+
+/* 0, or the -errno the current data fsync must fail with (test only). */
+int ring_fault_fsync(void);
 
 #endif

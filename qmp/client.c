@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -374,6 +375,7 @@ qmp_client_connect(struct ring *ring, const char *path,
 {
     struct sockaddr_un sun = {.sun_family = AF_UNIX};
     struct qmp_client *c;
+    struct stat st;
     int fd;
 
     if (strlen(path) >= sizeof(sun.sun_path)) {
@@ -382,6 +384,14 @@ qmp_client_connect(struct ring *ring, const char *path,
         return NULL;
     }
     strcpy(sun.sun_path, path);
+    /* A socket planted by another (unprivileged) user could feed us a fake
+     * monitor: only ours or root's are trusted. */
+    if (stat(path, &st) == 0 && st.st_uid != geteuid() && st.st_uid != 0) {
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_CLOSED,
+                    "%s: socket owned by uid %u, not by us or root: refused",
+                    path, (unsigned)st.st_uid);
+        return NULL;
+    }
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
         int err = errno;

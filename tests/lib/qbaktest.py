@@ -236,3 +236,52 @@ def random_writes(vm, dev, size, rng, n, max_len=256 * 1024, zero_ratio=0.2,
             vm.io(dev, "discard %d %d" % (off, length))
         else:
             vm.io(dev, "write -P 0x%02x %d %d" % (rng.randrange(1, 256), off, length))
+
+
+def list_points(repo, vm_name):
+    return [p["point"] for p in qbak_json("list", "--repo", repo, "--vm", vm_name)["points"]]
+
+
+def oracle(vm, repo, vm_name, expect_points=None, run_state=None):
+    """RELIABILITY.md's oracle after a fault: only committed points listed,
+    no .partial-* left, every file passes qemu-img check, no leftovers of
+    ours in QEMU, bitmaps as the chain expects and not busy, the VM's run
+    state unchanged, no BLOCK_IO_ERROR, and a next backup that succeeds
+    and restores to the disk as it was when it started (which also proves
+    the lock was released).  Returns that backup's result."""
+    points = list_points(repo, vm_name)
+    if expect_points is not None:
+        check(points == expect_points, "listed %s, expected %s" % (points, expect_points))
+    vmdir = os.path.join(repo, vm_name)
+    refs = {d: vm.reference(d, os.path.join(vm.dir, "oracle-%s.raw" % d))
+            for d, _, _ in vm.disks}
+    res = qbak_json("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", vm_name)
+    check(not [e for e in os.listdir(vmdir) if e.startswith(".partial-")],
+          "no .partial-* after recovery")
+    for p in os.listdir(vmdir):
+        if not p.startswith("."):
+            for f in os.listdir(os.path.join(vmdir, p)):
+                if f.endswith(".qcow2"):
+                    img_check(os.path.join(vmdir, p, f))
+    for d in res["disks"]:
+        img_compare(os.path.join(vmdir, res["point"], d["file"]), refs[d["disk"]], fmt_a="qcow2")
+        out = os.path.join(vm.dir, "oracle-restore.raw")
+        qbak("restore", "--repo", repo, "--vm", vm_name, "--disk", d["disk"],
+             "--output", out, "--force")
+        img_compare(out, refs[d["disk"]], fmt_a="raw")
+        os.unlink(out)
+    check(vm.jobs() == [], "jobs left in QEMU: %s" % vm.jobs())
+    check(not [n for n in vm.block_nodes() if n.startswith("qbak")],
+          "qbak nodes left in QEMU: %s" % vm.block_nodes())
+    for d in res["disks"]:
+        node = [b["inserted"]["node-name"] for b in vm.qmp.cmd("query-block")
+                if b.get("qdev", "").startswith("/machine/peripheral/%s/" % d["disk"])][0]
+        bms = [b for b in vm.bitmaps(node) if b["name"].startswith("qbak-")]
+        check([b["name"] for b in bms] == [d["bitmap"]] and not bms[0]["busy"]
+              and bms[0]["recording"], "%s: bitmaps %s" % (d["disk"], bms))
+    st = vm.qmp.cmd("query-status")
+    if run_state:
+        check(st["status"] == run_state, "run state %s, expected %s" % (st["status"], run_state))
+    errors = [e for e in vm.qmp.events if e["event"] == "BLOCK_IO_ERROR"]
+    check(not errors, "the guest saw I/O errors: %s" % errors)
+    return res
