@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -34,6 +35,8 @@ struct backup_target {
     struct nbd_server *server;
     struct target_req reqs[NBD_SLOTS];
     unsigned writes_inflight;
+    long requests;
+    long drop_at; /* test only: QBAK_FAULT_NBD_DROP=N */
     char *error;
 };
 
@@ -172,6 +175,10 @@ request(void *opaque, struct nbd_request *req)
     tr->req = req;
     tr->err = 0;
     tr->needs_sync = false;
+    if (++t->requests == t->drop_at) {
+        /* Test hook: the connection breaks under a request in flight. */
+        nbd_server_shutdown(t->server);
+    }
     if (t->error && req->type != NBD_CMD_READ) {
         /* The backup has failed: drop the data, keep the guest going. */
         req_complete(tr);
@@ -220,6 +227,9 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
 
     t->ring = ring;
     t->disk = g_strdup(disk);
+    t->drop_at = getenv("QBAK_FAULT_NBD_DROP")
+                     ? atol(getenv("QBAK_FAULT_NBD_DROP"))
+                     : 0;
     t->fd = openat(dir_fd, file,
                    O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
     if (t->fd < 0) {

@@ -12,7 +12,8 @@
 #   scripts/build-test-guest.sh [build] [--force]
 #       Build the kernel and initramfs into the cache directory unless they
 #       are already there for this version of the script. Prints (stdout):
-#         QBAK_GUEST_KERNEL=<path>
+#         QBAK_GUEST_KERNEL=<path>   (vmlinux, the ELF kernel booted through
+#                                     its PVH entry; vmlinuz if that failed)
 #         QBAK_GUEST_INITRD=<path>
 #         QBAK_GUEST_APPEND=<kernel command line>
 #   scripts/build-test-guest.sh mkdisk <out.qcow2> [size-MiB]
@@ -23,7 +24,7 @@
 # missing or when this script's content changed (its sha256 is in `stamp`).
 # The downloaded .deb files are kept in <cache>/debs and reused.
 #
-# Boot (what qbak's tests use; ~10 s to a responsive agent under TCG):
+# Boot (what qbak's tests use; 5-10 s to a responsive agent under TCG):
 #   qemu-system-x86_64 -machine q35 -accel tcg -m 256 -nodefaults \
 #     -display none -serial file:console.log -no-reboot \
 #     -kernel "$QBAK_GUEST_KERNEL" -initrd "$QBAK_GUEST_INITRD" \
@@ -42,8 +43,9 @@
 #     65536 bytes, 2048 lines "qbak-NNNNNN-line-IIII-xxxxxxxxx\n" (IIII the
 #     line number from 0000); written to /data/w/.tmp, fsynced, renamed into
 #     place, then NNNNNN is appended to /data/w/DONE-log (fsynced too) and
-#     file NNNNNN-256 is removed (the newest 256 files are kept). On a later boot it goes on
-#     after the last DONE-log entry. scripts/verify-guest-data.sh checks this.
+#     file NNNNNN-256 is removed (the newest 256 files are kept). On a later
+#     boot it goes on after the last DONE-log entry.
+#     scripts/verify-guest-data.sh checks all this on the host.
 #   - starts qemu-ga on the virtio-serial port named org.qemu.guest_agent.0
 #     (found through /sys/class/virtio-ports/*/name), after /data is mounted,
 #     so the first freeze always covers /data.
@@ -53,7 +55,7 @@
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-CACHE=${QBAK_GUEST_DIR:-$HOME/.cache/qbak/guest}
+CACHE=${QBAK_GUEST_DIR:-${HOME:-/tmp}/.cache/qbak/guest}
 APPEND="console=ttyS0 quiet panic=-1"
 # Wanted modules, in load order; their dependencies (read from each .ko's
 # .modinfo) are put before them automatically. Missing ones are skipped.
@@ -104,37 +106,43 @@ apt_cache() {
 }
 
 # fetch_debs DIR PKG...: put PKG_*.deb for each PKG in DIR, reusing the copy
-# in $CACHE/debs when there is one.
+# in $CACHE/debs when there is one. Returns 1 if apt-get download fails.
 fetch_debs() {
     local dir=$1; shift
-    local need=() p f dl
-    mkdir -p "$CACHE/debs"
+    local need=() p f dl aptopt=()
+    mkdir -p "$CACHE/debs" || return 1
     for p in "$@"; do
-        f=$(ls "$CACHE/debs/${p}_"*.deb 2>/dev/null | tail -n 1 || true)
+        f=$(find "$CACHE/debs" -maxdepth 1 -name "${p}_*.deb" | head -n 1)
         [ -n "$f" ] || need+=("$p")
     done
     if [ ${#need[@]} -gt 0 ]; then
         log "apt-get download ${need[*]}"
-        dl=$(mktemp -d "$CACHE/debs/.dl.XXXXXX")
+        dl=$(mktemp -d "$CACHE/debs/.dl.XXXXXX") || return 1
         # As root apt would switch to the _apt user, which may not be able
         # to write here (e.g. under /root): download as root.
-        local aptopt=()
         [ "$(id -u)" = 0 ] && aptopt=(-o APT::Sandbox::User=root)
         if ! (cd "$dl" && apt-get download -qq "${aptopt[@]}" "${need[@]}" >&2 </dev/null); then
-            apt_update_once
-            (cd "$dl" && apt-get download -qq "${aptopt[@]}" "${need[@]}" >&2 </dev/null) ||
-                { rm -rf "$dl"; die "apt-get download ${need[*]} failed"; }
+            rm -rf "$dl"
+            return 1
         fi
         for p in "${need[@]}"; do
             rm -f "$CACHE/debs/${p}_"*.deb
         done
-        mv "$dl"/*.deb "$CACHE/debs/"
+        mv "$dl"/*.deb "$CACHE/debs/" || return 1
         rm -rf "$dl"
     fi
     for p in "$@"; do
-        f=$(ls "$CACHE/debs/${p}_"*.deb | tail -n 1)
-        cp "$f" "$dir/"
+        f=$(find "$CACHE/debs" -maxdepth 1 -name "${p}_*.deb" | head -n 1)
+        [ -n "$f" ] && cp "$f" "$dir/" || return 1
     done
+}
+
+# fetch_debs, with apt-get update and a retry when it fails (lists missing
+# or out of date); the kernel package name is resolved again after it.
+fetch_debs_retry() {
+    fetch_debs "$@" && return 0
+    apt_update_once
+    fetch_debs "$@" || die "apt-get download $* failed"
 }
 
 kernel_package() {
@@ -273,19 +281,22 @@ build() {
     ensure_tools cpio:cpio xz:xz-utils gzip:gzip dpkg-deb:dpkg ldd:libc-bin \
         mkfs.ext4:e2fsprogs
     command -v apt-get >/dev/null || die "apt-get not found"
-    local work kpkg kver kdir root m f deps added
+    local work kpkg kver="" kdir root m f
     work=$(mktemp -d "${TMPDIR:-/tmp}/qbak-guest.XXXXXX")
     trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/debs" "$work/kdeb" "$work/pkg"
     kpkg=$(kernel_package)
+    if ! fetch_debs "$work/kdeb" "$kpkg"; then
+        apt_update_once
+        kpkg=$(kernel_package)
+        fetch_debs "$work/kdeb" "$kpkg" || die "apt-get download $kpkg failed"
+    fi
     log "kernel package: $kpkg"
-    mkdir -p "$work/debs" "$work/pkg"
-    fetch_debs "$work/debs" "$kpkg" busybox-static qemu-guest-agent
+    # Drop cached debs of other kernels.
+    find "$CACHE/debs" -maxdepth 1 -name 'linux-image-[0-9]*.deb' \
+        ! -name "${kpkg}_*" -delete
+    fetch_debs_retry "$work/debs" busybox-static qemu-guest-agent
     for f in "$work/debs"/*.deb; do dpkg -x "$f" "$work/pkg"; done
-
-    kver=$(ls "$work/pkg/lib/modules" | head -n 1)
-    kdir=$work/pkg/lib/modules/$kver
-    [ -n "$kver" ] && [ -f "$work/pkg/boot/vmlinuz-$kver" ] ||
-        die "no kernel in $kpkg"
 
     root=$work/root
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,data,lib/modules}
@@ -298,15 +309,20 @@ build() {
     chmod 755 "$root/init" "$root/sbin/shutdown"
     rm -f "$root/bin/shutdown"
 
-    # Kernel modules, dependencies first.
-    local order=""
+    # The kernel and its modules, dependencies first. Only the files needed
+    # are taken out of the (large) kernel package: the wanted modules, then
+    # any dependency found missing, in a further pass.
+    local kdeb order missing names="$MODULES" pass
+    kdeb=$(find "$work/kdeb" -name '*.deb' | head -n 1)
     add_mod() {
         local name=$1 file d
         case " $order " in *" $name "*) return 0 ;; esac
-        file=$(find "$kdir/kernel" -name "$name.ko" -o -name "$name.ko.xz" \
-            -o -name "$name.ko.zst" -o -name "$name.ko.gz" | head -n 1)
+        # Module file names may use - where module names use _.
+        local glob=${name//_/[_-]}
+        file=$(find "$kdir/kernel" \( -name "$glob.ko" -o -name "$glob.ko.xz" \
+            -o -name "$glob.ko.zst" -o -name "$glob.ko.gz" \) 2>/dev/null | head -n 1)
         if [ -z "$file" ]; then
-            log "module $name not found (built in?), skipped"
+            missing="$missing $name"
             return 0
         fi
         case $file in
@@ -320,9 +336,30 @@ build() {
         done
         order="$order $name"
     }
-    for m in $MODULES; do add_mod "$m"; done
-    echo $order | tr ' ' '\n' > "$root/etc/qbak-modules"
-    log "modules:" $order
+    for pass in 1 2 3 4; do
+        local pats=(./boot/vmlinuz-\* ./boot/config-\*)
+        for m in $names; do pats+=("*/${m//_/[_-]}.ko*"); done
+        # tar fails on patterns that match nothing (built-in modules): the
+        # files are looked for afterwards.
+        dpkg-deb --fsys-tarfile "$kdeb" |
+            tar -x -C "$work/pkg" --wildcards --no-anchored "${pats[@]}" 2>/dev/null || true
+        kver=$(find "$work/pkg/boot" -name 'vmlinuz-*' | head -n 1)
+        kver=${kver##*/vmlinuz-}
+        [ -n "$kver" ] || die "no kernel in $kpkg"
+        kdir=$work/pkg/lib/modules/$kver
+        order="" missing=""
+        rm -f "$root"/lib/modules/*.ko
+        for m in $MODULES; do add_mod "$m"; done
+        local new=""
+        for m in $missing; do
+            case " $names " in *" $m "*) ;; *) new="$new $m" ;; esac
+        done
+        [ -n "$new" ] && [ $pass -lt 4 ] || break
+        names="$names $new"
+    done
+    for m in $missing; do log "module $m not found (built in?), skipped"; done
+    echo "$order" | tr ' ' '\n' | sed '/^$/d' > "$root/etc/qbak-modules"
+    log "modules:$order"
 
     # qemu-ga and its libraries.
     local qga=$work/pkg/usr/sbin/qemu-ga libdir=$work/libs ldpath="" lib
@@ -335,15 +372,22 @@ build() {
         libpkgs=$(apt_cache depends --recurse --no-recommends --no-suggests \
             --no-conflicts --no-breaks --no-replaces --no-enhances --no-pre-depends \
             qemu-guest-agent | awk '/^lib[^ ]*$/ && !/:i386$/' | sort -u)
-        log "downloading libraries for qemu-ga:" $libpkgs
+        log "downloading libraries for qemu-ga:" "$(echo $libpkgs)"
         mkdir -p "$work/libdebs" "$libdir"
         # shellcheck disable=SC2086
-        fetch_debs "$work/libdebs" $libpkgs
+        fetch_debs_retry "$work/libdebs" $libpkgs
         for f in "$work/libdebs"/*.deb; do dpkg -x "$f" "$libdir"; done
         ldpath=$libdir/lib/x86_64-linux-gnu:$libdir/usr/lib/x86_64-linux-gnu
     fi
-    local libs
-    libs=$(LD_LIBRARY_PATH=$ldpath ldd "$qga") || die "ldd qemu-ga failed"
+    local libs ldso=""
+    if [ -n "$ldpath" ]; then
+        # List them with the downloaded loader, which must match its libc.
+        ldso=$libdir/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+        [ -x "$ldso" ] || die "no ld-linux-x86-64.so.2 in the downloaded libc6"
+        libs=$("$ldso" --library-path "$ldpath" --list "$qga") || die "listing the libraries of qemu-ga failed"
+    else
+        libs=$(ldd "$qga") || die "ldd qemu-ga failed"
+    fi
     if echo "$libs" | grep -q 'not found'; then
         die "libraries of qemu-ga not found: $(echo "$libs" | grep 'not found')"
     fi
@@ -356,7 +400,8 @@ build() {
         mkdir -p "$root$(dirname "$dest")"
         cp -L "$lib" "$root$dest"
     done
-    # The dynamic loader under its ELF interpreter path as well.
+    # The dynamic loader under its ELF interpreter path.
+    [ -z "$ldso" ] || { mkdir -p "$root/lib64"; cp -L "$ldso" "$root/lib64/"; }
     [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || {
         mkdir -p "$root/lib64"
         cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
@@ -364,16 +409,36 @@ build() {
 
     (cd "$root" && find . -print0 | LC_ALL=C sort -z |
         cpio --null -o -H newc --owner=0:0 --quiet) | gzip -6 > "$work/initrd.gz"
-    cp "$work/pkg/boot/vmlinuz-$kver" "$work/vmlinuz"
+    # Boot the uncompressed ELF vmlinux through its PVH entry point when the
+    # kernel has one: QEMU then loads it directly, and TCG does not spend
+    # ~2.5 s decompressing the xz bzImage. Otherwise use the bzImage.
+    local kfile=vmlinuz bz=$work/pkg/boot/vmlinuz-$kver off
+    if grep -q '^CONFIG_PVH=y' "$work/pkg/boot/config-$kver" 2>/dev/null; then
+        off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$bz" | head -n 1 | cut -d: -f1 || true)
+        if [ -n "$off" ] &&
+            { tail -c +$((off + 1)) "$bz" || true; } |
+                xz --single-stream -dc > "$work/vmlinux" 2>/dev/null &&
+            [ "$(head -c 4 "$work/vmlinux" | od -An -c | tr -d ' ')" = '177ELF' ]; then
+            kfile=vmlinux
+        else
+            log "could not extract vmlinux from the bzImage, booting the bzImage"
+        fi
+    fi
+    [ $kfile = vmlinux ] || cp "$bz" "$work/vmlinuz"
     echo "$kver" > "$work/kernel-version"
 
-    mv -f "$work/vmlinuz" "$CACHE/vmlinuz"
+    rm -f "$CACHE/vmlinux" "$CACHE/vmlinuz"
+    mv -f "$work/$kfile" "$CACHE/$kfile"
     mv -f "$work/initrd.gz" "$CACHE/initrd.gz"
     mv -f "$work/kernel-version" "$CACHE/kernel-version"
     script_hash > "$CACHE/stamp"
     rm -rf "$work"
     trap - EXIT
     log "built guest with kernel $kver ($(du -k "$CACHE/initrd.gz" | cut -f1) KiB initramfs)"
+}
+
+kernel_file() {
+    if [ -s "$CACHE/vmlinux" ]; then echo "$CACHE/vmlinux"; else echo "$CACHE/vmlinuz"; fi
 }
 
 script_hash() { sha256sum "$SELF" | cut -d' ' -f1; }
@@ -389,12 +454,12 @@ cmd_build() {
     mkdir -p "$CACHE"
     exec 9>"$CACHE/.lock"
     flock 9
-    if [ $force = 1 ] || [ ! -s "$CACHE/vmlinuz" ] || [ ! -s "$CACHE/initrd.gz" ] ||
+    if [ $force = 1 ] || [ ! -s "$(kernel_file)" ] || [ ! -s "$CACHE/initrd.gz" ] ||
         [ "$(cat "$CACHE/stamp" 2>/dev/null)" != "$(script_hash)" ]; then
         build
     fi
     exec 9>&-
-    echo "QBAK_GUEST_KERNEL=$CACHE/vmlinuz"
+    echo "QBAK_GUEST_KERNEL=$(kernel_file)"
     echo "QBAK_GUEST_INITRD=$CACHE/initrd.gz"
     echo "QBAK_GUEST_APPEND=$APPEND"
 }

@@ -130,7 +130,7 @@ class QGA(Channel):
         super().__init__(connect_unix(path, deadline), "qemu-ga")
         self.sync_id = int(time.time() * 1000) % 1000000000
 
-    def sync(self, deadline, resend=1.5):
+    def sync(self, deadline, resend=1.0):
         """guest-sync-delimited until the agent answers the latest id.
 
         Bytes sent before the guest opened its port can be lost or queued;

@@ -115,7 +115,7 @@ read -r first last count <<<"$seq"
 
 # 5. Unexpected files.
 bad=$(cd "$w" && ls -A | grep -Ev '^([0-9]{6}|DONE-log|\.tmp)$' || true)
-[ -z "$bad" ] || fail "unexpected files in /w: $(echo $bad)"
+[ -z "$bad" ] || fail "unexpected files in /w: $(echo "$bad" | tr "\n" " ")"
 
 # 3. Content of every present file.
 files=$(cd "$w" && ls -A | grep -E '^[0-9]{6}$' || true)

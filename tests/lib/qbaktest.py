@@ -239,6 +239,8 @@ def random_writes(vm, dev, size, rng, n, max_len=256 * 1024, zero_ratio=0.2,
 
 
 def list_points(repo, vm_name):
+    if not os.path.isdir(os.path.join(repo, vm_name)):
+        return []
     return [p["point"] for p in qbak_json("list", "--repo", repo, "--vm", vm_name)["points"]]
 
 
