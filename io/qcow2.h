@@ -13,6 +13,9 @@
  * L2 tables, L1 table, refcount blocks and refcount table at the end.
  * Guest clusters never written stay unallocated (they read from the backing
  * file); WRITE_ZEROES/TRIM produce v3 zero clusters, never "unallocated".
+ *
+ * Errors are in the G_FILE_ERROR domain: G_FILE_ERROR_INVAL for a bad
+ * image or bad arguments, g_file_error_from_errno() for system calls.
  */
 #ifndef QBAK_IO_QCOW2_H
 #define QBAK_IO_QCOW2_H
@@ -43,6 +46,9 @@ struct qcow2_extent {
 
 /* fd: the new, empty image file, open for reading and writing; borrowed
  * (the caller closes it after qcow2_writer_free).
+ * virtual_size: 1 byte to QCOW2_MAX_VIRTUAL_SIZE, and small enough that the
+ * L1 table fits QEMU's 32 MiB limit (2^50 needs 64 KiB clusters).  QEMU
+ * only sees whole 512-byte sectors of it (guest disks have nothing else).
  * backing_file: name written into the header (relative to the image's own
  * directory), or NULL for a standalone image.  backing: the reader of that
  * chain, borrowed, used to fill the uncovered bytes of partially written
@@ -63,7 +69,17 @@ size_t qcow2_writer_max_extents(const struct qcow2_writer *w, size_t len);
  * yet written are kept in memory (or written by the writer itself once
  * complete) and produce no extent.  On success *n_ext extents were filled;
  * the caller must write them before qcow2_writer_finish().
- * Fails (no change) on a range past the virtual size. */
+ * Fails (no change) on a range past the virtual size.
+ *
+ * Outstanding pieces are bounded (4096 clusters, 256 MiB): past that the
+ * oldest is completed from the backing chain and written as a data cluster
+ * (same bytes as at finish, the chain being immutable), never an error.
+ * The writer's own pwrite()s (completed pieces here, pieces of zeroes on
+ * data clusters in qcow2_writer_zero()) happen during the call: an extent
+ * of the same guest range still in flight is not ordered against them,
+ * which NBD leaves to the client anyway.
+ * An I/O error here, in _zero or in _finish is sticky: every later call
+ * fails, so a hole in the file can never end up in a finished image. */
 bool qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
                         size_t len, struct qcow2_extent *ext, size_t *n_ext,
                         GError **errp);
@@ -91,9 +107,15 @@ uint64_t qcow2_writer_zero_bytes(const struct qcow2_writer *w);
 
 /* Open an image and its whole backing chain read-only.  path is resolved
  * relative to dirfd (AT_FDCWD allowed); a backing file name is resolved
- * relative to the directory of the image that names it, as QEMU does.
+ * relative to the directory of the image that names it, as QEMU does
+ * (absolute names are accepted, as stock tools accept them).
  * Every field read from a file is validated: a bad or hostile image fails
- * with a message naming the file, never crashes. */
+ * with a message naming the file, never crashes.
+ * path itself may be a symlink or a /proc/self/fd/N link (the caller chose
+ * it); backing names come from untrusted files and are opened with
+ * O_NOFOLLOW, and must be regular files or block devices (a FIFO does not
+ * hang the open).  Chains loop-checked by device and inode, at most
+ * QCOW2_MAX_CHAIN_DEPTH images, one fd each. */
 struct qcow2_reader *qcow2_reader_open(int dirfd, const char *path,
                                        GError **errp);
 void qcow2_reader_free(struct qcow2_reader *r);
@@ -102,6 +124,7 @@ uint64_t qcow2_reader_virtual_size(const struct qcow2_reader *r);
 unsigned qcow2_reader_cluster_bits(const struct qcow2_reader *r);
 /* Backing file name as stored in the top image's header, or NULL. */
 const char *qcow2_reader_backing_file(const struct qcow2_reader *r);
+/* Images in the chain: 1 for an image without a backing file. */
 unsigned qcow2_reader_chain_depth(const struct qcow2_reader *r);
 
 enum qcow2_map_kind {

@@ -58,8 +58,8 @@ struct qcow2_layer {
     uint64_t virtual_size;
     unsigned cluster_bits;
     uint64_t cluster_size;
-    unsigned l2_bits;    /* log2 of entries per L2 table */
-    uint64_t *l1;        /* host-endian, only the entries virtual_size needs */
+    unsigned l2_bits; /* log2 of entries per L2 table */
+    uint64_t *l1;     /* host-endian, only the entries virtual_size needs */
     uint64_t l1_entries;
     uint64_t use_clock;
     struct l2_cache_entry cache[L2_CACHE_SIZE];
@@ -148,7 +148,11 @@ layer_free(struct qcow2_layer *l)
     g_free(l);
 }
 
-static bool G_GNUC_PRINTF(3, 4)
+/* Always returns false, so that checks read "return corrupt(...)". */
+static bool corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt,
+                    ...) G_GNUC_PRINTF(3, 4);
+
+static bool
 corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt, ...)
 {
     va_list ap;
@@ -157,8 +161,7 @@ corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt, ...)
     va_start(ap, fmt);
     msg = g_strdup_vprintf(fmt, ap);
     va_end(ap);
-    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "%s: %s", l->name,
-                msg);
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "%s: %s", l->name, msg);
     return false;
 }
 
@@ -282,8 +285,8 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     /* Bytes of one L2 table's reach: cluster_size << l2_bits, at most
      * 2^21 * 2^18, so no overflow below. */
     unsigned reach_bits = cluster_bits + l->l2_bits;
-    uint64_t l1_needed = (virtual_size + (UINT64_C(1) << reach_bits) - 1) >>
-                         reach_bits;
+    uint64_t l1_needed =
+        (virtual_size + (UINT64_C(1) << reach_bits) - 1) >> reach_bits;
     if (l1_size < l1_needed) {
         return corrupt(errp, l,
                        "L1 table of %u entries too small for virtual size "
@@ -295,8 +298,7 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     }
     if (l1_size > 0) {
         if (l1_offset & (l->cluster_size - 1)) {
-            return corrupt(errp, l,
-                           "L1 table offset 0x%" PRIx64 " not aligned",
+            return corrupt(errp, l, "L1 table offset 0x%" PRIx64 " not aligned",
                            l1_offset);
         }
         if (l1_offset == 0 || l1_offset > l->file_size ||
@@ -312,8 +314,7 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
      * end of a short file read as zero, which ends the extension list. */
     g_autofree uint8_t *hdr = g_malloc0(l->cluster_size);
     size_t hdr_have = (size_t)MIN(l->file_size, l->cluster_size);
-    if (!read_exact(l->fd, hdr, hdr_have, 0, l->name, "header cluster",
-                    errp)) {
+    if (!read_exact(l->fd, hdr, hdr_have, 0, l->name, "header cluster", errp)) {
         return false;
     }
     uint64_t ext_end = l->cluster_size;
@@ -548,8 +549,7 @@ layer_l2(struct qcow2_layer *l, uint64_t off, GError **errp)
         return NULL;
     }
     if (off > l->file_size || l->cluster_size > l->file_size - off) {
-        corrupt(errp, l, "L2 table offset 0x%" PRIx64 " past end of file",
-                off);
+        corrupt(errp, l, "L2 table offset 0x%" PRIx64 " past end of file", off);
         return NULL;
     }
     if (victim->table == NULL) {
@@ -592,22 +592,20 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
     }
     uint64_t e = l2[c & ((UINT64_C(1) << l->l2_bits) - 1)];
     if (e & L2E_COMPRESSED) {
-        return corrupt(errp, l,
-                       "guest cluster %" PRIu64
-                       " is compressed (not supported)",
-                       c);
+        return corrupt(
+            errp, l, "guest cluster %" PRIu64 " is compressed (not supported)",
+            c);
     }
     if (e & L2E_RESERVED_MASK) {
-        return corrupt(errp, l,
-                       "L2 entry for guest cluster %" PRIu64
-                       " has reserved bits set",
-                       c);
+        return corrupt(
+            errp, l,
+            "L2 entry for guest cluster %" PRIu64 " has reserved bits set", c);
     }
     uint64_t off = e & L2E_OFFSET_MASK;
     if (off & (l->cluster_size - 1)) {
-        return corrupt(errp, l,
-                       "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64,
-                       c, off);
+        return corrupt(
+            errp, l, "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64,
+            c, off);
     }
     if (e & L2E_ZERO) {
         *kind = CLUSTER_ZERO;
@@ -672,8 +670,7 @@ layer_run(struct qcow2_layer *l, uint64_t off, uint64_t max_len,
     while (run->len < max_len) {
         struct layer_run next;
 
-        if (!layer_piece(l, off + run->len, max_len - run->len, &next,
-                         errp)) {
+        if (!layer_piece(l, off + run->len, max_len - run->len, &next, errp)) {
             return false;
         }
         if (next.kind != run->kind ||
@@ -771,8 +768,8 @@ qcow2_reader_map(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
 }
 
 bool
-qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf,
-                   size_t len, GError **errp)
+qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf, size_t len,
+                   GError **errp)
 {
     uint8_t *p = buf;
     uint64_t size = r->layers[0]->virtual_size;

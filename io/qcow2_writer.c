@@ -123,8 +123,8 @@ store_be64(uint8_t *p, uint64_t v)
 }
 
 static bool
-writer_pwrite(struct qcow2_writer *w, const void *buf, size_t len,
-              uint64_t off, const char *what, GError **errp)
+writer_pwrite(struct qcow2_writer *w, const void *buf, size_t len, uint64_t off,
+              const char *what, GError **errp)
 {
     const uint8_t *p = buf;
 
@@ -214,8 +214,7 @@ l2_materialize(struct qcow2_writer *w, uint64_t i)
     if (t != NULL && t != L2_ALL_ZERO) {
         return t;
     }
-    struct l2_table *n =
-        g_malloc0(sizeof(*n) + entries * sizeof(n->e[0]));
+    struct l2_table *n = g_malloc0(sizeof(*n) + entries * sizeof(n->e[0]));
     if (t == L2_ALL_ZERO) {
         uint64_t valid = table_valid_entries(w, i);
         for (uint64_t k = 0; k < valid; k++) {
@@ -323,8 +322,7 @@ partial_complete(const struct qcow2_writer *w, const struct partial *p)
 {
     const GArray *a = p->ranges;
 
-    return a->len == 1 &&
-           g_array_index(a, struct cover_range, 0).start == 0 &&
+    return a->len == 1 && g_array_index(a, struct cover_range, 0).start == 0 &&
            g_array_index(a, struct cover_range, 0).end == w->cluster_size;
 }
 
@@ -434,8 +432,8 @@ qcow2_writer_new(int fd, uint64_t virtual_size, unsigned cluster_bits,
     }
     unsigned l2_bits = cluster_bits - 3;
     unsigned reach_bits = cluster_bits + l2_bits;
-    uint64_t l1_size = (virtual_size + (UINT64_C(1) << reach_bits) - 1) >>
-                       reach_bits;
+    uint64_t l1_size =
+        (virtual_size + (UINT64_C(1) << reach_bits) - 1) >> reach_bits;
     if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "qcow2: virtual size %" PRIu64
@@ -714,8 +712,8 @@ read_fd(struct qcow2_writer *w, uint64_t off, uint8_t *buf, size_t len,
 }
 
 bool
-qcow2_writer_read(struct qcow2_writer *w, uint64_t off, void *buf,
-                  size_t len, GError **errp)
+qcow2_writer_read(struct qcow2_writer *w, uint64_t off, void *buf, size_t len,
+                  GError **errp)
 {
     uint8_t *dst = buf;
     uint64_t end = off + len;
@@ -952,9 +950,8 @@ qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
      * than it was told). */
     struct stat st;
     uint64_t file_size = total << w->cluster_bits;
-    if (fstat(w->fd, &st) < 0 ||
-        ((uint64_t)st.st_size < file_size &&
-         ftruncate(w->fd, (off_t)file_size) < 0)) {
+    if (fstat(w->fd, &st) < 0 || ((uint64_t)st.st_size < file_size &&
+                                  ftruncate(w->fd, (off_t)file_size) < 0)) {
         int err = errno;
         w->failed = true;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
@@ -965,9 +962,8 @@ qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
 
     /* The header last: until it is written the file is not a valid
      * image. */
-    if (!write_header(w, l1_offset,
-                      (before + n_blocks) << w->cluster_bits, table_clusters,
-                      errp)) {
+    if (!write_header(w, l1_offset, (before + n_blocks) << w->cluster_bits,
+                      table_clusters, errp)) {
         return false;
     }
     w->file_size = file_size;
@@ -998,8 +994,8 @@ count_bytes(const struct qcow2_writer *w, uint64_t *data, uint64_t *zero)
             continue;
         }
         if (t == L2_ALL_ZERO) {
-            uint64_t end = MIN(w->virtual_size,
-                               (first + valid) << w->cluster_bits);
+            uint64_t end =
+                MIN(w->virtual_size, (first + valid) << w->cluster_bits);
             *zero += end - (first << w->cluster_bits);
             continue;
         }
@@ -1008,8 +1004,7 @@ count_bytes(const struct qcow2_writer *w, uint64_t *data, uint64_t *zero)
             uint64_t e = t->e[k];
             uint64_t bytes = cluster_valid_len(w, c);
 
-            if (t->n_partial > 0 &&
-                g_hash_table_contains(w->partials, &c)) {
+            if (t->n_partial > 0 && g_hash_table_contains(w->partials, &c)) {
                 *data += bytes; /* becomes a data cluster at finish */
             } else if (e == ENTRY_ZERO) {
                 *zero += bytes;
