@@ -459,6 +459,12 @@ show_progress(struct backup *b, json_t *jobs)
     }
 }
 
+static bool
+msg_is_cancel(const char *msg)
+{
+    return !msg || strstr(msg, "cancel") || strstr(msg, "Cancel");
+}
+
 /* Wait until every job is pending (all data received), or one failed. */
 static bool
 wait_pending(struct backup *b, GError **errp)
@@ -467,6 +473,8 @@ wait_pending(struct backup *b, GError **errp)
         g_autoptr(GError) err = NULL;
         json_t *jobs;
         guint pending = 0;
+        struct disk *failed = NULL;
+        const char *failed_msg = NULL;
 
         jobs = qmp_client_call(b->qmp, "query-jobs", NULL, b->opts->timeout_ms,
                                errp);
@@ -501,14 +509,24 @@ wait_pending(struct backup *b, GError **errp)
             if (g_strcmp0(st, "pending") == 0) {
                 pending++;
             } else if (g_strcmp0(st, "concluded") == 0 ||
-                       g_strcmp0(st, "aborting") == 0 ||
                        g_strcmp0(st, "null") == 0) {
-                g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
-                            "%s: backup job failed: %s", d->name,
-                            msg ? msg : "cancelled with the group");
-                json_decref(jobs);
-                return false;
+                /* In a grouped transaction one failure cancels the rest:
+                 * name the disk whose job failed, not a casualty.  An
+                 * aborting job is awaited: its error is set once it has
+                 * concluded. */
+                if (!failed || (msg_is_cancel(failed_msg) &&
+                                !msg_is_cancel(msg))) {
+                    failed = d;
+                    failed_msg = msg;
+                }
             }
+        }
+        if (failed) {
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
+                        "%s: backup job failed: %s", failed->name,
+                        failed_msg ? failed_msg : "cancelled with the group");
+            json_decref(jobs);
+            return false;
         }
         if (b->opts->progress) {
             show_progress(b, jobs);

@@ -84,9 +84,11 @@ check_dir_safe(int fd, const char *path, GError **errp)
     return true;
 }
 
+/* follow: the repository root is the user's choice and may be a symlink;
+ * nothing inside it may be. */
 static int
 open_dir_at(int dirfd, const char *name, const char *path, bool create,
-            GError **errp)
+            bool follow, GError **errp)
 {
     int fd;
 
@@ -94,7 +96,8 @@ open_dir_at(int dirfd, const char *name, const char *path, bool create,
         set_errno_error(errp, errno, "%s: mkdir", path);
         return -1;
     }
-    fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    fd = openat(dirfd, name,
+                O_RDONLY | O_DIRECTORY | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW));
     if (fd < 0) {
         if (errno == ELOOP || errno == ENOTDIR) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
@@ -177,11 +180,11 @@ repo_vm_open(const char *repo_path, const char *vm, bool create,
         set_errno_error(errp, errno, "%s: mkdir", repo_path);
         goto fail;
     }
-    r->repo_fd = open_dir_at(AT_FDCWD, repo_path, repo_path, false, errp);
+    r->repo_fd = open_dir_at(AT_FDCWD, repo_path, repo_path, false, true, errp);
     if (r->repo_fd < 0) {
         goto fail;
     }
-    r->vm_fd = open_dir_at(r->repo_fd, vm, vm_path, create, errp);
+    r->vm_fd = open_dir_at(r->repo_fd, vm, vm_path, create, false, errp);
     if (r->vm_fd < 0) {
         goto fail;
     }

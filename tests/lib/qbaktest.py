@@ -107,7 +107,9 @@ class VM:
     Disks are virtio-blk devices with ids vd0, vd1, ...; guest writes go
     through the device with HMP qemu-io (DESIGN.md section 4)."""
 
-    def __init__(self, workdir, disks, extra=None):
+    def __init__(self, workdir, disks, extra=None, blkdebug=None):
+        """blkdebug: {disk index: "inject-error.0.event=read_aio,..."} puts
+        a blkdebug node between that disk's qcow2 and file nodes."""
         self.dir = workdir
         self.disks = disks  # list of (id, path, fmt)
         self.qbak_sock = os.path.join(workdir, "qbak.qmp")
@@ -117,28 +119,43 @@ class VM:
                 "-qmp", "unix:%s,server=on,wait=off" % self.qbak_sock,
                 "-qmp", "unix:%s,server=on,wait=off" % self.test_sock]
         for i, (dev, path, fmt) in enumerate(disks):
-            args += self.disk_args(i, dev, path, fmt)
+            args += self.disk_args(i, dev, path, fmt, (blkdebug or {}).get(i))
         # A free root port, so tests can hot-plug a disk (q35's root bus
         # cannot).
         args += ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"]
         args += extra or []
         self.log = open(os.path.join(workdir, "qemu.log"), "w")
+        self.log_pos = 0
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log)
         self.qmp = QMP(self.test_sock)
 
     @staticmethod
-    def disk_args(i, dev, path, fmt):
-        return ["-blockdev", "driver=file,filename=%s,node-name=file%d" % (path, i),
-                "-blockdev", "driver=%s,file=file%d,node-name=drive%d" % (fmt, i, i),
-                "-device", "virtio-blk-pci,drive=drive%d,id=%s" % (i, dev)]
+    def disk_args(i, dev, path, fmt, blkdebug=None):
+        args = ["-blockdev", "driver=file,filename=%s,node-name=file%d" % (path, i)]
+        below = "file%d" % i
+        if blkdebug:
+            args += ["-blockdev", "driver=blkdebug,image=file%d,node-name=dbg%d,%s"
+                     % (i, i, blkdebug)]
+            below = "dbg%d" % i
+        return args + ["-blockdev", "driver=%s,file=%s,node-name=drive%d" % (fmt, below, i),
+                       "-device", "virtio-blk-pci,drive=drive%d,id=%s" % (i, dev)]
 
-    def io(self, dev, cmd):
-        out = self.qmp.hmp('qemu-io -d /machine/peripheral/%s/virtio-backend "%s"'
-                           % (dev, cmd))
-        if out.strip():
-            # qemu-io prints its statistics; anything with "error" is one.
-            if "error" in out.lower() or "failed" in out.lower():
-                fail("qemu-io %s %s: %s" % (dev, cmd, out))
+    def new_log(self):
+        """What QEMU printed since the last call (HMP qemu-io prints its
+        results there, not in the monitor reply)."""
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            f.seek(self.log_pos)
+            text = f.read()
+            self.log_pos = f.tell()
+        return text
+
+    def io(self, dev, cmd, may_fail=False):
+        self.new_log()
+        self.qmp.hmp('qemu-io -d /machine/peripheral/%s/virtio-backend "%s"' % (dev, cmd))
+        out = self.new_log()
+        if not may_fail and ("failed" in out or "error" in out.lower()):
+            fail("guest I/O failed: qemu-io %s %s: %s" % (dev, cmd, out))
         return out
 
     def flush(self, dev):
@@ -275,10 +292,13 @@ def oracle(vm, repo, vm_name, expect_points=None, run_state=None):
     check(vm.jobs() == [], "jobs left in QEMU: %s" % vm.jobs())
     check(not [n for n in vm.block_nodes() if n.startswith("qbak")],
           "qbak nodes left in QEMU: %s" % vm.block_nodes())
+    # Only this repository's bitmaps: another one backing up the same VM
+    # has its own.
+    ours = "qbak-%s-" % open(os.path.join(vmdir, ".id")).read().strip()
     for d in res["disks"]:
         node = [b["inserted"]["node-name"] for b in vm.qmp.cmd("query-block")
                 if b.get("qdev", "").startswith("/machine/peripheral/%s/" % d["disk"])][0]
-        bms = [b for b in vm.bitmaps(node) if b["name"].startswith("qbak-")]
+        bms = [b for b in vm.bitmaps(node) if b["name"].startswith(ours)]
         check([b["name"] for b in bms] == [d["bitmap"]] and not bms[0]["busy"]
               and bms[0]["recording"], "%s: bitmaps %s" % (d["disk"], bms))
     st = vm.qmp.cmd("query-status")
