@@ -115,6 +115,7 @@ cmd_backup(int argc, char **argv)
     gchar **disks = NULL;
     gboolean full = FALSE, json = FALSE;
     gint64 speed = 0;
+    gint timeout = 60;
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
@@ -131,6 +132,8 @@ cmd_backup(int argc, char **argv)
          "start a new chain with a full backup", NULL},
         {"speed", 0, 0, G_OPTION_ARG_INT64, &speed,
          "limit each disk's job to BYTES per second", "BYTES"},
+        {"timeout", 0, 0, G_OPTION_ARG_INT, &timeout,
+         "seconds to wait for any one answer from QEMU (default 60)", "SECS"},
         {"json", 0, 0, G_OPTION_ARG_NONE, &json,
          "print the result as one JSON object", NULL},
         {NULL}};
@@ -144,6 +147,11 @@ cmd_backup(int argc, char **argv)
         fprintf(stderr, "qbak backup: --speed must not be negative\n");
         return EXIT_USAGE;
     }
+    if (timeout < 1 || timeout > 86400) {
+        fprintf(stderr, "qbak backup: --timeout must be 1 to 86400 seconds\n");
+        return EXIT_USAGE;
+    }
+    o.timeout_ms = timeout * 1000;
     o.qmp_path = qmp;
     o.repo = repo;
     o.vm = vm;

@@ -21,7 +21,9 @@ struct target_req {
     unsigned pending;
     uint32_t err;
     bool needs_sync;
+    bool writing;      /* extent writes in flight */
     bool waiting_sync; /* FLUSH parked until earlier writes completed */
+    uint64_t seq;      /* arrival order, for FLUSH */
     struct ring_op fsync_op;
 };
 
@@ -35,6 +37,7 @@ struct backup_target {
     struct nbd_server *server;
     struct target_req reqs[NBD_SLOTS];
     unsigned writes_inflight;
+    uint64_t next_seq;
     long requests;
     long drop_at; /* test only: QBAK_FAULT_NBD_DROP=N */
     char *error;
@@ -61,18 +64,24 @@ req_complete(struct target_req *tr)
     nbd_conn_request_done(req, tr->err);
 }
 
-/* A FLUSH waits for the writes before it; when the last write finishes,
- * parked flushes start their fsync. */
+/* A FLUSH covers the writes that completed before it arrived: it waits
+ * for those still in flight, but not for later ones (a steady stream of
+ * writes must not starve it). */
 static void
 wake_flushes(struct backup_target *t)
 {
-    if (t->writes_inflight > 0) {
-        return;
+    uint64_t oldest = UINT64_MAX;
+
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        if (t->reqs[i].writing) {
+            oldest = MIN(oldest, t->reqs[i].seq);
+        }
     }
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
-        if (t->reqs[i].waiting_sync) {
-            t->reqs[i].waiting_sync = false;
-            start_sync(&t->reqs[i]);
+        struct target_req *tr = &t->reqs[i];
+        if (tr->waiting_sync && tr->seq < oldest) {
+            tr->waiting_sync = false;
+            start_sync(tr);
         }
     }
 }
@@ -120,6 +129,7 @@ extent_done(struct ring_rw *rw, int err)
         return;
     }
     t->writes_inflight--;
+    tr->writing = false;
     if (tr->needs_sync && tr->err == 0) {
         start_sync(tr);
     } else {
@@ -154,6 +164,7 @@ handle_write(struct backup_target *t, struct target_req *tr)
         return;
     }
     tr->pending = (unsigned)n;
+    tr->writing = true;
     t->writes_inflight++;
     for (size_t i = 0; i < n; i++) {
         tr->rw[i].done_fn = extent_done;
@@ -175,6 +186,7 @@ request(void *opaque, struct nbd_request *req)
     tr->req = req;
     tr->err = 0;
     tr->needs_sync = false;
+    tr->seq = t->next_seq++;
     if (++t->requests == t->drop_at) {
         /* Test hook: the connection breaks under a request in flight. */
         nbd_server_shutdown(t->server);
@@ -223,6 +235,7 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
                   const char *socket_path, GError **errp)
 {
     struct backup_target *t = g_new0(struct backup_target, 1);
+    bool created = false;
     int listen_fd;
 
     t->ring = ring;
@@ -237,6 +250,7 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
                     "%s: create %s: %s", disk, file, g_strerror(errno));
         goto fail;
     }
+    created = true;
     t->writer = qcow2_writer_new(t->fd, size, cluster_bits, backing_file,
                                  backing, errp);
     if (!t->writer) {
@@ -267,6 +281,9 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     return t;
 fail:
     backup_target_free(t);
+    if (created) {
+        unlinkat(dir_fd, file, 0);
+    }
     return NULL;
 }
 

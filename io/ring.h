@@ -1,11 +1,6 @@
 /* One thread, one io_uring: sockets and file I/O complete on the same ring.
  *
- * Every in-flight operation embeds a #ifndef container_of
-#define container_of(ptr, type, member)                                        \
-    ((type *)((char *)(ptr) - offsetof(type, member)))
-#endif
-
-struct ring_op; user_data points at it
+ * Every in-flight operation embeds a struct ring_op; user_data points at it
  * and op->done_fn runs when its completion is reaped.  The caller keeps the
  * op and any buffer alive until done_fn has run.
  *
