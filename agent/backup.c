@@ -15,7 +15,13 @@
 #include "qmp/client.h"
 
 #define RING_ENTRIES 256
+
+volatile sig_atomic_t backup_interrupted;
 #define JOB_POLL_MS 500
+/* Guest agent calls: the --timeout, at most this (a freeze that takes
+ * longer is not worth waiting for). */
+#define QGA_TIMEOUT_MAX_MS 10000
+#define QGA_TIMEOUT_MS MIN(o->timeout_ms, QGA_TIMEOUT_MAX_MS)
 
 struct disk {
     char *name;  /* device id, or node name without one */
@@ -57,6 +63,7 @@ struct backup {
     int partial_fd;
     bool partial_made;
     char *run_dir;
+    struct quiesce *quiesce;
     bool committed;
     gint64 start_us;
 };
@@ -473,6 +480,12 @@ wait_pending(struct backup *b, GError **errp)
         g_autoptr(GError) err = NULL;
         json_t *jobs;
         guint pending = 0;
+
+        if (backup_interrupted) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INTR,
+                        "interrupted by a signal");
+            return false;
+        }
         struct disk *failed = NULL;
         const char *failed_msg = NULL;
 
@@ -573,10 +586,11 @@ make_manifest(struct backup *b, const char *parent, double duration)
     for (guint k = 0; k < b->disks->len; k++) {
         json_array_append_new(disks, disk_result(b, b->disks->pdata[k]));
     }
-    return json_pack("{s:i, s:s, s:s, s:s?, s:s, s:s, s:s, s:o, s:f}",
+    return json_pack("{s:i, s:s, s:s, s:s?, s:s, s:s, s:s, s:o, s:o, s:f}",
                      "format", MANIFEST_FORMAT, "vm", b->opts->vm, "point",
                      b->point, "parent", parent, "time", time, "qemu_version",
-                     qemu, "consistency", "crash", "disks", disks,
+                     qemu, "consistency", quiesce_consistency(b->quiesce),
+                     "freeze", quiesce_json(b->quiesce), "disks", disks,
                      "duration_s", duration);
 }
 
@@ -773,14 +787,20 @@ static json_t *
 result_json(struct backup *b, json_t *manifest, GPtrArray *warnings,
             GPtrArray *recovered)
 {
-    json_t *out = json_pack("{s:s, s:s, s:O?, s:O, s:O, s:O}", "vm",
+    json_t *out = json_pack("{s:s, s:s, s:O?, s:O, s:o, s:O, s:O}", "vm",
                             b->opts->vm, "point", b->point, "parent",
                             json_object_get(manifest, "parent"), "disks",
                             json_object_get(manifest, "disks"), "duration_s",
                             json_real((double)(g_get_monotonic_time() -
                                                b->start_us) / 1e6),
                             "consistency",
-                            json_object_get(manifest, "consistency"));
+                            json_object_get(manifest, "consistency"),
+                            "freeze", json_object_get(manifest, "freeze"));
+    GPtrArray *qw = quiesce_warnings(b->quiesce);
+
+    for (guint i = 0; i < qw->len; i++) {
+        g_ptr_array_add(warnings, g_strdup(qw->pdata[i]));
+    }
     json_object_set_new(out, "warnings", strings_json(warnings));
     json_object_set_new(out, "recovered", strings_json(recovered));
     return out;
@@ -794,7 +814,7 @@ backup_run(const struct backup_opts *o, GError **errp)
     g_autoptr(GPtrArray) recovered = g_ptr_array_new_with_free_func(g_free);
     json_t *manifest = NULL, *result = NULL;
     const char *parent = NULL;
-    bool any_incremental = false;
+    bool any_incremental = false, started;
     int ret;
 
     b.start_us = g_get_monotonic_time();
@@ -814,6 +834,10 @@ backup_run(const struct backup_opts *o, GError **errp)
         g_ptr_array_add(recovered, g_strdup("removed unfinished point "
                                             "directories (.partial-*)"));
     }
+    /* A guest a killed run left frozen is thawed before anything else. */
+    if (!quiesce_recover(&b.ring, b.repo, QGA_TIMEOUT_MS, recovered, errp)) {
+        goto out;
+    }
     b.points = repo_list_points(b.repo, errp);
     if (!b.points) {
         goto out;
@@ -830,6 +854,13 @@ backup_run(const struct backup_opts *o, GError **errp)
         plan_disk(&b, d);
         any_incremental |= !d->full;
     }
+    /* The agent is checked before anything starts in QEMU, so a required
+     * freeze that cannot happen fails the backup early. */
+    b.quiesce = quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path,
+                            QGA_TIMEOUT_MS);
+    if (!quiesce_prepare(b.quiesce, errp)) {
+        goto out;
+    }
     if (b.points->len > 0 && any_incremental) {
         parent = ((struct restore_point *)
                       b.points->pdata[b.points->len - 1])->id;
@@ -843,9 +874,16 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     b.partial_made = true;
+    /* The freeze comes last and the thaw right after the transaction:
+     * the window is as short as QEMU makes it. */
     if (!start_targets(&b, errp) || !add_bitmaps(&b, errp) ||
-        !start_transaction(&b, errp) ||
-        !wait_pending(&b, errp) || !commit(&b, parent, &manifest, errp)) {
+        !quiesce_freeze(b.quiesce, errp)) {
+        goto out;
+    }
+    started = start_transaction(&b, errp);
+    quiesce_thaw(b.quiesce);
+    if (!started || !wait_pending(&b, errp) ||
+        !commit(&b, parent, &manifest, errp)) {
         goto out;
     }
     finalize(&b, warnings);
@@ -858,12 +896,16 @@ backup_run(const struct backup_opts *o, GError **errp)
     release_qemu(&b, false, warnings);
     result = result_json(&b, manifest, warnings, recovered);
 out:
+    if (b.quiesce) {
+        quiesce_thaw(b.quiesce); /* before any clean-up that may block */
+    }
     if (b.partial_made || b.disks->len) {
         release_qemu(&b, !b.committed, b.committed ? warnings : NULL);
     }
     if (b.partial_made && !b.committed) {
         repo_partial_remove(b.repo, b.point);
     }
+    quiesce_free(b.quiesce); /* thaws, if a failure came before the thaw */
     if (b.partial_fd >= 0) {
         close(b.partial_fd);
     }

@@ -7,9 +7,14 @@
 #include <stdint.h>
 #include <jansson.h>
 #include <glib.h>
+#include <signal.h>
+
+#include "agent/quiesce.h"
 
 struct backup_opts {
     const char *qmp_path;
+    const char *qga_path;  /* NULL: no guest agent */
+    enum quiesce_mode quiesce;
     const char *repo;
     const char *vm;
     char **disks;     /* NULL: every writable disk with a device */
@@ -19,6 +24,9 @@ struct backup_opts {
     int timeout_ms;   /* per QMP call */
     bool progress;    /* progress lines on stderr */
 };
+
+/* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */
+extern volatile sig_atomic_t backup_interrupted;
 
 /* Returns the result object (see the README's --json) or NULL with *errp.
  * Nothing is listed unless every disk was backed up and committed. */

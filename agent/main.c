@@ -1,6 +1,7 @@
 /* qbak: back up running QEMU VMs into plain qcow2 chains. */
 #include <errno.h>
 #include <locale.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -80,10 +81,19 @@ print_backup_human(json_t *res)
     size_t i;
     json_t *d, *w;
 
-    printf("%s: point %s (%.2f s)\n",
+    json_t *fr = json_object_get(res, "freeze");
+
+    printf("%s: point %s (%.2f s), %s-consistent",
            json_string_value(json_object_get(res, "vm")),
            json_string_value(json_object_get(res, "point")),
-           json_real_value(json_object_get(res, "duration_s")));
+           json_real_value(json_object_get(res, "duration_s")),
+           json_string_value(json_object_get(res, "consistency")));
+    if (json_is_real(json_object_get(fr, "window_ms"))) {
+        printf(" (%d file systems frozen for %.1f ms)",
+               (int)json_integer_value(json_object_get(fr, "filesystems")),
+               json_real_value(json_object_get(fr, "window_ms")));
+    }
+    putchar('\n');
     json_array_foreach(json_object_get(res, "disks"), i, d)
     {
         const char *reason = json_string_value(json_object_get(d, "reason"));
@@ -116,6 +126,7 @@ cmd_backup(int argc, char **argv)
     gboolean full = FALSE, json = FALSE;
     gint64 speed = 0;
     gint timeout = 60;
+    gchar *qga = NULL, *quiesce = NULL;
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
@@ -125,6 +136,13 @@ cmd_backup(int argc, char **argv)
          "DIR"},
         {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name in the repository",
          "NAME"},
+        {"qga", 0, 0, G_OPTION_ARG_FILENAME, &qga,
+         "guest agent socket: freeze the guest's file systems at the point",
+         "PATH"},
+        {"quiesce", 0, 0, G_OPTION_ARG_STRING, &quiesce,
+         "auto (default with --qga): freeze if the agent answers, else "
+         "crash-consistent; require: fail if the freeze fails; off",
+         "MODE"},
         {"disk", 0, 0, G_OPTION_ARG_STRING_ARRAY, &disks,
          "back up only this disk (device id or node name); repeatable",
          "NAME"},
@@ -152,6 +170,20 @@ cmd_backup(int argc, char **argv)
         return EXIT_USAGE;
     }
     o.timeout_ms = timeout * 1000;
+    o.qga_path = qga;
+    o.quiesce = QUIESCE_AUTO;
+    if (quiesce && strcmp(quiesce, "require") == 0) {
+        o.quiesce = QUIESCE_REQUIRE;
+    } else if (quiesce && strcmp(quiesce, "off") == 0) {
+        o.quiesce = QUIESCE_OFF;
+    } else if (quiesce && strcmp(quiesce, "auto") != 0) {
+        fprintf(stderr, "qbak backup: --quiesce must be auto, require or off\n");
+        return EXIT_USAGE;
+    }
+    if (o.quiesce == QUIESCE_REQUIRE && !qga) {
+        fprintf(stderr, "qbak backup: --quiesce require needs --qga\n");
+        return EXIT_USAGE;
+    }
     o.qmp_path = qmp;
     o.repo = repo;
     o.vm = vm;
@@ -261,10 +293,25 @@ cmd_restore(int argc, char **argv)
     return 0;
 }
 
+static void
+on_signal(int sig)
+{
+    backup_interrupted = sig;
+}
+
 int
 main(int argc, char **argv)
 {
+    struct sigaction sa = {.sa_handler = on_signal};
+
     setlocale(LC_ALL, "");
+    /* A backup stops cleanly: jobs cancelled, guest thawed, partial
+     * files removed.  Inside the freeze window these are held off. */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 ||
         strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         fputs(usage_text, argc < 2 ? stderr : stdout);

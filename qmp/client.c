@@ -121,9 +121,10 @@ read_available(struct qmp_client *c)
         }
         if (r < 0) {
             if (c->mode == QMP_PARSER_QGA) {
-                /* Junk from the guest: drop it and wait for a 0xFF. */
+                /* Junk from the guest: the parser stays poisoned, dropping
+                 * everything until the 0xFF of the next resync; a call
+                 * meanwhile times out rather than trust what follows. */
                 g_clear_error(&err);
-                qmp_parser_reset(c->parser);
                 continue;
             }
             if (!c->proto_error) {

@@ -107,15 +107,15 @@ class VM:
     Disks are virtio-blk devices with ids vd0, vd1, ...; guest writes go
     through the device with HMP qemu-io (DESIGN.md section 4)."""
 
-    def __init__(self, workdir, disks, extra=None, blkdebug=None):
+    def __init__(self, workdir, disks, extra=None, blkdebug=None, run=False):
         """blkdebug: {disk index: "inject-error.0.event=read_aio,..."} puts
         a blkdebug node between that disk's qcow2 and file nodes."""
         self.dir = workdir
         self.disks = disks  # list of (id, path, fmt)
         self.qbak_sock = os.path.join(workdir, "qbak.qmp")
         self.test_sock = os.path.join(workdir, "test.qmp")
-        args = [QEMU, "-machine", "q35", "-accel", "tcg", "-S", "-nodefaults",
-                "-display", "none", "-m", "64",
+        args = [QEMU, "-machine", "q35", "-accel", "tcg", "-nodefaults",
+                "-display", "none"] + ([] if run else ["-S", "-m", "64"]) + [
                 "-qmp", "unix:%s,server=on,wait=off" % self.qbak_sock,
                 "-qmp", "unix:%s,server=on,wait=off" % self.test_sock]
         for i, (dev, path, fmt) in enumerate(disks):
@@ -307,3 +307,106 @@ def oracle(vm, repo, vm_name, expect_points=None, run_state=None):
     errors = [e for e in vm.qmp.events if e["event"] == "BLOCK_IO_ERROR"]
     check(not errors, "the guest saw I/O errors: %s" % errors)
     return res
+
+
+class QGA:
+    """A test-side guest agent client: resynchronises like qbak does."""
+
+    def __init__(self, path, timeout=60):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.buf = b""
+        self.sync(deadline)
+
+    def sync(self, deadline):
+        while time.time() < deadline:
+            sid = random.randrange(1, 1 << 30)
+            self.sock.sendall(b"\xff" + json.dumps(
+                {"execute": "guest-sync-delimited", "arguments": {"id": sid}}).encode() + b"\n")
+            end = time.time() + 1.5
+            while time.time() < end:
+                self.sock.settimeout(max(0.05, end - time.time()))
+                try:
+                    chunk = self.sock.recv(65536)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    raise EOFError("QGA closed")
+                self.buf += chunk
+                if b"\xff" in self.buf:
+                    self.buf = self.buf[self.buf.rindex(b"\xff") + 1:]
+                while b"\n" in self.buf:
+                    line, self.buf = self.buf.split(b"\n", 1)
+                    try:
+                        if json.loads(line).get("return") == sid:
+                            return
+                    except ValueError:
+                        pass
+        raise TimeoutError("guest agent did not sync")
+
+    def cmd(self, command, timeout=30, **args):
+        msg = {"execute": command}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QGA closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        r = json.loads(line)
+        if "error" in r:
+            raise RuntimeError("%s: %s" % (command, r["error"].get("desc")))
+        return r.get("return")
+
+    def close(self):
+        self.sock.close()
+
+
+def guest_image():
+    """Kernel and initrd of the test guest (scripts/build-test-guest.sh),
+    built once and cached; None when it cannot be built here."""
+    p = subprocess.run([os.path.join(ROOT, "scripts", "build-test-guest.sh")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        log(p.stderr[-2000:])
+        return None
+    env = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    return env["QBAK_GUEST_KERNEL"], env["QBAK_GUEST_INITRD"], env["QBAK_GUEST_APPEND"]
+
+
+def make_guest_disk(path, mib=64):
+    run([os.path.join(ROOT, "scripts", "build-test-guest.sh"), "mkdisk", path, str(mib)])
+    return path
+
+
+class Guest(VM):
+    """The Linux test guest: qemu-ga, an ext4 data disk vd0 mounted at /data
+    and a writer process making files it can verify (see
+    scripts/build-test-guest.sh).  qbak gets its own QMP monitor; the test
+    has the other one and the QGA socket while qbak is not using it."""
+
+    def __init__(self, workdir, data_disk, image, append_extra=""):
+        kernel, initrd, append = image
+        self.qga_sock = os.path.join(workdir, "qga.sock")
+        extra = ["-m", "256", "-kernel", kernel, "-initrd", initrd,
+                 "-append", (append + " " + append_extra).strip(), "-no-reboot",
+                 "-serial", "file:" + os.path.join(workdir, "console.log"),
+                 "-device", "virtio-serial-pci",
+                 "-chardev", "socket,path=%s,server=on,wait=off,id=qga0" % self.qga_sock,
+                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+        VM.__init__(self, workdir, [("vd0", data_disk, "qcow2")], extra=extra, run=True)
+
+    def agent(self, timeout=60):
+        return QGA(self.qga_sock, timeout)
