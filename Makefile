@@ -13,15 +13,17 @@ endif
 LDLIBS  += $(shell pkg-config --libs $(PKGS))
 
 B        = build
+# The binary's path: check-asan builds a second one into build/asan.
+QBAK_BIN = qbak
 LIB_SRCS = $(wildcard qmp/*.c io/*.c) $(filter-out agent/main.c,$(wildcard agent/*.c))
 LIB_OBJS = $(LIB_SRCS:%.c=$(B)/%.o)
 UNIT_SRCS = $(wildcard tests/unit/test-*.c)
 UNIT_BINS = $(UNIT_SRCS:tests/unit/%.c=$(B)/tests/%)
 FUZZ_SRCS = $(wildcard tests/fuzz/fuzz-*.c)
 
-all: qbak $(UNIT_BINS)
+all: $(QBAK_BIN) $(UNIT_BINS)
 
-qbak: $(B)/agent/main.o $(B)/libqbak.a
+$(QBAK_BIN): $(B)/agent/main.o $(B)/libqbak.a
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(B)/libqbak.a: $(LIB_OBJS)
@@ -38,12 +40,15 @@ $(B)/tests/%: tests/unit/%.c $(B)/libqbak.a
 check: all
 	tests/run
 
-# The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer.
+# The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer, built
+# apart in build/asan so the normal build stays as it is.
+ASAN_CFLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+              -fno-sanitize-recover=all
 check-asan:
-	$(MAKE) clean
-	$(MAKE) CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" all
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 tests/run
-	$(MAKE) clean
+	$(MAKE) B=build/asan QBAK_BIN=build/asan/qbak CFLAGS="$(ASAN_CFLAGS)" all
+	QBAK=build/asan/qbak QBAK_UNIT_DIR=build/asan/tests \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:halt_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 tests/run
 
 # libFuzzer targets, one per parser of untrusted bytes (clang required).
 FUZZ_CFLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -std=gnu11 -D_GNU_SOURCE -I. \

@@ -121,12 +121,15 @@ cmd_backup(int argc, char **argv)
 {
     struct backup_opts o = {.cluster_bits = QCOW2_DEFAULT_CLUSTER_BITS,
                             .timeout_ms = 60000};
-    gchar *qmp = NULL, *repo = NULL, *vm = NULL;
-    gchar **disks = NULL;
+    g_autofree gchar *qmp = NULL;
+    g_autofree gchar *repo = NULL;
+    g_autofree gchar *vm = NULL;
+    g_auto(GStrv) disks = NULL;
     gboolean full = FALSE, json = FALSE;
     gint64 speed = 0;
     gint timeout = 60;
-    gchar *qga = NULL, *quiesce = NULL;
+    g_autofree gchar *qga = NULL;
+    g_autofree gchar *quiesce = NULL;
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
@@ -207,7 +210,8 @@ cmd_backup(int argc, char **argv)
 static int
 cmd_list(int argc, char **argv)
 {
-    gchar *repo = NULL, *vm = NULL;
+    g_autofree gchar *repo = NULL;
+    g_autofree gchar *vm = NULL;
     gboolean json = FALSE;
     GError *err = NULL;
     json_t *res;
@@ -238,8 +242,12 @@ static int
 cmd_restore(int argc, char **argv)
 {
     struct restore_opts o = {0};
-    gchar *repo = NULL, *vm = NULL, *disk = NULL, *point = NULL;
-    gchar *output = NULL, *format = NULL;
+    g_autofree gchar *repo = NULL;
+    g_autofree gchar *vm = NULL;
+    g_autofree gchar *disk = NULL;
+    g_autofree gchar *point = NULL;
+    g_autofree gchar *output = NULL;
+    g_autofree gchar *format = NULL;
     gboolean force = FALSE, json = FALSE;
     GError *err = NULL;
     json_t *res;
