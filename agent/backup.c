@@ -68,6 +68,16 @@ struct backup {
     gint64 start_us;
 };
 
+/* --verbose: where the time goes, phase by phase. */
+static void
+trace(struct backup *b, const char *phase)
+{
+    if (b->opts->verbose) {
+        fprintf(stderr, "qbak: %8.1f ms  %s\n",
+                (double)(g_get_monotonic_time() - b->start_us) / 1000.0, phase);
+    }
+}
+
 static void
 disk_free(struct disk *d)
 {
@@ -844,9 +854,16 @@ backup_run(const struct backup_opts *o, GError **errp)
     }
     b.qmp = qmp_client_connect(&b.ring, o->qmp_path, QMP_PARSER_QMP,
                                o->timeout_ms, errp);
-    if (!b.qmp ||
-        !recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
-        !discover_disks(&b, errp)) {
+    trace(&b, "repository locked");
+    if (!b.qmp) {
+        goto out;
+    }
+    trace(&b, "QMP connected");
+    if (!recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp)) {
+        goto out;
+    }
+    trace(&b, "leftovers checked");
+    if (!discover_disks(&b, errp)) {
         goto out;
     }
     for (guint k = 0; k < b.disks->len; k++) {
@@ -858,6 +875,7 @@ backup_run(const struct backup_opts *o, GError **errp)
      * freeze that cannot happen fails the backup early. */
     b.quiesce = quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path,
                             QGA_TIMEOUT_MS);
+    trace(&b, "disks planned");
     if (!quiesce_prepare(b.quiesce, errp)) {
         goto out;
     }
@@ -876,17 +894,26 @@ backup_run(const struct backup_opts *o, GError **errp)
     b.partial_made = true;
     /* The freeze comes last and the thaw right after the transaction:
      * the window is as short as QEMU makes it. */
-    if (!start_targets(&b, errp) || !add_bitmaps(&b, errp) ||
-        !quiesce_freeze(b.quiesce, errp)) {
+    if (!start_targets(&b, errp)) {
+        goto out;
+    }
+    trace(&b, "NBD targets attached");
+    if (!add_bitmaps(&b, errp) || !quiesce_freeze(b.quiesce, errp)) {
         goto out;
     }
     started = start_transaction(&b, errp);
     quiesce_thaw(b.quiesce);
-    if (!started || !wait_pending(&b, errp) ||
-        !commit(&b, parent, &manifest, errp)) {
+    trace(&b, "transaction done (point in time)");
+    if (!started || !wait_pending(&b, errp)) {
         goto out;
     }
+    trace(&b, "all data received");
+    if (!commit(&b, parent, &manifest, errp)) {
+        goto out;
+    }
+    trace(&b, "committed");
     finalize(&b, warnings);
+    trace(&b, "finalized");
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         for (guint i = 0; i < d->stale_bitmaps->len; i++) {
@@ -894,6 +921,7 @@ backup_run(const struct backup_opts *o, GError **errp)
         }
     }
     release_qemu(&b, false, warnings);
+    trace(&b, "NBD nodes released");
     result = result_json(&b, manifest, warnings, recovered);
 out:
     if (b.quiesce) {

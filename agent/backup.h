@@ -23,6 +23,7 @@ struct backup_opts {
     unsigned cluster_bits;
     int timeout_ms;   /* per QMP call */
     bool progress;    /* progress lines on stderr */
+    bool verbose;     /* each phase with its time on stderr */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

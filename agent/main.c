@@ -125,7 +125,7 @@ cmd_backup(int argc, char **argv)
     g_autofree gchar *repo = NULL;
     g_autofree gchar *vm = NULL;
     g_auto(GStrv) disks = NULL;
-    gboolean full = FALSE, json = FALSE;
+    gboolean full = FALSE, json = FALSE, verbose = FALSE;
     gint64 speed = 0;
     gint timeout = 60;
     g_autofree gchar *qga = NULL;
@@ -157,6 +157,8 @@ cmd_backup(int argc, char **argv)
          "seconds to wait for any one answer from QEMU (default 60)", "SECS"},
         {"json", 0, 0, G_OPTION_ARG_NONE, &json,
          "print the result as one JSON object", NULL},
+        {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
+         "print each phase and its time on stderr", NULL},
         {NULL}};
 
     parse("backup", "Back up a running VM's disks at one point in time.",
@@ -194,6 +196,7 @@ cmd_backup(int argc, char **argv)
     o.full = full;
     o.speed = (uint64_t)speed;
     o.progress = !json && isatty(STDERR_FILENO);
+    o.verbose = verbose;
     res = backup_run(&o, &err);
     if (!res) {
         return fail("backup", err);

@@ -50,21 +50,26 @@ def run(cmd, check_rc=True, **kw):
     return p
 
 
+def connect_unix(path, deadline):
+    """Connect to a unix socket, retrying until it exists (QEMU creates it
+    a moment after starting)."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class QMP:
     """A minimal synchronous QMP client for the test side."""
 
     def __init__(self, path, timeout=30):
-        deadline = time.time() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(path, time.time() + timeout)
         self.sock.settimeout(timeout)
         self.buf = b""
         self.events = []
@@ -314,16 +319,7 @@ class QGA:
 
     def __init__(self, path, timeout=60):
         deadline = time.time() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
+        self.sock = connect_unix(path, deadline)
         self.buf = b""
         self.sync(deadline)
 
