@@ -138,6 +138,22 @@ extent_done(struct ring_rw *rw, int err)
     wake_flushes(t);
 }
 
+/* All-zero payloads become zero clusters instead of data: QEMU copies a
+ * cluster written with zero bytes as data. */
+static bool
+is_zero(const uint8_t *p, size_t len)
+{
+    static const uint8_t zero[16];
+
+    if (len < sizeof(zero)) {
+        return memcmp(p, zero, len) == 0;
+    }
+    /* The first 16 bytes are zero, and every byte equals the one 16 before
+     * it: one pass, no zero buffer of len bytes. */
+    return memcmp(p, zero, sizeof(zero)) == 0 &&
+           memcmp(p, p + sizeof(zero), len - sizeof(zero)) == 0;
+}
+
 static void
 handle_write(struct backup_target *t, struct target_req *tr)
 {
@@ -145,6 +161,20 @@ handle_write(struct backup_target *t, struct target_req *tr)
     g_autoptr(GError) err = NULL;
     size_t n = 0;
 
+    if (is_zero(req->buf, req->len)) {
+        if (!qcow2_writer_zero(t->writer, req->offset, req->len, &err) &&
+            !t->error) {
+            t->error = g_strdup_printf("%s: %s", t->disk, err->message);
+        }
+        tr->needs_sync = req->flags & NBD_CMD_FLAG_FUA;
+        if (tr->needs_sync) {
+            tr->waiting_sync = true;
+            wake_flushes(t);
+        } else {
+            req_complete(tr);
+        }
+        return;
+    }
     if (!qcow2_writer_write(t->writer, req->offset, req->buf, req->len,
                             tr->ext, &n, &err)) {
         if (!t->error) {
@@ -167,11 +197,11 @@ handle_write(struct backup_target *t, struct target_req *tr)
     tr->writing = true;
     t->writes_inflight++;
     for (size_t i = 0; i < n; i++) {
+        uint8_t *buf = (uint8_t *)req->buf + tr->ext[i].buf_offset;
         tr->rw[i].done_fn = extent_done;
         tr->rw[i].opaque = tr;
-        ring_rw_start(t->ring, &tr->rw[i], t->fd, true,
-                      (uint8_t *)req->buf + tr->ext[i].buf_offset,
-                      tr->ext[i].len, tr->ext[i].host_offset);
+        ring_rw_start(t->ring, &tr->rw[i], t->fd, true, buf, tr->ext[i].len,
+                      tr->ext[i].host_offset);
     }
 }
 
