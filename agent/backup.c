@@ -178,6 +178,18 @@ discover_disks(struct backup *b, GError **errp)
             disk_free(d);
             return false;
         }
+        for (guint k = 0; k < b->disks->len; k++) {
+            struct disk *other = b->disks->pdata[k];
+            if (strcmp(other->name, d->name) == 0) {
+                /* One's device id is the other's node name. */
+                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                            "two disks are named %s (nodes %s and %s): give "
+                            "the devices ids that no node name uses",
+                            d->name, other->node, d->node);
+                disk_free(d);
+                return false;
+            }
+        }
         g_ptr_array_add(b->disks, d);
     }
     for (char **p = o->disks; p && *p; p++) {
@@ -354,6 +366,8 @@ start_targets(struct backup *b, GError **errp)
                       "path", d->sock_path, "export", d->name),
             b->opts->timeout_ms, errp);
         if (!ret) {
+            /* After a timeout QEMU may still add the node: delete it. */
+            d->nbd_added = g_error_matches(*errp, QMP_ERROR, QMP_ERROR_TIMEOUT);
             g_prefix_error(errp, "%s: ", d->name);
             return false;
         }
@@ -774,8 +788,8 @@ release_qemu(struct backup *b, bool failed, GPtrArray *warnings)
     deadline = qmp_now_ms() + 2000;
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
-        while (d->target && !backup_target_finished(d->target) &&
-               qmp_now_ms() < deadline) {
+        while (d->target && backup_target_connected(d->target) &&
+               !backup_target_finished(d->target) && qmp_now_ms() < deadline) {
             ring_run_once(&b->ring, 100);
         }
         g_clear_pointer(&d->target, backup_target_free);

@@ -13,6 +13,7 @@
 #include "agent/list.h"
 #include "agent/restore.h"
 #include "io/qcow2.h"
+#include "qmp/parser.h"
 
 #define EXIT_USAGE 2
 
@@ -34,10 +35,14 @@ print_json(json_t *j)
     free(s);
 }
 
+/* Messages carry text from QEMU, the guest agent and the repository: one
+ * printable line, whatever those sent. */
 static int
 fail(const char *cmd, GError *err)
 {
-    fprintf(stderr, "qbak %s: %s\n", cmd, err->message);
+    g_autofree char *msg = qmp_parser_printable(err->message);
+
+    fprintf(stderr, "qbak %s: %s\n", cmd, msg);
     g_error_free(err);
     return 1;
 }
@@ -108,11 +113,13 @@ print_backup_human(json_t *res)
     }
     json_array_foreach(json_object_get(res, "recovered"), i, w)
     {
-        fprintf(stderr, "qbak backup: recovered: %s\n", json_string_value(w));
+        g_autofree char *msg = qmp_parser_printable(json_string_value(w));
+        fprintf(stderr, "qbak backup: recovered: %s\n", msg);
     }
     json_array_foreach(json_object_get(res, "warnings"), i, w)
     {
-        fprintf(stderr, "qbak backup: warning: %s\n", json_string_value(w));
+        g_autofree char *msg = qmp_parser_printable(json_string_value(w));
+        fprintf(stderr, "qbak backup: warning: %s\n", msg);
     }
 }
 

@@ -339,12 +339,14 @@ backup_target_free(struct backup_target *t)
 }
 
 const char *
-backup_target_error(const struct backup_target *t)
+backup_target_error(struct backup_target *t)
 {
-    if (t->error) {
-        return t->error;
+    /* Every message names its disk, the server's too. */
+    if (!t->error && nbd_server_error(t->server)) {
+        t->error = g_strdup_printf("%s: %s", t->disk,
+                                   nbd_server_error(t->server));
     }
-    return nbd_server_error(t->server);
+    return t->error;
 }
 
 bool

@@ -26,7 +26,7 @@ struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
 void backup_target_free(struct backup_target *t);
 
 /* The first error of the data path (NBD protocol, write, fsync), or NULL. */
-const char *backup_target_error(const struct backup_target *t);
+const char *backup_target_error(struct backup_target *t);
 bool backup_target_connected(const struct backup_target *t);
 /* The NBD client has gone and all I/O has completed. */
 bool backup_target_finished(const struct backup_target *t);

@@ -240,7 +240,7 @@ qmp_parser_fail(struct qmp_parser *p, GError **errp, int code, const char *fmt,
 /* jansson quotes the peer's bytes ("near '...'") and cuts its text at a
  * fixed length, possibly inside a UTF-8 sequence: keep control characters
  * and invalid UTF-8 out of a message that will be logged. */
-static char *
+char *
 qmp_parser_printable(const char *text)
 {
     bool utf8 = g_utf8_validate(text, -1, NULL);
@@ -263,7 +263,10 @@ qmp_parser_decode(struct qmp_parser *p, size_t end, json_t **msg, GError **errp)
     json_error_t jerr;
     guint64 start = p->base + p->head;
     json_t *value =
-        json_loadb((const char *)p->buf + p->head, end + 1 - p->head, 0, &jerr);
+        /* Flags 0 refuse an escaped NUL in a string: as a C string it would
+         * silently cut a name short ("drive0\u0000x" read as "drive0"). */
+        json_loadb((const char *)p->buf + p->head, end + 1 - p->head, 0,
+                   &jerr);
 
     if (!value) {
         g_autofree char *text = qmp_parser_printable(jerr.text);

@@ -73,6 +73,11 @@ int qmp_parser_next(struct qmp_parser *p, json_t **msg, GError **errp);
  * messages count from here).  The sentinel count is kept. */
 void qmp_parser_reset(struct qmp_parser *p);
 
+/* text with control characters (and, when it is not valid UTF-8, every
+ * byte >= 0x80) written as \xNN: text from a peer is printed only through
+ * this.  Returns a new string. */
+char *qmp_parser_printable(const char *text);
+
 /* QGA mode: number of 0xFF sentinels seen so far over the parser's life
  * (not reset by qmp_parser_reset(), so a client can compare it with the
  * value it saw when it sent guest-sync-delimited).  Always 0 in QMP mode. */
