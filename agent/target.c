@@ -9,6 +9,9 @@
 
 #define NBD_SLOTS 16
 #define NBD_MAX_BLOCK (1u << 20)
+/* Start writeback after this many bytes, so the fsync at commit finds the
+ * data mostly on disk already: the transfer and the disk overlap. */
+#define WRITEBACK_BYTES (32u << 20)
 
 /* Per request slot: the extent writes of one NBD WRITE, then an optional
  * fsync (FLUSH, or FUA). */
@@ -38,6 +41,9 @@ struct backup_target {
     struct target_req reqs[NBD_SLOTS];
     unsigned writes_inflight;
     uint64_t next_seq;
+    uint64_t dirty_bytes;      /* written since writeback was last started */
+    struct ring_op writeback_op;
+    bool writeback_pending;
     long requests;
     long drop_at; /* test only: QBAK_FAULT_NBD_DROP=N */
     char *error;
@@ -114,6 +120,33 @@ start_sync(struct target_req *tr)
 }
 
 static void
+writeback_done(struct ring_op *op, int res)
+{
+    struct backup_target *t = container_of(op, struct backup_target,
+                                           writeback_op);
+
+    /* Only a hint: durability comes from the fsync at commit, which also
+     * reports any write-back error. */
+    (void)res;
+    t->writeback_pending = false;
+}
+
+static void
+start_writeback(struct backup_target *t)
+{
+    struct io_uring_sqe *sqe;
+
+    if (t->dirty_bytes < WRITEBACK_BYTES || t->writeback_pending) {
+        return;
+    }
+    t->dirty_bytes = 0;
+    t->writeback_pending = true;
+    sqe = ring_get_sqe(t->ring);
+    io_uring_prep_sync_file_range(sqe, t->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+    ring_queue(t->ring, sqe, &t->writeback_op);
+}
+
+static void
 extent_done(struct ring_rw *rw, int err)
 {
     struct target_req *tr = rw->opaque;
@@ -125,6 +158,8 @@ extent_done(struct ring_rw *rw, int err)
          * VM).  The backup is failed instead, and never committed. */
         target_fail(t, "write", -err);
     }
+    t->dirty_bytes += rw->len;
+    start_writeback(t);
     if (--tr->pending > 0) {
         return;
     }
@@ -269,6 +304,7 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     int listen_fd;
 
     t->ring = ring;
+    t->writeback_op.done_fn = writeback_done;
     t->disk = g_strdup(disk);
     t->drop_at = getenv("QBAK_FAULT_NBD_DROP")
                      ? atol(getenv("QBAK_FAULT_NBD_DROP"))
@@ -323,8 +359,10 @@ backup_target_free(struct backup_target *t)
     if (!t) {
         return;
     }
-    /* Waits for every op that points into our slots. */
+    /* Waits for every op that points into our slots, and into t. */
     nbd_server_free(t->server);
+    while (t->writeback_pending && ring_run_once(t->ring, -1) >= 0) {
+    }
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
         g_free(t->reqs[i].ext);
         g_free(t->reqs[i].rw);
