@@ -1,6 +1,7 @@
-/* Restore: see restore.h.  A pipeline of buffers, each reading one mapped
- * run of the chain and writing it out; zero runs cost no I/O on a regular
- * file (it stays sparse). */
+/* Restore: see restore.h.  A pipeline of buffers, each gathering the
+ * consecutive runs of the chain (data from any layer) that fit in it, one
+ * read per run, then writing them out at once; zero runs cost no I/O on a
+ * regular file (it stays sparse). */
 #include "agent/restore.h"
 
 #include <errno.h>
@@ -15,17 +16,23 @@
 
 #define NBUF 16
 #define BUF_SIZE (1u << 20)
+/* Reads gathered into one buffer at most (small clusters end a buffer
+ * early rather than needing a read op per 512 bytes). */
+#define MAX_READS 64
 
 struct restore;
 
 struct restore_buf {
     struct restore *r;
     struct ring_rw rw;
+    struct ring_rw reads[MAX_READS];
+    unsigned nreads;
+    unsigned reads_pending;
+    bool gathered; /* no more runs join: write once the reads are done */
     uint8_t *data;
     uint64_t guest_off;
     size_t len;
     bool busy;
-    bool reading;
     unsigned pending_ext;
     struct qcow2_extent *ext;
 };
@@ -105,16 +112,29 @@ buf_start_write(struct restore_buf *b)
 }
 
 static void
+buf_write_when_ready(struct restore_buf *b)
+{
+    if (!b->gathered || b->reads_pending > 0) {
+        return;
+    }
+    if (b->r->err) {
+        buf_release(b, 0); /* a read failed: nothing to write */
+        return;
+    }
+    buf_start_write(b);
+}
+
+static void
 buf_read_done(struct ring_rw *rw, int err)
 {
     struct restore_buf *b = rw->opaque;
 
-    if (err < 0) {
-        buf_release(b, err);
-        return;
+    if (err < 0 && !b->r->err) {
+        b->r->err = err;
     }
-    b->r->bytes_read += b->len;
-    buf_start_write(b);
+    b->r->bytes_read += rw->len;
+    b->reads_pending--;
+    buf_write_when_ready(b);
 }
 
 static struct restore_buf *
@@ -128,6 +148,19 @@ free_buf(struct restore *r)
     return NULL;
 }
 
+/* Close a buffer to further runs; it writes once its reads are done. */
+static void
+buf_seal(struct restore_buf **bp)
+{
+    struct restore_buf *b = *bp;
+
+    if (b) {
+        b->gathered = true;
+        buf_write_when_ready(b);
+        *bp = NULL;
+    }
+}
+
 static bool
 copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
            bool progress, GError **errp)
@@ -135,43 +168,67 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
     uint64_t size = qcow2_reader_virtual_size(src);
     uint64_t off = 0;
     gint64 last_report = 0;
+    struct restore_buf *b = NULL; /* the buffer gathering runs */
 
     while (off < size && !r->err) {
-        struct restore_buf *b = free_buf(r);
         struct qcow2_map m;
 
         if (!b) {
-            ring_run_once(&r->ring, -1);
-            continue;
+            b = free_buf(r);
+            if (!b) {
+                ring_run_once(&r->ring, -1);
+                continue;
+            }
+            b->busy = true;
+            b->gathered = false;
+            b->guest_off = off;
+            b->len = 0;
+            b->nreads = 0;
+            b->reads_pending = 0;
         }
-        if (!qcow2_reader_map(src, off, MIN(size - off, BUF_SIZE), &m, errp)) {
+        if (!qcow2_reader_map(src, off, MIN(size - off, BUF_SIZE - b->len),
+                              &m, errp)) {
+            buf_seal(&b);
             ring_drain(&r->ring);
             return false;
         }
         if (m.kind == QCOW2_MAP_ZERO && (sparse || r->out_qcow2)) {
+            /* A hole: what is gathered so far is written, the hole not. */
+            if (b->len == 0) {
+                b->guest_off = off + m.len;
+            } else {
+                buf_seal(&b);
+            }
             off += m.len;
             continue;
         }
-        b->busy = true;
-        b->guest_off = off;
-        b->len = m.len;
-        b->rw.opaque = b;
         if (m.kind == QCOW2_MAP_ZERO) {
             /* A device or existing file: zeroes must really be written. */
-            memset(b->data, 0, m.len);
-            buf_start_write(b);
+            memset(b->data + b->len, 0, m.len);
         } else {
-            b->rw.done_fn = buf_read_done;
-            ring_rw_start(&r->ring, &b->rw, m.fd, false, b->data, m.len,
+            struct ring_rw *rw = &b->reads[b->nreads++];
+            rw->done_fn = buf_read_done;
+            rw->opaque = b;
+            b->reads_pending++;
+            ring_rw_start(&r->ring, rw, m.fd, false, b->data + b->len, m.len,
                           m.host_offset);
         }
+        b->len += m.len;
         off += m.len;
+        if (b->len == BUF_SIZE || b->nreads == MAX_READS) {
+            buf_seal(&b);
+        }
         if (progress && g_get_monotonic_time() - last_report > 500000) {
             last_report = g_get_monotonic_time();
             fprintf(stderr, "\rqbak: restore %3.0f%%",
                     100.0 * (double)off / (double)size);
         }
     }
+    if (b && b->len == 0) {
+        b->busy = false;
+        b = NULL;
+    }
+    buf_seal(&b);
     ring_drain(&r->ring);
     if (progress) {
         fprintf(stderr, "\rqbak: restore 100%%\n");
