@@ -354,6 +354,8 @@ start_targets(struct backup *b, GError **errp)
         if (!d->target) {
             return false;
         }
+        backup_target_set_watchdog(d->target,
+                                   (gint64)b->opts->stall_ms * 1000);
     }
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
@@ -523,8 +525,9 @@ wait_pending(struct backup *b, GError **errp)
             json_t *j = find_job(jobs, d->job_id);
             const char *st = json_string_value(json_object_get(j, "status"));
             const char *msg = json_string_value(json_object_get(j, "error"));
-            const char *te = backup_target_error(d->target);
+            const char *te;
 
+            te = backup_target_error(d->target);
             if (te) {
                 /* The repository failed: QEMU was told the writes
                  * succeeded (so no guest write fails), and the backup

@@ -22,6 +22,7 @@ struct backup_opts {
     uint64_t speed;   /* bytes/s per job, 0: unlimited */
     unsigned cluster_bits;
     int timeout_ms;   /* per QMP call */
+    int stall_ms;     /* a repository write older than this fails the backup */
     bool progress;    /* progress lines on stderr */
     bool verbose;     /* each phase with its time on stderr */
 };

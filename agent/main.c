@@ -135,6 +135,7 @@ cmd_backup(int argc, char **argv)
     gboolean full = FALSE, json = FALSE, verbose = FALSE;
     gint64 speed = 0;
     gint timeout = 60;
+    gint stall = 30;
     g_autofree gchar *qga = NULL;
     g_autofree gchar *quiesce = NULL;
     GError *err = NULL;
@@ -162,6 +163,10 @@ cmd_backup(int argc, char **argv)
          "limit each disk's job to BYTES per second", "BYTES"},
         {"timeout", 0, 0, G_OPTION_ARG_INT, &timeout,
          "seconds to wait for any one answer from QEMU (default 60)", "SECS"},
+        {"stall-timeout", 0, 0, G_OPTION_ARG_INT, &stall,
+         "fail the backup, rather than hold up guest writes, when a write "
+         "to the repository takes longer (default 30)",
+         "SECS"},
         {"json", 0, 0, G_OPTION_ARG_NONE, &json,
          "print the result as one JSON object", NULL},
         {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
@@ -182,6 +187,12 @@ cmd_backup(int argc, char **argv)
         return EXIT_USAGE;
     }
     o.timeout_ms = timeout * 1000;
+    if (stall < 1 || stall > 86400) {
+        fprintf(stderr,
+                "qbak backup: --stall-timeout must be 1 to 86400 seconds\n");
+        return EXIT_USAGE;
+    }
+    o.stall_ms = stall * 1000;
     o.qga_path = qga;
     o.quiesce = QUIESCE_AUTO;
     if (quiesce && strcmp(quiesce, "require") == 0) {

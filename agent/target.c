@@ -25,6 +25,8 @@ struct target_req {
     uint32_t err;
     bool needs_sync;
     bool writing;      /* extent writes in flight */
+    bool syncing;      /* fsync in flight */
+    gint64 started_us; /* when its I/O was submitted, for the watchdog */
     bool waiting_sync; /* FLUSH parked until earlier writes completed */
     uint64_t seq;      /* arrival order, for FLUSH */
     struct ring_op fsync_op;
@@ -44,6 +46,12 @@ struct backup_target {
     uint64_t dirty_bytes;      /* written since writeback was last started */
     struct ring_op writeback_op;
     bool writeback_pending;
+    bool abandoned; /* the repository stalled: requests answered, no I/O */
+    gint64 stall_us; /* watchdog limit, 0: off */
+    struct ring_op tick_op;
+    struct __kernel_timespec tick_ts;
+    bool tick_pending;
+    bool closing;
     long requests;
     long drop_at; /* test only: QBAK_FAULT_NBD_DROP=N */
     char *error;
@@ -60,12 +68,18 @@ target_fail(struct backup_target *t, const char *what, int err)
 
 
 static void start_sync(struct target_req *tr);
+static void tick_done(struct ring_op *op, int res);
 
+/* Reply to the request of tr, once.  After the watchdog has answered for
+ * it, tr->req is NULL and late completions reply nothing. */
 static void
 req_complete(struct target_req *tr)
 {
     struct nbd_request *req = tr->req;
 
+    if (!req) {
+        return;
+    }
     tr->req = NULL;
     nbd_conn_request_done(req, tr->err);
 }
@@ -101,6 +115,7 @@ fsync_done(struct ring_op *op, int res)
     if (fault < 0 && res >= 0) {
         res = fault;
     }
+    tr->syncing = false;
     if (res < 0) {
         /* Sticky: the page cache may have dropped the data, so a later
          * fsync that succeeds proves nothing.  QEMU still hears success,
@@ -115,6 +130,8 @@ start_sync(struct target_req *tr)
 {
     struct io_uring_sqe *sqe = ring_get_sqe(tr->t->ring);
 
+    tr->syncing = true;
+    tr->started_us = g_get_monotonic_time();
     io_uring_prep_fsync(sqe, tr->t->fd, IORING_FSYNC_DATASYNC);
     ring_queue(tr->t->ring, sqe, &tr->fsync_op);
 }
@@ -165,6 +182,9 @@ extent_done(struct ring_rw *rw, int err)
     }
     t->writes_inflight--;
     tr->writing = false;
+    if (!tr->req) {
+        return; /* answered by the watchdog */
+    }
     if (tr->needs_sync && tr->err == 0) {
         start_sync(tr);
     } else {
@@ -230,6 +250,7 @@ handle_write(struct backup_target *t, struct target_req *tr)
     }
     tr->pending = (unsigned)n;
     tr->writing = true;
+    tr->started_us = g_get_monotonic_time();
     t->writes_inflight++;
     for (size_t i = 0; i < n; i++) {
         uint8_t *buf = (uint8_t *)req->buf + tr->ext[i].buf_offset;
@@ -305,6 +326,7 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
 
     t->ring = ring;
     t->writeback_op.done_fn = writeback_done;
+    t->tick_op.done_fn = tick_done;
     t->disk = g_strdup(disk);
     t->drop_at = getenv("QBAK_FAULT_NBD_DROP")
                      ? atol(getenv("QBAK_FAULT_NBD_DROP"))
@@ -353,16 +375,40 @@ fail:
     return NULL;
 }
 
+static bool
+any_sync(const struct backup_target *t)
+{
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        if (t->reqs[i].syncing) {
+            return true;
+        }
+    }
+    return false;
+}
+
 void
 backup_target_free(struct backup_target *t)
 {
     if (!t) {
         return;
     }
-    /* Waits for every op that points into our slots, and into t. */
-    nbd_server_free(t->server);
-    while (t->writeback_pending && ring_run_once(t->ring, -1) >= 0) {
+    /* I/O the watchdog gave up on still reads the slot buffers, which
+     * the server owns: wait for it before the server goes. */
+    t->closing = true;
+    if (t->tick_pending) {
+        struct io_uring_sqe *sqe = ring_get_sqe(t->ring);
+        io_uring_prep_timeout_remove(sqe, (__u64)(uintptr_t)&t->tick_op, 0);
+        io_uring_sqe_set_data(sqe, NULL);
     }
+    while (t->tick_pending && ring_run_once(t->ring, -1) >= 0) {
+    }
+    if (t->server) {
+        nbd_server_shutdown(t->server);
+    }
+    while ((t->writes_inflight > 0 || t->writeback_pending || any_sync(t)) &&
+           ring_run_once(t->ring, -1) >= 0) {
+    }
+    nbd_server_free(t->server);
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
         g_free(t->reqs[i].ext);
         g_free(t->reqs[i].rw);
@@ -374,6 +420,77 @@ backup_target_free(struct backup_target *t)
     g_free(t->error);
     g_free(t->disk);
     g_free(t);
+}
+
+static bool watchdog_check(struct backup_target *t, gint64 limit_us);
+
+/* The watchdog runs off a ring timer, not the QMP loop: QEMU's monitor may
+ * itself be waiting for the very write that stalled. */
+static void
+arm_tick(struct backup_target *t)
+{
+    struct io_uring_sqe *sqe = ring_get_sqe(t->ring);
+
+    t->tick_ts.tv_sec = 0;
+    t->tick_ts.tv_nsec = 250 * 1000 * 1000;
+    io_uring_prep_timeout(sqe, &t->tick_ts, 0, 0);
+    ring_queue(t->ring, sqe, &t->tick_op);
+    t->tick_pending = true;
+}
+
+static void
+tick_done(struct ring_op *op, int res)
+{
+    struct backup_target *t = container_of(op, struct backup_target, tick_op);
+
+    (void)res;
+    t->tick_pending = false;
+    if (t->closing) {
+        return;
+    }
+    watchdog_check(t, t->stall_us);
+    arm_tick(t);
+}
+
+void
+backup_target_set_watchdog(struct backup_target *t, gint64 limit_us)
+{
+    t->stall_us = limit_us;
+    if (limit_us > 0 && !t->tick_pending) {
+        arm_tick(t);
+    }
+}
+
+static bool
+watchdog_check(struct backup_target *t, gint64 limit_us)
+{
+    gint64 now = g_get_monotonic_time();
+    bool stalled = false;
+
+    if (t->abandoned) {
+        return false;
+    }
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        struct target_req *tr = &t->reqs[i];
+        stalled |= (tr->writing || tr->syncing) &&
+                   now - tr->started_us > limit_us;
+    }
+    if (!stalled) {
+        return false;
+    }
+    /* Guest writes wait on these replies (copy-before-write): answer them
+     * all now; the I/O finishes in its own time, its data unused. */
+    t->abandoned = true;
+    if (!t->error) {
+        t->error = g_strdup_printf("%s: repository stalled: a write took more "
+                                   "than %.0f s",
+                                   t->disk, (double)limit_us / 1e6);
+    }
+    for (unsigned i = 0; i < NBD_SLOTS; i++) {
+        t->reqs[i].waiting_sync = false;
+        req_complete(&t->reqs[i]);
+    }
+    return true;
 }
 
 const char *

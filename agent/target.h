@@ -25,6 +25,12 @@ struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
 /* Stops serving, waits for in-flight I/O, closes the file. */
 void backup_target_free(struct backup_target *t);
 
+/* From now on, if a write or fsync stays in flight longer than limit_us,
+ * answer every request still held (guest writes wait on them through
+ * copy-before-write), fail the target, and do no more I/O.  Checked four
+ * times a second off the ring, whatever else qbak is waiting for. */
+void backup_target_set_watchdog(struct backup_target *t, gint64 limit_us);
+
 /* The first error of the data path (NBD protocol, write, fsync), or NULL. */
 const char *backup_target_error(struct backup_target *t);
 bool backup_target_connected(const struct backup_target *t);

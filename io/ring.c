@@ -12,7 +12,7 @@ struct fault {
     int err; /* 0: a short transfer */
 };
 
-static struct fault fault_write, fault_fsync;
+static struct fault fault_write, fault_fsync, fault_stall;
 
 static void
 fault_parse(struct fault *f, const char *var)
@@ -48,6 +48,10 @@ fault_init(void)
 {
     fault_parse(&fault_write, "QBAK_FAULT_FILE_WRITE");
     fault_parse(&fault_fsync, "QBAK_FAULT_FSYNC");
+    fault_parse(&fault_stall, "QBAK_FAULT_STALL_WRITE");
+    if (fault_stall.nth && fault_stall.err == EIO) {
+        fault_stall.err = 10; /* here: seconds, default 10 */
+    }
 }
 
 int
@@ -193,11 +197,40 @@ ring_rw_submit(struct ring_rw *rw)
     ring_queue(rw->ring, sqe, &rw->op);
 }
 
+static void
+ring_rw_delay_done(struct ring_op *op, int res)
+{
+    struct ring_rw *rw = (struct ring_rw *)op;
+
+    (void)res; /* -ETIME: the delay is over */
+    rw->op.done_fn = ring_rw_done;
+    ring_rw_submit(rw);
+}
+
 void
 ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
               void *buf, size_t len, uint64_t off)
 {
     rw->op.done_fn = ring_rw_done;
+    /* A stalled disk stalls every write from the Nth on. */
+    if (is_write && fault_stall.nth > 0 &&
+        ++fault_stall.count >= fault_stall.nth) {
+        struct io_uring_sqe *sqe = ring_get_sqe(r);
+
+        rw->ring = r;
+        rw->fd = fd;
+        rw->is_write = is_write;
+        rw->buf = buf;
+        rw->len = len;
+        rw->done = 0;
+        rw->off = off;
+        rw->delay.tv_sec = fault_stall.err;
+        rw->delay.tv_nsec = 0;
+        rw->op.done_fn = ring_rw_delay_done;
+        io_uring_prep_timeout(sqe, &rw->delay, 0, 0);
+        ring_queue(r, sqe, &rw->op);
+        return;
+    }
     rw->ring = r;
     rw->fd = fd;
     rw->is_write = is_write;

@@ -61,6 +61,7 @@ struct ring_rw {
     size_t done;
     uint64_t off;
     void *opaque; /* the caller's */
+    struct __kernel_timespec delay; /* test only: a stalled write */
 };
 
 void ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
@@ -70,8 +71,10 @@ void ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
  * the Nth operation"): QBAK_FAULT_FILE_WRITE=N[:err] makes the Nth file
  * write completion fail with -err (err: EIO (default), ENOSPC or a number),
  * or be short when err is "short".  QBAK_FAULT_FSYNC=N[:err] does the same
- * to the Nth data fsync, through ring_fault_fsync().  Unset in normal runs;
- * read once at ring_init(). */
+ * to the Nth data fsync, through ring_fault_fsync().  QBAK_FAULT_STALL_WRITE
+ * =N[:secs] holds every file write from the Nth on back secs seconds
+ * (default 10), as a stalled repository would.  Unset in normal runs; read once at
+ * ring_init(). */
 
 /* 0, or the -errno the current data fsync must fail with (test only). */
 int ring_fault_fsync(void);
