@@ -212,25 +212,6 @@ ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
               void *buf, size_t len, uint64_t off)
 {
     rw->op.done_fn = ring_rw_done;
-    /* A stalled disk stalls every write from the Nth on. */
-    if (is_write && fault_stall.nth > 0 &&
-        ++fault_stall.count >= fault_stall.nth) {
-        struct io_uring_sqe *sqe = ring_get_sqe(r);
-
-        rw->ring = r;
-        rw->fd = fd;
-        rw->is_write = is_write;
-        rw->buf = buf;
-        rw->len = len;
-        rw->done = 0;
-        rw->off = off;
-        rw->delay.tv_sec = fault_stall.err;
-        rw->delay.tv_nsec = 0;
-        rw->op.done_fn = ring_rw_delay_done;
-        io_uring_prep_timeout(sqe, &rw->delay, 0, 0);
-        ring_queue(r, sqe, &rw->op);
-        return;
-    }
     rw->ring = r;
     rw->fd = fd;
     rw->is_write = is_write;
@@ -238,5 +219,17 @@ ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
     rw->len = len;
     rw->done = 0;
     rw->off = off;
+    /* A stalled disk stalls every write from the Nth on. */
+    if (is_write && fault_stall.nth > 0 &&
+        ++fault_stall.count >= fault_stall.nth) {
+        struct io_uring_sqe *sqe = ring_get_sqe(r);
+
+        rw->delay.tv_sec = fault_stall.err;
+        rw->delay.tv_nsec = 0;
+        rw->op.done_fn = ring_rw_delay_done;
+        io_uring_prep_timeout(sqe, &rw->delay, 0, 0);
+        ring_queue(r, sqe, &rw->op);
+        return;
+    }
     ring_rw_submit(rw);
 }
