@@ -8,65 +8,16 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "agent/backup_int.h"
 #include "agent/recover.h"
-#include "agent/repo.h"
-#include "agent/target.h"
-#include "io/ring.h"
-#include "qmp/client.h"
 
 #define RING_ENTRIES 256
 
 volatile sig_atomic_t backup_interrupted;
-#define JOB_POLL_MS 500
 /* Guest agent calls: the --timeout, at most this (a freeze that takes
  * longer is not worth waiting for). */
 #define QGA_TIMEOUT_MAX_MS 10000
 #define QGA_TIMEOUT_MS MIN(o->timeout_ms, QGA_TIMEOUT_MAX_MS)
-
-struct disk {
-    char *name;  /* device id, or node name without one */
-    char *node;  /* format node backed up and holding the bitmap */
-    char *drv;
-    uint64_t size;
-    json_t *bitmaps; /* from query-block, borrowed from `block` */
-
-    bool full;
-    char *reason;
-    char *chain;
-    char *bitmap;
-    bool add_bitmap;
-    GPtrArray *stale_bitmaps; /* ours, to remove once committed */
-    char *parent_point;
-    char *backing_rel;
-    struct qcow2_reader *backing;
-
-    char *file;
-    char *job_id;
-    char *nbd_node;
-    char *sock_path;
-    struct backup_target *target;
-    bool nbd_added;
-    bool bitmap_added;
-    bool job_started;
-};
-
-struct backup {
-    const struct backup_opts *opts;
-    struct ring ring;
-    bool ring_ok;
-    struct qmp_client *qmp;
-    struct repo_vm *repo;
-    GPtrArray *points;
-    json_t *block; /* query-block */
-    GPtrArray *disks;
-    char *point;
-    int partial_fd;
-    bool partial_made;
-    char *run_dir;
-    struct quiesce *quiesce;
-    bool committed;
-    gint64 start_us;
-};
 
 /* --verbose: where the time goes, phase by phase. */
 static void
@@ -92,7 +43,6 @@ disk_free(struct disk *d)
     g_free(d->reason);
     g_free(d->chain);
     g_free(d->bitmap);
-    g_free(d->parent_point);
     g_free(d->backing_rel);
     g_free(d->file);
     g_free(d->job_id);
@@ -323,7 +273,6 @@ plan_disk(struct backup *b, struct disk *d)
     }
     d->chain = g_strdup(json_string_value(json_object_get(entry, "chain")));
     d->bitmap = g_strdup(bitmap);
-    d->parent_point = g_strdup(last->id);
     d->backing_rel = g_strdup_printf("../%s", path);
     for (guint k = 0; k < d->stale_bitmaps->len; k++) {
         if (strcmp(d->stale_bitmaps->pdata[k], d->bitmap) == 0) {
@@ -453,142 +402,6 @@ start_transaction(struct backup *b, GError **errp)
 }
 
 static json_t *
-find_job(json_t *jobs, const char *id)
-{
-    size_t i;
-    json_t *j;
-
-    json_array_foreach(jobs, i, j)
-    {
-        if (g_strcmp0(json_string_value(json_object_get(j, "id")), id) == 0) {
-            return j;
-        }
-    }
-    return NULL;
-}
-
-static void
-drop_events(struct backup *b)
-{
-    json_t *ev;
-    while ((ev = qmp_client_pop_event(b->qmp))) {
-        json_decref(ev);
-    }
-}
-
-static void
-show_progress(struct backup *b, json_t *jobs)
-{
-    uint64_t cur = 0, total = 0;
-
-    for (guint k = 0; k < b->disks->len; k++) {
-        json_t *j = find_job(jobs, ((struct disk *)b->disks->pdata[k])->job_id);
-        cur += (uint64_t)json_integer_value(json_object_get(j, "current-progress"));
-        total += (uint64_t)json_integer_value(json_object_get(j, "total-progress"));
-    }
-    if (total) {
-        fprintf(stderr, "\rqbak: %s: %3.0f%% of %.1f MiB", b->opts->vm,
-                100.0 * (double)cur / (double)total, (double)total / 1048576.0);
-    }
-}
-
-static bool
-msg_is_cancel(const char *msg)
-{
-    return !msg || strstr(msg, "cancel") || strstr(msg, "Cancel");
-}
-
-/* Wait until every job is pending (all data received), or one failed. */
-static bool
-wait_pending(struct backup *b, GError **errp)
-{
-    for (;;) {
-        g_autoptr(GError) err = NULL;
-        json_t *jobs;
-        guint pending = 0;
-
-        if (backup_interrupted) {
-            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INTR,
-                        "interrupted by a signal");
-            return false;
-        }
-        struct disk *failed = NULL;
-        const char *failed_msg = NULL;
-
-        jobs = qmp_client_call(b->qmp, "query-jobs", NULL, b->opts->timeout_ms,
-                               errp);
-        if (!jobs) {
-            return false;
-        }
-        for (guint k = 0; k < b->disks->len; k++) {
-            struct disk *d = b->disks->pdata[k];
-            json_t *j = find_job(jobs, d->job_id);
-            const char *st = json_string_value(json_object_get(j, "status"));
-            const char *msg = json_string_value(json_object_get(j, "error"));
-            const char *te;
-
-            te = backup_target_error(d->target);
-            if (te) {
-                /* The repository failed: QEMU was told the writes
-                 * succeeded (so no guest write fails), and the backup
-                 * stops here; cancelling merges the bitmap back. */
-                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED, "%s", te);
-                json_decref(jobs);
-                return false;
-            }
-            if (g_strcmp0(st, "running") == 0) {
-                recover_crash_point("running");
-            }
-
-            if (!j) {
-                g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
-                            "%s: job %s vanished", d->name, d->job_id);
-                json_decref(jobs);
-                return false;
-            }
-            if (g_strcmp0(st, "pending") == 0) {
-                pending++;
-            } else if (g_strcmp0(st, "concluded") == 0 ||
-                       g_strcmp0(st, "null") == 0) {
-                /* In a grouped transaction one failure cancels the rest:
-                 * name the disk whose job failed, not a casualty.  An
-                 * aborting job is awaited: its error is set once it has
-                 * concluded. */
-                if (!failed || (msg_is_cancel(failed_msg) &&
-                                !msg_is_cancel(msg))) {
-                    failed = d;
-                    failed_msg = msg;
-                }
-            }
-        }
-        if (failed) {
-            g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
-                        "%s: backup job failed: %s", failed->name,
-                        failed_msg ? failed_msg : "cancelled with the group");
-            json_decref(jobs);
-            return false;
-        }
-        if (b->opts->progress) {
-            show_progress(b, jobs);
-        }
-        json_decref(jobs);
-        if (pending == b->disks->len) {
-            if (b->opts->progress) {
-                fputc('\n', stderr);
-            }
-            recover_crash_point("pending");
-            return true;
-        }
-        /* JOB_STATUS_CHANGE wakes us early; the NBD data flows meanwhile. */
-        if (!qmp_client_wait_event(b->qmp, JOB_POLL_MS, &err) && err) {
-            g_propagate_error(errp, g_steal_pointer(&err));
-            return false;
-        }
-        drop_events(b);
-    }
-}
-
-static json_t *
 disk_result(struct backup *b, struct disk *d)
 {
     return json_pack(
@@ -621,37 +434,10 @@ make_manifest(struct backup *b, const char *parent, double duration)
                      "duration_s", duration);
 }
 
-/* Every job still pending in a live QEMU: a point whose jobs can no longer
- * be finalized is not committed (the next run falls back to full). */
-static bool
-jobs_still_pending(struct backup *b, GError **errp)
-{
-    json_t *jobs = qmp_client_call(b->qmp, "query-jobs", NULL,
-                                   b->opts->timeout_ms, errp);
-
-    if (!jobs) {
-        g_prefix_error(errp, "before commit: ");
-        return false;
-    }
-    for (guint k = 0; k < b->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        json_t *j = find_job(jobs, d->job_id);
-        if (g_strcmp0(json_string_value(json_object_get(j, "status")),
-                      "pending") != 0) {
-            g_set_error(errp, QMP_ERROR, QMP_ERROR_FAILED,
-                        "%s: job no longer pending before commit", d->name);
-            json_decref(jobs);
-            return false;
-        }
-    }
-    json_decref(jobs);
-    return true;
-}
-
 static bool
 commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
 {
-    if (!jobs_still_pending(b, errp)) {
+    if (!backup_jobs_still_pending(b, errp)) {
         return false;
     }
     for (guint k = 0; k < b->disks->len; k++) {
@@ -670,74 +456,6 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
     b->committed = true;
     recover_crash_point("committed");
     return true;
-}
-
-/* Wait (bounded) for our jobs to reach concluded, then dismiss them. */
-static void
-conclude_jobs(struct backup *b, bool cancel)
-{
-    gint64 deadline = qmp_now_ms() + b->opts->timeout_ms;
-
-    for (guint k = 0; cancel && k < b->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        json_t *r;
-        if (d->job_started) {
-            r = qmp_client_call(b->qmp, "job-cancel",
-                                json_pack("{s:s}", "id", d->job_id),
-                                b->opts->timeout_ms, NULL);
-            json_decref(r);
-        }
-    }
-    while (qmp_now_ms() < deadline) {
-        json_t *jobs = qmp_client_call(b->qmp, "query-jobs", NULL,
-                                       b->opts->timeout_ms, NULL);
-        bool all = true;
-        if (!jobs) {
-            return;
-        }
-        for (guint k = 0; k < b->disks->len; k++) {
-            struct disk *d = b->disks->pdata[k];
-            json_t *j = find_job(jobs, d->job_id);
-            if (d->job_started && j &&
-                g_strcmp0(json_string_value(json_object_get(j, "status")),
-                          "concluded") != 0) {
-                all = false;
-            }
-        }
-        json_decref(jobs);
-        if (all) {
-            break;
-        }
-        qmp_client_wait_event(b->qmp, 200, NULL);
-        drop_events(b);
-    }
-    for (guint k = 0; k < b->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        if (d->job_started) {
-            json_decref(qmp_client_call(b->qmp, "job-dismiss",
-                                        json_pack("{s:s}", "id", d->job_id),
-                                        b->opts->timeout_ms, NULL));
-            d->job_started = false;
-        }
-    }
-}
-
-/* Finalize makes QEMU advance the bitmaps: only after the commit. */
-static void
-finalize(struct backup *b, GPtrArray *warnings)
-{
-    g_autoptr(GError) err = NULL;
-    struct disk *first = b->disks->pdata[0];
-    json_t *r = qmp_client_call(b->qmp, "job-finalize",
-                                json_pack("{s:s}", "id", first->job_id),
-                                b->opts->timeout_ms, &err);
-
-    if (!r) {
-        /* The point is committed; the bitmap merely stays a superset. */
-        g_ptr_array_add(warnings, g_strdup_printf("%s", err->message));
-    }
-    json_decref(r);
-    conclude_jobs(b, false);
 }
 
 static void
@@ -763,7 +481,7 @@ release_qemu(struct backup *b, bool failed, GPtrArray *warnings)
     gint64 deadline;
 
     if (b->qmp && failed) {
-        conclude_jobs(b, true);
+        backup_jobs_conclude(b, true);
     }
     for (guint k = 0; b->qmp && k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
@@ -921,7 +639,7 @@ backup_run(const struct backup_opts *o, GError **errp)
     started = start_transaction(&b, errp);
     quiesce_thaw(b.quiesce);
     trace(&b, "transaction done (point in time)");
-    if (!started || !wait_pending(&b, errp)) {
+    if (!started || !backup_jobs_wait_pending(&b, errp)) {
         goto out;
     }
     trace(&b, "all data received");
@@ -929,7 +647,7 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     trace(&b, "committed");
-    finalize(&b, warnings);
+    backup_jobs_finalize(&b, warnings);
     trace(&b, "finalized");
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];

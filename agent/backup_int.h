@@ -1,0 +1,73 @@
+/* Internals shared by the backup state machine (backup.c) and its QEMU
+ * job handling (backup_jobs.c). */
+#ifndef QBAK_AGENT_BACKUP_INT_H
+#define QBAK_AGENT_BACKUP_INT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <jansson.h>
+#include <glib.h>
+
+#include "agent/backup.h"
+#include "agent/quiesce.h"
+#include "agent/repo.h"
+#include "agent/target.h"
+#include "io/qcow2.h"
+#include "io/ring.h"
+#include "qmp/client.h"
+
+struct disk {
+    char *name;  /* device id, or node name without one */
+    char *node;  /* format node backed up and holding the bitmap */
+    char *drv;
+    uint64_t size;
+    json_t *bitmaps; /* from query-block, borrowed from `block` */
+
+    bool full;
+    char *reason;
+    char *chain;
+    char *bitmap;
+    bool add_bitmap;
+    GPtrArray *stale_bitmaps; /* ours, to remove once committed */
+    char *backing_rel;
+    struct qcow2_reader *backing;
+
+    char *file;
+    char *job_id;
+    char *nbd_node;
+    char *sock_path;
+    struct backup_target *target;
+    bool nbd_added;
+    bool bitmap_added;
+    bool job_started;
+};
+
+struct backup {
+    const struct backup_opts *opts;
+    struct ring ring;
+    bool ring_ok;
+    struct qmp_client *qmp;
+    struct repo_vm *repo;
+    GPtrArray *points;
+    json_t *block; /* query-block */
+    GPtrArray *disks;
+    char *point;
+    int partial_fd;
+    bool partial_made;
+    char *run_dir;
+    struct quiesce *quiesce;
+    bool committed;
+    gint64 start_us;
+};
+
+/* Wait until every job is pending (all data received), or one failed. */
+bool backup_jobs_wait_pending(struct backup *b, GError **errp);
+/* Every job is still pending in a live QEMU: checked right before commit. */
+bool backup_jobs_still_pending(struct backup *b, GError **errp);
+/* Cancel (optional) our jobs, wait (bounded) until they concluded, dismiss
+ * them. */
+void backup_jobs_conclude(struct backup *b, bool cancel);
+/* job-finalize after the commit: QEMU advances the bitmaps; then dismiss. */
+void backup_jobs_finalize(struct backup *b, GPtrArray *warnings);
+
+#endif
