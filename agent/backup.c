@@ -88,8 +88,8 @@ discover_disks(struct backup *b, GError **errp)
     size_t i;
     json_t *dev;
 
-    b->block = qmp_client_call(b->qmp, "query-block", NULL, o->timeout_ms,
-                               errp);
+    b->block =
+        qmp_client_call(b->qmp, "query-block", NULL, o->timeout_ms, errp);
     if (!b->block) {
         return false;
     }
@@ -102,8 +102,8 @@ discover_disks(struct backup *b, GError **errp)
     {
         json_t *ins = json_object_get(dev, "inserted");
         const char *node = json_string_value(json_object_get(ins, "node-name"));
-        json_t *vsize = json_object_get(json_object_get(ins, "image"),
-                                        "virtual-size");
+        json_t *vsize =
+            json_object_get(json_object_get(ins, "image"), "virtual-size");
         struct disk *d;
 
         if (!json_is_object(ins) || !node || !json_object_get(dev, "qdev") ||
@@ -202,8 +202,7 @@ bitmap_problem(struct disk *d, json_t *last, const char *bitmap)
         return g_strdup_printf("bitmap %s is not recording", bitmap);
     }
     if (last_size != d->size) {
-        return g_strdup_printf("disk size changed from %" PRIu64
-                               " to %" PRIu64,
+        return g_strdup_printf("disk size changed from %" PRIu64 " to %" PRIu64,
                                last_size, d->size);
     }
     return NULL;
@@ -243,8 +242,8 @@ plan_disk(struct backup *b, struct disk *d)
         d->reason = g_strdup("full backup requested (--full)");
     } else if (!bitmap) {
         d->full = true;
-        d->reason = g_strdup_printf("point %s has no bitmap for this disk",
-                                    last->id);
+        d->reason =
+            g_strdup_printf("point %s has no bitmap for this disk", last->id);
     } else if ((d->reason = bitmap_problem(d, entry, bitmap))) {
         d->full = true;
     } else {
@@ -257,8 +256,8 @@ plan_disk(struct backup *b, struct disk *d)
                                         last->id, err->message);
         } else if (qcow2_reader_virtual_size(d->backing) != d->size) {
             d->full = true;
-            d->reason = g_strdup_printf("previous point %s has another size",
-                                        last->id);
+            d->reason =
+                g_strdup_printf("previous point %s has another size", last->id);
             g_clear_pointer(&d->backing, qcow2_reader_free);
         }
     }
@@ -296,15 +295,14 @@ start_targets(struct backup *b, GError **errp)
         d->job_id = recover_job_id(b->repo, b->point, k);
         d->nbd_node = recover_node_name(b->repo, k);
         d->sock_path = g_strdup_printf("%s/%u.sock", b->run_dir, k);
-        d->target = backup_target_new(&b->ring, b->partial_fd, d->file,
-                                      d->name, d->size, b->opts->cluster_bits,
-                                      d->backing_rel, d->backing, d->sock_path,
-                                      errp);
+        d->target =
+            backup_target_new(&b->ring, b->partial_fd, d->file, d->name,
+                              d->size, b->opts->cluster_bits, d->backing_rel,
+                              d->backing, d->sock_path, errp);
         if (!d->target) {
             return false;
         }
-        backup_target_set_watchdog(d->target,
-                                   (gint64)b->opts->stall_ms * 1000);
+        backup_target_set_watchdog(d->target, (gint64)b->opts->stall_ms * 1000);
     }
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
@@ -381,14 +379,13 @@ start_transaction(struct backup *b, GError **errp)
         if (b->opts->speed) {
             json_object_set_new(job, "speed", json_integer(b->opts->speed));
         }
-        json_array_append_new(actions, json_pack("{s:s, s:o}", "type",
-                                                 "blockdev-backup", "data",
-                                                 job));
+        json_array_append_new(
+            actions,
+            json_pack("{s:s, s:o}", "type", "blockdev-backup", "data", job));
     }
     ret = qmp_client_call(b->qmp, "transaction",
                           json_pack("{s:o, s:{s:s}}", "actions", actions,
-                                    "properties", "completion-mode",
-                                    "grouped"),
+                                    "properties", "completion-mode", "grouped"),
                           b->opts->timeout_ms, errp);
     if (!ret) {
         return false;
@@ -408,8 +405,8 @@ disk_result(struct backup *b, struct disk *d)
         "{s:s, s:s, s:s, s:s?, s:I, s:I, s:s, s:s, s:s, s:s?, s:I}", "disk",
         d->name, "node", d->node, "type", d->full ? "full" : "incremental",
         "reason", d->reason, "virtual_size", (json_int_t)d->size,
-        "bytes_written", (json_int_t)backup_target_file_size(d->target),
-        "file", d->file, "chain", d->chain, "bitmap", d->bitmap, "backing",
+        "bytes_written", (json_int_t)backup_target_file_size(d->target), "file",
+        d->file, "chain", d->chain, "bitmap", d->bitmap, "backing",
         d->backing_rel, "cluster_size",
         (json_int_t)(1u << b->opts->cluster_bits));
 }
@@ -420,8 +417,8 @@ make_manifest(struct backup *b, const char *parent, double duration)
     json_t *disks = json_array();
     int v = qmp_client_qemu_version(b->qmp);
     g_autofree char *time = repo_time_now();
-    g_autofree char *qemu = g_strdup_printf("%d.%d.%d", v / 10000,
-                                            v / 100 % 100, v % 100);
+    g_autofree char *qemu =
+        g_strdup_printf("%d.%d.%d", v / 10000, v / 100 % 100, v % 100);
 
     for (guint k = 0; k < b->disks->len; k++) {
         json_array_append_new(disks, disk_result(b, b->disks->pdata[k]));
@@ -447,9 +444,8 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
         }
     }
     recover_crash_point("fsynced");
-    *manifest = make_manifest(b, parent,
-                              (double)(g_get_monotonic_time() - b->start_us) /
-                                  1e6);
+    *manifest = make_manifest(
+        b, parent, (double)(g_get_monotonic_time() - b->start_us) / 1e6);
     if (!repo_commit(b->repo, b->partial_fd, b->point, *manifest, errp)) {
         return false;
     }
@@ -463,13 +459,13 @@ remove_bitmap(struct backup *b, struct disk *d, const char *name,
               GPtrArray *warnings)
 {
     g_autoptr(GError) err = NULL;
-    json_t *r = qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
-                                json_pack("{s:s, s:s}", "node", d->node,
-                                          "name", name),
-                                b->opts->timeout_ms, &err);
+    json_t *r =
+        qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
+                        json_pack("{s:s, s:s}", "node", d->node, "name", name),
+                        b->opts->timeout_ms, &err);
     if (!r) {
-        g_ptr_array_add(warnings, g_strdup_printf("%s: %s", d->name,
-                                                  err->message));
+        g_ptr_array_add(warnings,
+                        g_strdup_printf("%s: %s", d->name, err->message));
     }
     json_decref(r);
 }
@@ -487,10 +483,10 @@ release_qemu(struct backup *b, bool failed, GPtrArray *warnings)
         struct disk *d = b->disks->pdata[k];
         if (d->nbd_added) {
             g_autoptr(GError) err = NULL;
-            json_t *r = qmp_client_call(b->qmp, "blockdev-del",
-                                        json_pack("{s:s}", "node-name",
-                                                  d->nbd_node),
-                                        b->opts->timeout_ms, &err);
+            json_t *r =
+                qmp_client_call(b->qmp, "blockdev-del",
+                                json_pack("{s:s}", "node-name", d->nbd_node),
+                                b->opts->timeout_ms, &err);
             if (!r && warnings) {
                 g_ptr_array_add(warnings, g_strdup(err->message));
             }
@@ -499,10 +495,10 @@ release_qemu(struct backup *b, bool failed, GPtrArray *warnings)
         }
         if (failed && d->bitmap_added && b->qmp) {
             /* A full that failed leaves a bitmap nothing refers to. */
-            json_decref(qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
-                                        json_pack("{s:s, s:s}", "node",
-                                                  d->node, "name", d->bitmap),
-                                        b->opts->timeout_ms, NULL));
+            json_decref(qmp_client_call(
+                b->qmp, "block-dirty-bitmap-remove",
+                json_pack("{s:s, s:s}", "node", d->node, "name", d->bitmap),
+                b->opts->timeout_ms, NULL));
         }
     }
     /* QEMU sends NBD_CMD_DISC on blockdev-del; give it a moment. */
@@ -532,15 +528,13 @@ static json_t *
 result_json(struct backup *b, json_t *manifest, GPtrArray *warnings,
             GPtrArray *recovered)
 {
-    json_t *out = json_pack("{s:s, s:s, s:O?, s:O, s:o, s:O, s:O}", "vm",
-                            b->opts->vm, "point", b->point, "parent",
-                            json_object_get(manifest, "parent"), "disks",
-                            json_object_get(manifest, "disks"), "duration_s",
-                            json_real((double)(g_get_monotonic_time() -
-                                               b->start_us) / 1e6),
-                            "consistency",
-                            json_object_get(manifest, "consistency"),
-                            "freeze", json_object_get(manifest, "freeze"));
+    json_t *out = json_pack(
+        "{s:s, s:s, s:O?, s:O, s:o, s:O, s:O}", "vm", b->opts->vm, "point",
+        b->point, "parent", json_object_get(manifest, "parent"), "disks",
+        json_object_get(manifest, "disks"), "duration_s",
+        json_real((double)(g_get_monotonic_time() - b->start_us) / 1e6),
+        "consistency", json_object_get(manifest, "consistency"), "freeze",
+        json_object_get(manifest, "freeze"));
     GPtrArray *qw = quiesce_warnings(b->quiesce);
 
     for (guint i = 0; i < qw->len; i++) {
@@ -608,20 +602,20 @@ backup_run(const struct backup_opts *o, GError **errp)
     }
     /* The agent is checked before anything starts in QEMU, so a required
      * freeze that cannot happen fails the backup early. */
-    b.quiesce = quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path,
-                            QGA_TIMEOUT_MS);
+    b.quiesce =
+        quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path, QGA_TIMEOUT_MS);
     trace(&b, "disks planned");
     if (!quiesce_prepare(b.quiesce, errp)) {
         goto out;
     }
     if (b.points->len > 0 && any_incremental) {
-        parent = ((struct restore_point *)
-                      b.points->pdata[b.points->len - 1])->id;
+        parent =
+            ((struct restore_point *)b.points->pdata[b.points->len - 1])->id;
     }
     b.point = repo_new_point_id(
-        b.points->len ? ((struct restore_point *)
-                             b.points->pdata[b.points->len - 1])->id
-                      : NULL);
+        b.points->len
+            ? ((struct restore_point *)b.points->pdata[b.points->len - 1])->id
+            : NULL);
     b.partial_fd = repo_partial_create(b.repo, b.point, errp);
     if (b.partial_fd < 0) {
         goto out;

@@ -3,28 +3,28 @@
 #ifndef QBAK_AGENT_BACKUP_H
 #define QBAK_AGENT_BACKUP_H
 
+#include <glib.h>
+#include <jansson.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
-#include <jansson.h>
-#include <glib.h>
-#include <signal.h>
 
 #include "agent/quiesce.h"
 
 struct backup_opts {
     const char *qmp_path;
-    const char *qga_path;  /* NULL: no guest agent */
+    const char *qga_path; /* NULL: no guest agent */
     enum quiesce_mode quiesce;
     const char *repo;
     const char *vm;
-    char **disks;     /* NULL: every writable disk with a device */
+    char **disks; /* NULL: every writable disk with a device */
     bool full;
-    uint64_t speed;   /* bytes/s per job, 0: unlimited */
+    uint64_t speed; /* bytes/s per job, 0: unlimited */
     unsigned cluster_bits;
-    int timeout_ms;   /* per QMP call */
-    int stall_ms;     /* a repository write older than this fails the backup */
-    bool progress;    /* progress lines on stderr */
-    bool verbose;     /* each phase with its time on stderr */
+    int timeout_ms; /* per QMP call */
+    int stall_ms;   /* a repository write older than this fails the backup */
+    bool progress;  /* progress lines on stderr */
+    bool verbose;   /* each phase with its time on stderr */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

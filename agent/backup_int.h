@@ -3,10 +3,10 @@
 #ifndef QBAK_AGENT_BACKUP_INT_H
 #define QBAK_AGENT_BACKUP_INT_H
 
+#include <glib.h>
+#include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
-#include <jansson.h>
-#include <glib.h>
 
 #include "agent/backup.h"
 #include "agent/quiesce.h"
@@ -17,8 +17,8 @@
 #include "qmp/client.h"
 
 struct disk {
-    char *name;  /* device id, or node name without one */
-    char *node;  /* format node backed up and holding the bitmap */
+    char *name; /* device id, or node name without one */
+    char *node; /* format node backed up and holding the bitmap */
     char *drv;
     uint64_t size;
     json_t *bitmaps; /* from query-block, borrowed from `block` */

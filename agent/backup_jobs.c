@@ -41,8 +41,10 @@ show_progress(struct backup *b, json_t *jobs)
 
     for (guint k = 0; k < b->disks->len; k++) {
         json_t *j = find_job(jobs, ((struct disk *)b->disks->pdata[k])->job_id);
-        cur += (uint64_t)json_integer_value(json_object_get(j, "current-progress"));
-        total += (uint64_t)json_integer_value(json_object_get(j, "total-progress"));
+        cur += (uint64_t)json_integer_value(
+            json_object_get(j, "current-progress"));
+        total +=
+            (uint64_t)json_integer_value(json_object_get(j, "total-progress"));
     }
     if (total) {
         fprintf(stderr, "\rqbak: %s: %3.0f%% of %.1f MiB", b->opts->vm,
@@ -112,8 +114,8 @@ backup_jobs_wait_pending(struct backup *b, GError **errp)
                  * name the disk whose job failed, not a casualty.  An
                  * aborting job is awaited: its error is set once it has
                  * concluded. */
-                if (!failed || (msg_is_cancel(failed_msg) &&
-                                !msg_is_cancel(msg))) {
+                if (!failed ||
+                    (msg_is_cancel(failed_msg) && !msg_is_cancel(msg))) {
                     failed = d;
                     failed_msg = msg;
                 }
@@ -151,8 +153,8 @@ backup_jobs_wait_pending(struct backup *b, GError **errp)
 bool
 backup_jobs_still_pending(struct backup *b, GError **errp)
 {
-    json_t *jobs = qmp_client_call(b->qmp, "query-jobs", NULL,
-                                   b->opts->timeout_ms, errp);
+    json_t *jobs =
+        qmp_client_call(b->qmp, "query-jobs", NULL, b->opts->timeout_ms, errp);
 
     if (!jobs) {
         g_prefix_error(errp, "before commit: ");
@@ -240,4 +242,3 @@ backup_jobs_finalize(struct backup *b, GPtrArray *warnings)
     json_decref(r);
     backup_jobs_conclude(b, false);
 }
-

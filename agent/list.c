@@ -11,8 +11,8 @@
 static json_t *
 list_vm(const char *repo_path, const char *vm, GError **errp)
 {
-    struct repo_vm *r = repo_vm_open(repo_path, vm, false, REPO_LOCK_NONE,
-                                     errp);
+    struct repo_vm *r =
+        repo_vm_open(repo_path, vm, false, REPO_LOCK_NONE, errp);
     GPtrArray *points;
     json_t *arr;
 
@@ -41,12 +41,12 @@ list_vm(const char *repo_path, const char *vm, GError **errp)
                                  json_object_get(d, "virtual_size")));
         }
         json_array_append_new(
-            arr, json_pack("{s:s, s:O?, s:O?, s:O?, s:o}", "point", p->id,
-                           "parent", json_object_get(p->manifest, "parent"),
-                           "time", json_object_get(p->manifest, "time"),
-                           "consistency",
-                           json_object_get(p->manifest, "consistency"),
-                           "disks", disks));
+            arr,
+            json_pack("{s:s, s:O?, s:O?, s:O?, s:o}", "point", p->id, "parent",
+                      json_object_get(p->manifest, "parent"), "time",
+                      json_object_get(p->manifest, "time"), "consistency",
+                      json_object_get(p->manifest, "consistency"), "disks",
+                      disks));
     }
     g_ptr_array_free(points, true);
     return json_pack("{s:s, s:o}", "vm", vm, "points", arr);
@@ -98,9 +98,9 @@ print_vm(json_t *v)
         GString *line = g_string_new(NULL);
         json_array_foreach(json_object_get(p, "disks"), k, d)
         {
-            g_string_append_printf(line, " %s(%s)",
-                                   json_string_value(json_object_get(d, "disk")),
-                                   json_string_value(json_object_get(d, "type")));
+            g_string_append_printf(
+                line, " %s(%s)", json_string_value(json_object_get(d, "disk")),
+                json_string_value(json_object_get(d, "type")));
         }
         printf("  %s  %s%s\n", json_string_value(json_object_get(p, "point")),
                json_string_value(json_object_get(p, "time")), line->str);

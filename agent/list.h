@@ -2,8 +2,8 @@
 #ifndef QBAK_AGENT_LIST_H
 #define QBAK_AGENT_LIST_H
 
-#include <jansson.h>
 #include <glib.h>
+#include <jansson.h>
 
 /* vm NULL: every VM in the repository ({"vms": [...]}); else
  * {"vm", "points": [{"point", "parent", "time", "disks": [...]}]}. */

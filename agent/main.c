@@ -25,7 +25,8 @@ static const char *usage_text =
     "  list     list committed restore points\n"
     "  restore  write one disk at one point as a standalone image\n"
     "\n"
-    "qbak COMMAND --help shows the options of a command; man qbak tells more.\n";
+    "qbak COMMAND --help shows the options of a command; man qbak tells "
+    "more.\n";
 
 static void
 print_json(json_t *j)
@@ -64,8 +65,7 @@ parse(const char *cmd, const char *summary, GOptionEntry *entries, int *argc,
         exit(EXIT_USAGE);
     }
     if (*argc > 1) {
-        fprintf(stderr, "qbak %s: unexpected argument '%s'\n", cmd,
-                (*argv)[1]);
+        fprintf(stderr, "qbak %s: unexpected argument '%s'\n", cmd, (*argv)[1]);
         exit(EXIT_USAGE);
     }
 }
@@ -155,8 +155,7 @@ cmd_backup(int argc, char **argv)
          "crash-consistent; require: fail if the freeze fails; off",
          "MODE"},
         {"disk", 0, 0, G_OPTION_ARG_STRING_ARRAY, &disks,
-         "back up only this disk (device id or node name); repeatable",
-         "NAME"},
+         "back up only this disk (device id or node name); repeatable", "NAME"},
         {"full", 0, 0, G_OPTION_ARG_NONE, &full,
          "start a new chain with a full backup", NULL},
         {"speed", 0, 0, G_OPTION_ARG_INT64, &speed,
@@ -200,7 +199,8 @@ cmd_backup(int argc, char **argv)
     } else if (quiesce && strcmp(quiesce, "off") == 0) {
         o.quiesce = QUIESCE_OFF;
     } else if (quiesce && strcmp(quiesce, "auto") != 0) {
-        fprintf(stderr, "qbak backup: --quiesce must be auto, require or off\n");
+        fprintf(stderr,
+                "qbak backup: --quiesce must be auto, require or off\n");
         return EXIT_USAGE;
     }
     if (o.quiesce == QUIESCE_REQUIRE && !qga) {

@@ -21,10 +21,10 @@ struct quiesce {
     int timeout_ms;
 
     struct qmp_client *qga;
-    bool usable;       /* prepared: connected, synced, not frozen by others */
-    bool freeze_sent;  /* a freeze may have taken effect: thaw needed */
+    bool usable;      /* prepared: connected, synced, not frozen by others */
+    bool freeze_sent; /* a freeze may have taken effect: thaw needed */
     bool thawed;
-    int frozen;        /* file systems the freeze reported, -1 if none */
+    int frozen; /* file systems the freeze reported, -1 if none */
     int thaw_count;
     gint64 freeze_reply_us, thaw_request_us;
     sigset_t saved_mask;
@@ -67,9 +67,9 @@ quiesce_free(struct quiesce *q)
 static bool
 marker_write(struct repo_vm *r, const char *qga_path, GError **errp)
 {
-    int fd = openat(r->vm_fd, MARKER ".tmp",
-                    O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC,
-                    0640);
+    int fd =
+        openat(r->vm_fd, MARKER ".tmp",
+               O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0640);
     size_t len = strlen(qga_path);
 
     if (fd < 0 || write(fd, qga_path, len) != (ssize_t)len || fsync(fd) < 0 ||
@@ -139,8 +139,8 @@ freeze_status(struct qmp_client *c, int timeout_ms, GError **errp)
 static struct qmp_client *
 qga_open(struct ring *ring, const char *path, int timeout_ms, GError **errp)
 {
-    struct qmp_client *c = qmp_client_connect(ring, path, QMP_PARSER_QGA,
-                                              timeout_ms, errp);
+    struct qmp_client *c =
+        qmp_client_connect(ring, path, QMP_PARSER_QGA, timeout_ms, errp);
 
     if (c && !qga_client_sync(c, timeout_ms, errp)) {
         qmp_client_free(c);
@@ -209,10 +209,9 @@ policy(struct quiesce *q, GError *err, GError **errp)
         g_propagate_prefixed_error(errp, err, "guest freeze required: ");
         return false;
     }
-    g_ptr_array_add(q->warnings,
-                    g_strdup_printf("guest not frozen, backup is "
-                                    "crash-consistent: %s",
-                                    err->message));
+    g_ptr_array_add(q->warnings, g_strdup_printf("guest not frozen, backup is "
+                                                 "crash-consistent: %s",
+                                                 err->message));
     g_error_free(err);
     return true;
 }
@@ -325,8 +324,9 @@ quiesce_thaw(struct quiesce *q)
         g_ptr_array_add(q->warnings,
                         g_strdup_printf("guest thaw not confirmed (%s); the "
                                         "next qbak run will thaw it",
-                                        err ? err->message
-                                            : st ? st : "no status"));
+                                        err  ? err->message
+                                        : st ? st
+                                             : "no status"));
     }
     release_signals(q);
 }
@@ -334,8 +334,7 @@ quiesce_thaw(struct quiesce *q)
 const char *
 quiesce_consistency(const struct quiesce *q)
 {
-    return q->frozen > 0 && q->thaw_count == q->frozen ? "filesystem"
-                                                       : "crash";
+    return q->frozen > 0 && q->thaw_count == q->frozen ? "filesystem" : "crash";
 }
 
 json_t *
@@ -353,14 +352,13 @@ quiesce_json(const struct quiesce *q)
         json_decref(warning);
         return json_null();
     }
-    return json_pack("{s:i, s:o?, s:o}", "filesystems", MAX(q->frozen, 0),
-                     "window_ms",
-                     q->frozen >= 0 && q->thaw_request_us
-                         ? json_real((double)(q->thaw_request_us -
-                                              q->freeze_reply_us) /
-                                     1000.0)
-                         : NULL,
-                     "warning", warning);
+    return json_pack(
+        "{s:i, s:o?, s:o}", "filesystems", MAX(q->frozen, 0), "window_ms",
+        q->frozen >= 0 && q->thaw_request_us
+            ? json_real((double)(q->thaw_request_us - q->freeze_reply_us) /
+                        1000.0)
+            : NULL,
+        "warning", warning);
 }
 
 GPtrArray *

@@ -6,9 +6,9 @@
 #ifndef QBAK_AGENT_QUIESCE_H
 #define QBAK_AGENT_QUIESCE_H
 
-#include <stdbool.h>
-#include <jansson.h>
 #include <glib.h>
+#include <jansson.h>
+#include <stdbool.h>
 
 #include "agent/repo.h"
 #include "io/ring.h"

@@ -119,17 +119,16 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
             continue;
         }
         /* Only a committed point may let QEMU advance its bitmap. */
-        verb = committed && !strcmp(st, "pending") ? "job-finalize"
-                                                   : "job-cancel";
+        verb =
+            committed && !strcmp(st, "pending") ? "job-finalize" : "job-cancel";
         json_decref(qmp_client_call(qmp, verb, json_pack("{s:s}", "id", id),
                                     timeout_ms, NULL));
-        g_ptr_array_add(done, g_strdup_printf(
-                                  "%s job %s left by an earlier run (%s, "
-                                  "point %s)",
-                                  !strcmp(verb, "job-finalize") ? "finalized"
-                                                                : "cancelled",
-                                  id, st,
-                                  committed ? "committed" : "not committed"));
+        g_ptr_array_add(
+            done, g_strdup_printf(
+                      "%s job %s left by an earlier run (%s, "
+                      "point %s)",
+                      !strcmp(verb, "job-finalize") ? "finalized" : "cancelled",
+                      id, st, committed ? "committed" : "not committed"));
     }
     json_decref(jobs);
 
@@ -182,8 +181,8 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
             continue;
         }
         ret = qmp_client_call(qmp, "blockdev-del",
-                              json_pack("{s:s}", "node-name", name),
-                              timeout_ms, &err);
+                              json_pack("{s:s}", "node-name", name), timeout_ms,
+                              &err);
         g_ptr_array_add(done, ret ? g_strdup_printf("deleted NBD node %s left "
                                                     "by an earlier run",
                                                     name)
@@ -213,8 +212,7 @@ make_private_dir(const char *path, GError **errp)
     }
     /* Anyone else who can enter it could connect to our NBD sockets and
      * write into the backup. */
-    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() ||
-        (st.st_mode & 0077)) {
+    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 0077)) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
                     "%s: runtime directory must be a directory of ours with "
                     "mode 0700 (refusing a symlink, another owner or wider "

@@ -4,8 +4,8 @@
 #ifndef QBAK_AGENT_RECOVER_H
 #define QBAK_AGENT_RECOVER_H
 
-#include <stdbool.h>
 #include <glib.h>
+#include <stdbool.h>
 
 #include "agent/repo.h"
 #include "qmp/client.h"

@@ -14,8 +14,7 @@
 #define DIR_MODE 0750
 #define FILE_MODE 0640
 
-static bool
-set_errno_error(GError **errp, int err, const char *fmt, ...)
+static bool set_errno_error(GError **errp, int err, const char *fmt, ...)
     G_GNUC_PRINTF(3, 4);
 
 static bool
@@ -27,8 +26,8 @@ set_errno_error(GError **errp, int err, const char *fmt, ...)
     va_start(ap, fmt);
     what = g_strdup_vprintf(fmt, ap);
     va_end(ap);
-    g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s", what,
-                g_strerror(err));
+    g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s",
+                what, g_strerror(err));
     return false;
 }
 
@@ -189,9 +188,9 @@ repo_vm_open(const char *repo_path, const char *vm, bool create,
         goto fail;
     }
     if (lock != REPO_LOCK_NONE) {
-        r->lock_fd = openat(r->vm_fd, ".lock",
-                            O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
-                            FILE_MODE);
+        r->lock_fd =
+            openat(r->vm_fd, ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+                   FILE_MODE);
         if (r->lock_fd < 0) {
             set_errno_error(errp, errno, "%s/.lock", vm_path);
             goto fail;
@@ -400,7 +399,8 @@ repo_partial_create(struct repo_vm *r, const char *id, GError **errp)
         set_errno_error(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
         return -1;
     }
-    fd = openat(r->vm_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    fd =
+        openat(r->vm_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
         set_errno_error(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
     }
@@ -476,15 +476,16 @@ repo_partial_cleanup(struct repo_vm *r)
 }
 
 bool
-repo_commit(struct repo_vm *r, int partial_fd, const char *id,
-            json_t *manifest, GError **errp)
+repo_commit(struct repo_vm *r, int partial_fd, const char *id, json_t *manifest,
+            GError **errp)
 {
-    g_autofree char *text = json_dumps(manifest, JSON_INDENT(2) | JSON_SORT_KEYS);
+    g_autofree char *text =
+        json_dumps(manifest, JSON_INDENT(2) | JSON_SORT_KEYS);
     g_autofree char *partial = g_strdup_printf(".partial-%s", id);
     size_t len = strlen(text), off = 0;
-    int fd = openat(partial_fd, MANIFEST_NAME,
-                    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                    FILE_MODE);
+    int fd =
+        openat(partial_fd, MANIFEST_NAME,
+               O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, FILE_MODE);
 
     if (fd < 0) {
         return set_errno_error(errp, errno, "%s: create", MANIFEST_NAME);

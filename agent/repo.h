@@ -6,10 +6,10 @@
 #ifndef QBAK_AGENT_REPO_H
 #define QBAK_AGENT_REPO_H
 
+#include <glib.h>
+#include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
-#include <jansson.h>
-#include <glib.h>
 
 #define MANIFEST_NAME "manifest.json"
 #define MANIFEST_FORMAT 1
@@ -40,8 +40,8 @@ enum repo_lock {
 
 /* Open (create) repo/vm and take its lock, failing fast if a conflicting
  * lock is held.  The lock dies with its holder. */
-struct repo_vm *repo_vm_open(const char *repo_path, const char *vm,
-                             bool create, enum repo_lock lock, GError **errp);
+struct repo_vm *repo_vm_open(const char *repo_path, const char *vm, bool create,
+                             enum repo_lock lock, GError **errp);
 void repo_vm_close(struct repo_vm *r);
 
 /* Committed points, oldest first (a GPtrArray of struct restore_point *).

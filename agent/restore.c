@@ -91,8 +91,8 @@ buf_start_write(struct restore_buf *b)
                       b->guest_off);
         return;
     }
-    if (!qcow2_writer_write(r->out_qcow2, b->guest_off, b->data, b->len,
-                            b->ext, &n, &err)) {
+    if (!qcow2_writer_write(r->out_qcow2, b->guest_off, b->data, b->len, b->ext,
+                            &n, &err)) {
         buf_release(b, -EIO);
         return;
     }
@@ -186,8 +186,8 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
             b->nreads = 0;
             b->reads_pending = 0;
         }
-        if (!qcow2_reader_map(src, off, MIN(size - off, BUF_SIZE - b->len),
-                              &m, errp)) {
+        if (!qcow2_reader_map(src, off, MIN(size - off, BUF_SIZE - b->len), &m,
+                              errp)) {
             buf_seal(&b);
             ring_drain(&r->ring);
             return false;
@@ -287,19 +287,17 @@ restore_run(const struct restore_opts *o, GError **errp)
                     "%s: point %s has no disk %s", o->vm, p->id, o->disk);
         goto out;
     }
-    path = g_build_filename(p->id,
-                            json_string_value(json_object_get(entry, "file")),
-                            NULL);
+    path = g_build_filename(
+        p->id, json_string_value(json_object_get(entry, "file")), NULL);
     if (!repo_name_valid(json_string_value(json_object_get(entry, "file")),
                          "file", errp) ||
         !(src = qcow2_reader_open(repo->vm_fd, path, errp))) {
         g_prefix_error(errp, "%s/%s: ", o->vm, p->id);
         goto out;
     }
-    r.out_fd = open(o->output,
-                    O_WRONLY | O_CREAT | O_CLOEXEC |
-                        (o->force ? O_TRUNC : O_EXCL),
-                    0640);
+    r.out_fd = open(
+        o->output,
+        O_WRONLY | O_CREAT | O_CLOEXEC | (o->force ? O_TRUNC : O_EXCL), 0640);
     if (r.out_fd < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "%s: %s%s", o->output, g_strerror(errno),
@@ -317,9 +315,9 @@ restore_run(const struct restore_opts *o, GError **errp)
     }
     ring_ok = true;
     if (o->qcow2) {
-        r.out_qcow2 = qcow2_writer_new(r.out_fd, qcow2_reader_virtual_size(src),
-                                       qcow2_reader_cluster_bits(src), NULL,
-                                       NULL, errp);
+        r.out_qcow2 =
+            qcow2_writer_new(r.out_fd, qcow2_reader_virtual_size(src),
+                             qcow2_reader_cluster_bits(src), NULL, NULL, errp);
         if (!r.out_qcow2) {
             goto out;
         }

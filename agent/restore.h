@@ -3,9 +3,9 @@
 #ifndef QBAK_AGENT_RESTORE_H
 #define QBAK_AGENT_RESTORE_H
 
-#include <stdbool.h>
-#include <jansson.h>
 #include <glib.h>
+#include <jansson.h>
+#include <stdbool.h>
 
 struct restore_opts {
     const char *repo;

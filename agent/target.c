@@ -43,10 +43,10 @@ struct backup_target {
     struct target_req reqs[NBD_SLOTS];
     unsigned writes_inflight;
     uint64_t next_seq;
-    uint64_t dirty_bytes;      /* written since writeback was last started */
+    uint64_t dirty_bytes; /* written since writeback was last started */
     struct ring_op writeback_op;
     bool writeback_pending;
-    bool abandoned; /* the repository stalled: requests answered, no I/O */
+    bool abandoned;  /* the repository stalled: requests answered, no I/O */
     gint64 stall_us; /* watchdog limit, 0: off */
     struct ring_op tick_op;
     struct __kernel_timespec tick_ts;
@@ -61,11 +61,10 @@ static void
 target_fail(struct backup_target *t, const char *what, int err)
 {
     if (!t->error) {
-        t->error = g_strdup_printf("%s: %s: %s", t->disk, what,
-                                   g_strerror(err));
+        t->error =
+            g_strdup_printf("%s: %s: %s", t->disk, what, g_strerror(err));
     }
 }
-
 
 static void start_sync(struct target_req *tr);
 static void tick_done(struct ring_op *op, int res);
@@ -139,8 +138,8 @@ start_sync(struct target_req *tr)
 static void
 writeback_done(struct ring_op *op, int res)
 {
-    struct backup_target *t = container_of(op, struct backup_target,
-                                           writeback_op);
+    struct backup_target *t =
+        container_of(op, struct backup_target, writeback_op);
 
     /* Only a hint: durability comes from the fsync at commit, which also
      * reports any write-back error. */
@@ -230,8 +229,8 @@ handle_write(struct backup_target *t, struct target_req *tr)
         }
         return;
     }
-    if (!qcow2_writer_write(t->writer, req->offset, req->buf, req->len,
-                            tr->ext, &n, &err)) {
+    if (!qcow2_writer_write(t->writer, req->offset, req->buf, req->len, tr->ext,
+                            &n, &err)) {
         if (!t->error) {
             t->error = g_strdup_printf("%s: %s", t->disk, err->message);
         }
@@ -298,8 +297,8 @@ request(void *opaque, struct nbd_request *req)
         }
         break;
     case NBD_CMD_READ:
-        ok = qcow2_writer_read(t->writer, req->offset, req->buf, req->len,
-                               &err);
+        ok =
+            qcow2_writer_read(t->writer, req->offset, req->buf, req->len, &err);
         break;
     case NBD_CMD_FLUSH:
         tr->waiting_sync = true;
@@ -328,9 +327,8 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     t->writeback_op.done_fn = writeback_done;
     t->tick_op.done_fn = tick_done;
     t->disk = g_strdup(disk);
-    t->drop_at = getenv("QBAK_FAULT_NBD_DROP")
-                     ? atol(getenv("QBAK_FAULT_NBD_DROP"))
-                     : 0;
+    t->drop_at =
+        getenv("QBAK_FAULT_NBD_DROP") ? atol(getenv("QBAK_FAULT_NBD_DROP")) : 0;
     t->fd = openat(dir_fd, file,
                    O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0640);
     if (t->fd < 0) {
@@ -364,8 +362,8 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     t->exp.max_block = NBD_MAX_BLOCK;
     t->backend.request_fn = request;
     t->backend.opaque = t;
-    t->server = nbd_server_new(ring, listen_fd, &t->exp, &t->backend,
-                               NBD_SLOTS);
+    t->server =
+        nbd_server_new(ring, listen_fd, &t->exp, &t->backend, NBD_SLOTS);
     return t;
 fail:
     backup_target_free(t);
@@ -472,8 +470,8 @@ watchdog_check(struct backup_target *t, gint64 limit_us)
     }
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
         struct target_req *tr = &t->reqs[i];
-        stalled |= (tr->writing || tr->syncing) &&
-                   now - tr->started_us > limit_us;
+        stalled |=
+            (tr->writing || tr->syncing) && now - tr->started_us > limit_us;
     }
     if (!stalled) {
         return false;
@@ -498,8 +496,8 @@ backup_target_error(struct backup_target *t)
 {
     /* Every message names its disk, the server's too. */
     if (!t->error && nbd_server_error(t->server)) {
-        t->error = g_strdup_printf("%s: %s", t->disk,
-                                   nbd_server_error(t->server));
+        t->error =
+            g_strdup_printf("%s: %s", t->disk, nbd_server_error(t->server));
     }
     return t->error;
 }

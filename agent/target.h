@@ -3,9 +3,9 @@
 #ifndef QBAK_AGENT_TARGET_H
 #define QBAK_AGENT_TARGET_H
 
+#include <glib.h>
 #include <stdbool.h>
 #include <stdint.h>
-#include <glib.h>
 
 #include "io/nbd.h"
 #include "io/qcow2.h"
@@ -20,8 +20,7 @@ struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
                                         uint64_t size, unsigned cluster_bits,
                                         const char *backing_file,
                                         struct qcow2_reader *backing,
-                                        const char *socket_path,
-                                        GError **errp);
+                                        const char *socket_path, GError **errp);
 /* Stops serving, waits for in-flight I/O, closes the file. */
 void backup_target_free(struct backup_target *t);
 

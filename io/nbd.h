@@ -14,11 +14,11 @@
 #ifndef QBAK_IO_NBD_H
 #define QBAK_IO_NBD_H
 
+#include <glib.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
-#include <glib.h>
 
 #include "io/ring.h"
 

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NBD_MAGIC UINT64_C(0x4e42444d41474943)   /* "NBDMAGIC" */
+#define NBD_MAGIC UINT64_C(0x4e42444d41474943)    /* "NBDMAGIC" */
 #define NBD_IHAVEOPT UINT64_C(0x49484156454f5054) /* "IHAVEOPT" */
 #define NBD_REP_MAGIC UINT64_C(0x3e889045565a9)
 #define NBD_REQUEST_MAGIC 0x25609513u
@@ -53,9 +53,9 @@ enum conn_state {
     STATE_OPT_HEADER,
     STATE_OPT_DATA,
     STATE_REQUEST,
-    STATE_PAYLOAD,  /* a WRITE's data into its slot */
-    STATE_DISCARD,  /* a WRITE's data that will be refused (past the end) */
-    STATE_CLOSING,  /* DISC or ABORT: finish what is in flight, then close */
+    STATE_PAYLOAD, /* a WRITE's data into its slot */
+    STATE_DISCARD, /* a WRITE's data that will be refused (past the end) */
+    STATE_CLOSING, /* DISC or ABORT: finish what is in flight, then close */
     STATE_DEAD,
 };
 
@@ -97,7 +97,7 @@ struct nbd_conn {
     unsigned backend_busy; /* requests handed to the backend, not done */
     void (*wake_fn)(void *opaque);
     void *wake_opaque;
-    int payload_slot;      /* STATE_PAYLOAD/STATE_DISCARD target */
+    int payload_slot; /* STATE_PAYLOAD/STATE_DISCARD target */
     uint32_t discard_error;
 
     GQueue out; /* struct out_chunk * */
@@ -172,8 +172,7 @@ out_push_slot(struct nbd_conn *c, const void *data, size_t len, int slot)
     g_queue_push_tail(&c->out, ch);
 }
 
-static void
-fail(struct nbd_conn *c, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+static void fail(struct nbd_conn *c, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 
 static void
 fail(struct nbd_conn *c, const char *fmt, ...)
@@ -319,8 +318,8 @@ static bool
 name_matches(const struct nbd_conn *c, const uint8_t *name, uint32_t len)
 {
     /* The empty name selects the default (only) export, as qemu-nbd does. */
-    return len == 0 ||
-           (strlen(c->exp->name) == len && memcmp(c->exp->name, name, len) == 0);
+    return len == 0 || (strlen(c->exp->name) == len &&
+                        memcmp(c->exp->name, name, len) == 0);
 }
 
 static void
@@ -466,8 +465,8 @@ handle_request(struct nbd_conn *c)
     uint16_t type = get16(c->hdr + 6);
     uint64_t off = get64(c->hdr + 16);
     uint32_t len = get32(c->hdr + 24);
-    uint16_t known = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE |
-                     NBD_CMD_FLAG_FAST_ZERO;
+    uint16_t known =
+        NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
     bool past_end = off > e->size || len > e->size - off;
     int i = free_slot(c);
     struct slot *s;
@@ -497,8 +496,10 @@ handle_request(struct nbd_conn *c)
     if (type == NBD_CMD_WRITE) {
         if (len > e->max_block) {
             /* The payload cannot be skipped safely past our limit. */
-            fail(c, "write of %" PRIu32 " bytes exceeds the %" PRIu32
-                 "-byte maximum", len, e->max_block);
+            fail(c,
+                 "write of %" PRIu32 " bytes exceeds the %" PRIu32
+                 "-byte maximum",
+                 len, e->max_block);
             return false;
         }
         c->payload_slot = i;

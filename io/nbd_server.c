@@ -108,8 +108,8 @@ send_done(struct ring_op *op, int res)
         return;
     }
     if (res <= 0) {
-        set_error(s, "NBD connection: send: ",
-                  g_strerror(res < 0 ? -res : EPIPE));
+        set_error(s,
+                  "NBD connection: send: ", g_strerror(res < 0 ? -res : EPIPE));
     } else {
         nbd_conn_output_sent(s->conn, (size_t)res);
     }

@@ -20,10 +20,10 @@
 #ifndef QBAK_IO_QCOW2_H
 #define QBAK_IO_QCOW2_H
 
+#include <glib.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <glib.h>
 
 #define QCOW2_MIN_CLUSTER_BITS 9
 #define QCOW2_MAX_CLUSTER_BITS 21

@@ -9,14 +9,14 @@
 #ifndef QBAK_IO_RING_H
 #define QBAK_IO_RING_H
 
+#include <liburing.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <liburing.h>
 
 #ifndef container_of
 #define container_of(ptr, type, member)                                        \
-    ((type *)((char *)(ptr) - offsetof(type, member)))
+    ((type *)((char *)(ptr)-offsetof(type, member)))
 #endif
 
 struct ring_op;
@@ -60,7 +60,7 @@ struct ring_rw {
     size_t len;
     size_t done;
     uint64_t off;
-    void *opaque; /* the caller's */
+    void *opaque;                   /* the caller's */
     struct __kernel_timespec delay; /* test only: a stalled write */
 };
 
@@ -73,8 +73,8 @@ void ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
  * or be short when err is "short".  QBAK_FAULT_FSYNC=N[:err] does the same
  * to the Nth data fsync, through ring_fault_fsync().  QBAK_FAULT_STALL_WRITE
  * =N[:secs] holds every file write from the Nth on back secs seconds
- * (default 10), as a stalled repository would.  Unset in normal runs; read once at
- * ring_init(). */
+ * (default 10), as a stalled repository would.  Unset in normal runs; read once
+ * at ring_init(). */
 
 /* 0, or the -errno the current data fsync must fail with (test only). */
 int ring_fault_fsync(void);

@@ -27,7 +27,7 @@ struct qmp_client {
     GHashTable *waiting; /* id -> reply (NULL until it arrives) */
     GQueue events;
     int qemu_version;
-    int64_t sync_id;     /* QGA: the guest-sync-delimited id we await */
+    int64_t sync_id; /* QGA: the guest-sync-delimited id we await */
     bool synced;
 };
 
@@ -70,9 +70,8 @@ dispatch(struct qmp_client *c, json_t *msg)
         g_queue_push_tail(&c->events, msg);
         return;
     }
-    if (c->mode == QMP_PARSER_QGA && json_is_integer(json_object_get(msg,
-                                                                 "return")) &&
-        !id && c->sync_id &&
+    if (c->mode == QMP_PARSER_QGA &&
+        json_is_integer(json_object_get(msg, "return")) && !id && c->sync_id &&
         json_integer_value(json_object_get(msg, "return")) == c->sync_id) {
         /* guest-sync-delimited answers with the id as its return value. */
         c->synced = true;
@@ -84,9 +83,9 @@ dispatch(struct qmp_client *c, json_t *msg)
         return;
     }
     key = GINT_TO_POINTER(0);
-    if (g_hash_table_lookup_extended(c->waiting,
-                                     (gconstpointer)(intptr_t)json_integer_value(id),
-                                     &key, NULL)) {
+    if (g_hash_table_lookup_extended(
+            c->waiting, (gconstpointer)(intptr_t)json_integer_value(id), &key,
+            NULL)) {
         g_hash_table_insert(c->waiting, key, msg);
         return;
     }
@@ -354,9 +353,8 @@ qmp_handshake(struct qmp_client *c, int timeout_ms, GError **errp)
             greeting = NULL;
         }
     }
-    ver = json_object_get(json_object_get(json_object_get(greeting, "QMP"),
-                                          "version"),
-                          "qemu");
+    ver = json_object_get(
+        json_object_get(json_object_get(greeting, "QMP"), "version"), "qemu");
     c->qemu_version =
         (int)(json_integer_value(json_object_get(ver, "major")) * 10000 +
               json_integer_value(json_object_get(ver, "minor")) * 100 +
@@ -396,8 +394,8 @@ qmp_client_connect(struct ring *ring, const char *path,
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
         int err = errno;
-        g_set_error(errp, QMP_ERROR, QMP_ERROR_CLOSED, "%s: connect: %s",
-                    path, g_strerror(err));
+        g_set_error(errp, QMP_ERROR, QMP_ERROR_CLOSED, "%s: connect: %s", path,
+                    g_strerror(err));
         if (fd >= 0) {
             close(fd);
         }
@@ -411,8 +409,8 @@ qmp_client_connect(struct ring *ring, const char *path,
     c->fd = fd;
     c->parser = qmp_parser_new(mode, QMP_PARSER_DEFAULT_MAX_MSG);
     c->poll_op.done_fn = poll_done;
-    c->waiting = g_hash_table_new_full(NULL, NULL, NULL,
-                                       (GDestroyNotify)json_decref);
+    c->waiting =
+        g_hash_table_new_full(NULL, NULL, NULL, (GDestroyNotify)json_decref);
     g_queue_init(&c->events);
     if (mode == QMP_PARSER_QMP && !qmp_handshake(c, timeout_ms, errp)) {
         g_prefix_error(errp, "%s: ", path);

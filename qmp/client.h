@@ -9,9 +9,9 @@
 #ifndef QBAK_QMP_CLIENT_H
 #define QBAK_QMP_CLIENT_H
 
-#include <stdbool.h>
-#include <jansson.h>
 #include <glib.h>
+#include <jansson.h>
+#include <stdbool.h>
 
 #include "io/ring.h"
 #include "qmp/parser.h"
@@ -20,10 +20,10 @@
 GQuark qmp_error_quark(void);
 
 enum qmp_error_code {
-    QMP_ERROR_FAILED,     /* the peer answered with an error */
-    QMP_ERROR_TIMEOUT,    /* no answer in time */
-    QMP_ERROR_CLOSED,     /* connection closed or broken */
-    QMP_ERROR_PROTOCOL,   /* the peer sent something unacceptable */
+    QMP_ERROR_FAILED,   /* the peer answered with an error */
+    QMP_ERROR_TIMEOUT,  /* no answer in time */
+    QMP_ERROR_CLOSED,   /* connection closed or broken */
+    QMP_ERROR_PROTOCOL, /* the peer sent something unacceptable */
 };
 
 struct qmp_client;
@@ -31,8 +31,8 @@ struct qmp_client;
 /* Connect to a unix socket.  QMP mode reads the greeting and negotiates
  * capabilities; QGA mode only connects (see qga_client_sync). */
 struct qmp_client *qmp_client_connect(struct ring *ring, const char *path,
-                                      enum qmp_parser_mode mode,
-                                      int timeout_ms, GError **errp);
+                                      enum qmp_parser_mode mode, int timeout_ms,
+                                      GError **errp);
 void qmp_client_free(struct qmp_client *c);
 
 /* Execute cmd (args taken, may be NULL).  Returns the "return" value (a new
@@ -49,8 +49,7 @@ bool qmp_client_send(struct qmp_client *c, const char *cmd, json_t *args,
 json_t *qmp_client_pop_event(struct qmp_client *c);
 /* Run the ring until an event is queued, the deadline passes (false, no
  * error) or the connection fails (false, *errp). */
-bool qmp_client_wait_event(struct qmp_client *c, int timeout_ms,
-                           GError **errp);
+bool qmp_client_wait_event(struct qmp_client *c, int timeout_ms, GError **errp);
 
 /* "major.minor.micro" of QEMU from the greeting, as one number
  * major*10000 + minor*100 + micro; 0 in QGA mode. */

@@ -265,8 +265,7 @@ qmp_parser_decode(struct qmp_parser *p, size_t end, json_t **msg, GError **errp)
     json_t *value =
         /* Flags 0 refuse an escaped NUL in a string: as a C string it would
          * silently cut a name short ("drive0\u0000x" read as "drive0"). */
-        json_loadb((const char *)p->buf + p->head, end + 1 - p->head, 0,
-                   &jerr);
+        json_loadb((const char *)p->buf + p->head, end + 1 - p->head, 0, &jerr);
 
     if (!value) {
         g_autofree char *text = qmp_parser_printable(jerr.text);

@@ -42,10 +42,10 @@
 #ifndef QBAK_QMP_PARSER_H
 #define QBAK_QMP_PARSER_H
 
+#include <glib.h>
+#include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
-#include <jansson.h>
-#include <glib.h>
 
 #define QMP_PARSER_MAX_DEPTH 64
 #define QMP_PARSER_DEFAULT_MAX_MSG (16u << 20)

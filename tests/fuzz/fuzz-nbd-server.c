@@ -104,8 +104,7 @@ backend_request(void *opaque, struct nbd_request *req)
         /* fall through */
     case NBD_CMD_TRIM:
     case NBD_CMD_WRITE_ZEROES:
-        if (req->offset > f->exp.size ||
-            req->len > f->exp.size - req->offset) {
+        if (req->offset > f->exp.size || req->len > f->exp.size - req->offset) {
             abort();
         }
         if (f->exp.read_only && req->type != NBD_CMD_READ) {

@@ -84,10 +84,10 @@ struct seen {
 };
 
 struct backend {
-    bool hold;          /* keep requests until the test completes them */
-    uint32_t error;     /* what immediate completions reply */
-    GArray *seen;       /* struct seen */
-    GPtrArray *held;    /* struct nbd_request * */
+    bool hold;       /* keep requests until the test completes them */
+    uint32_t error;  /* what immediate completions reply */
+    GArray *seen;    /* struct seen */
+    GPtrArray *held; /* struct nbd_request * */
 };
 
 /* What a READ of (offset, len) returns from the fake backend. */
@@ -494,8 +494,8 @@ expect_read_reply(struct t *t, uint64_t cookie, uint64_t off, uint32_t len)
 static const uint16_t rw_flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH |
                                  TFLAG_SEND_FUA | TFLAG_SEND_TRIM |
                                  TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
-static const uint16_t ro_flags = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY |
-                                 TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
+static const uint16_t ro_flags =
+    TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
 
 /* Fixed newstyle, GO to "vd0": requests may flow. */
 static void
@@ -507,8 +507,7 @@ handshake(struct t *t)
     c_go(b, OPT_GO, "vd0", NULL, 0);
     client_send(t, b);
     expect_greeting(t);
-    expect_info_export(t, OPT_GO,
-                       t->exp.read_only ? ro_flags : rw_flags);
+    expect_info_export(t, OPT_GO, t->exp.read_only ? ro_flags : rw_flags);
     g_assert_cmpuint(expect_opt_reply(t, OPT_GO, REP_ACK), ==, 0);
     g_assert_true(nbd_conn_transmitting(t->c));
 }
@@ -649,7 +648,8 @@ static const struct {
     {"name longer than the option", {0, 0, 0, 9, 'v', 'd', '0', 0, 0}, 9},
     {"name length near 2^32", {0xff, 0xff, 0xff, 0xfa, 'v', 'd'}, 6},
     {"info count larger than the option",
-     {0, 0, 0, 3, 'v', 'd', '0', 0, 2, 0, 3}, 11},
+     {0, 0, 0, 3, 'v', 'd', '0', 0, 2, 0, 3},
+     11},
     {"trailing byte", {0, 0, 0, 3, 'v', 'd', '0', 0, 0, 0}, 10},
 };
 
@@ -795,12 +795,9 @@ static const struct {
     uint32_t opt;
     uint32_t len;
 } unsup_options[] = {
-    {OPT_STARTTLS, 0},
-    {OPT_STRUCTURED_REPLY, 0},
-    {OPT_LIST_META_CONTEXT, 40},
-    {OPT_SET_META_CONTEXT, 40},
-    {OPT_EXTENDED_HEADERS, 0},
-    {0x7fffffff, 1000},
+    {OPT_STARTTLS, 0},           {OPT_STRUCTURED_REPLY, 0},
+    {OPT_LIST_META_CONTEXT, 40}, {OPT_SET_META_CONTEXT, 40},
+    {OPT_EXTENDED_HEADERS, 0},   {0x7fffffff, 1000},
 };
 
 static void
@@ -819,8 +816,8 @@ test_unknown_option_err_unsup(gconstpointer data)
         /* The option's data is consumed: the next header is in sync. */
         c_option(b, unsup_options[i].opt, junk, unsup_options[i].len);
         client_send(&t, b);
-        g_assert_cmpuint(expect_opt_reply(&t, unsup_options[i].opt,
-                                          REP_ERR_UNSUP), ==, 0);
+        g_assert_cmpuint(
+            expect_opt_reply(&t, unsup_options[i].opt, REP_ERR_UNSUP), ==, 0);
         expect_no_more_output(&t);
         g_assert_false(nbd_conn_transmitting(t.c));
     }
@@ -866,7 +863,10 @@ static void
 test_client_without_fixed_newstyle_is_dropped(gconstpointer data)
 {
     static const uint32_t flags[] = {
-        0, FLAG_NO_ZEROES, FLAG_FIXED_NEWSTYLE | (1u << 2), 0xffffffffu,
+        0,
+        FLAG_NO_ZEROES,
+        FLAG_FIXED_NEWSTYLE | (1u << 2),
+        0xffffffffu,
     };
 
     for (size_t i = 0; i < G_N_ELEMENTS(flags); i++) {
@@ -951,10 +951,8 @@ static const struct {
     uint32_t len;
     uint16_t flags;
 } good_writes[] = {
-    {8192, 4096, 0},
-    {EXPORT_SIZE - 1, 1, NBD_CMD_FLAG_FUA},
-    {0, MAX_BLOCK, 0},
-    {EXPORT_SIZE - MAX_BLOCK, MAX_BLOCK, NBD_CMD_FLAG_FUA},
+    {8192, 4096, 0},   {EXPORT_SIZE - 1, 1, NBD_CMD_FLAG_FUA},
+    {0, MAX_BLOCK, 0}, {EXPORT_SIZE - MAX_BLOCK, MAX_BLOCK, NBD_CMD_FLAG_FUA},
     {12345, 777, 0},
 };
 
@@ -999,10 +997,8 @@ static const struct {
     uint64_t off;
     uint32_t len;
 } past_end[] = {
-    {EXPORT_SIZE - 512, 4096},
-    {EXPORT_SIZE, 1},
-    {EXPORT_SIZE + 4096, 512},
-    {UINT64_MAX - 511, 1024}, /* off + len wraps */
+    {EXPORT_SIZE - 512, 4096}, {EXPORT_SIZE, 1},
+    {EXPORT_SIZE + 4096, 512}, {UINT64_MAX - 511, 1024}, /* off + len wraps */
     {UINT64_MAX, 1},
 };
 
@@ -1207,8 +1203,8 @@ test_bad_request_magic_disconnects(gconstpointer data)
 static void
 test_zero_length_requests(gconstpointer data)
 {
-    static const uint16_t types[] = {NBD_CMD_READ, NBD_CMD_WRITE,
-                                     NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES};
+    static const uint16_t types[] = {NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM,
+                                     NBD_CMD_WRITE_ZEROES};
     g_autoptr(GByteArray) b = g_byte_array_new();
     struct t t;
 
@@ -1262,10 +1258,10 @@ test_replies_out_of_order_by_cookie(gconstpointer data)
 
     /* Completion order decides reply order; each reply names its request
      * by cookie and carries its own error. */
-    complete_held(&t, 2, 0);            /* FLUSH */
-    complete_held(&t, 2, NBD_ENOSPC);   /* TRIM */
-    complete_held(&t, 1, 0);            /* READ */
-    complete_held(&t, 0, NBD_EIO);      /* WRITE */
+    complete_held(&t, 2, 0);          /* FLUSH */
+    complete_held(&t, 2, NBD_ENOSPC); /* TRIM */
+    complete_held(&t, 1, 0);          /* READ */
+    complete_held(&t, 0, NBD_EIO);    /* WRITE */
     g_assert_cmpuint(wakes, ==, 4);
     g_assert_cmpuint(nbd_conn_backend_busy(t.c), ==, 0);
     expect_reply(&t, 12, 0);
@@ -1321,7 +1317,7 @@ test_backpressure_waits_for_a_slot(gconstpointer data)
 
     complete_held(&t, 0, 0); /* the first WRITE */
     expect_reply(&t, 1, 0);
-    client_send(&t, b);      /* the FLUSH */
+    client_send(&t, b); /* the FLUSH */
     g_assert_cmpuint(t.be.held->len, ==, 2);
     complete_held(&t, 1, 0);
     complete_held(&t, 0, 0);
@@ -1379,8 +1375,7 @@ test_abort_with_request_held(gconstpointer data)
     /* The socket died: no more input, but the backend still owns the
      * buffer until it completes. */
     nbd_conn_abort(t.c, "recv: Connection reset by peer");
-    g_assert_cmpstr(nbd_conn_error(t.c), ==,
-                    "recv: Connection reset by peer");
+    g_assert_cmpstr(nbd_conn_error(t.c), ==, "recv: Connection reset by peer");
     g_assert_true(nbd_conn_closing(t.c));
     g_assert_cmpuint(want_len(&t), ==, 0);
     g_assert_cmpuint(nbd_conn_backend_busy(t.c), ==, 1);
@@ -1388,8 +1383,7 @@ test_abort_with_request_held(gconstpointer data)
     g_assert_cmpuint(nbd_conn_backend_busy(t.c), ==, 0);
     /* The first reason stays. */
     nbd_conn_abort(t.c, "later");
-    g_assert_cmpstr(nbd_conn_error(t.c), ==,
-                    "recv: Connection reset by peer");
+    g_assert_cmpstr(nbd_conn_error(t.c), ==, "recv: Connection reset by peer");
     t_fini(&t);
 }
 
@@ -1425,8 +1419,8 @@ static void
 test_trim_and_write_zeroes_reach_backend(gconstpointer data)
 {
     g_autoptr(GByteArray) b = g_byte_array_new();
-    uint16_t wz_flags = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE |
-                        NBD_CMD_FLAG_FAST_ZERO;
+    uint16_t wz_flags =
+        NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
     struct t t;
 
     t_init(&t, data);
@@ -1485,8 +1479,7 @@ static const struct {
     {"go-with-block-size-info", test_go_with_block_size_info},
     {"go-unknown-export-err-unknown", test_go_unknown_export_err_unknown},
     {"malformed-go-err-invalid", test_malformed_go_err_invalid},
-    {"info-does-not-start-transmission",
-     test_info_does_not_start_transmission},
+    {"info-does-not-start-transmission", test_info_does_not_start_transmission},
     {"export-name-option", test_export_name_option},
     {"export-name-unknown-closes", test_export_name_unknown_closes},
     {"list-names-the-export", test_list_names_the_export},
@@ -1499,8 +1492,7 @@ static const struct {
     {"write-lands-in-slot-buffer", test_write_lands_in_slot_buffer},
     {"write-past-end-enospc", test_write_past_end_enospc},
     {"read-past-end-einval", test_read_past_end_einval},
-    {"read-returns-payload-after-reply",
-     test_read_returns_payload_after_reply},
+    {"read-returns-payload-after-reply", test_read_returns_payload_after_reply},
     {"oversized-write-disconnects", test_oversized_write_disconnects},
     {"oversized-read-eoverflow", test_oversized_read_eoverflow},
     {"unknown-command-einval", test_unknown_command_einval},
@@ -1511,8 +1503,7 @@ static const struct {
     {"backpressure-waits-for-a-slot", test_backpressure_waits_for_a_slot},
     {"disc-closes-after-inflight-done", test_disc_closes_after_inflight_done},
     {"abort-with-request-held", test_abort_with_request_held},
-    {"read-only-export-refuses-writes",
-     test_read_only_export_refuses_writes},
+    {"read-only-export-refuses-writes", test_read_only_export_refuses_writes},
     {"trim-and-write-zeroes-reach-backend",
      test_trim_and_write_zeroes_reach_backend},
     {"flush-reaches-backend", test_flush_reaches_backend},

@@ -55,8 +55,7 @@ run(const char *const *argv, char **out)
 }
 
 static int
-remove_entry(const char *path, const struct stat *st, int type,
-             struct FTW *ftw)
+remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw)
 {
     return remove(path);
 }
@@ -114,8 +113,8 @@ static void
 assert_qemu_content(const char *path, const uint8_t *want, uint64_t size)
 {
     g_autofree char *raw = g_strconcat(path, ".raw", NULL);
-    const char *argv[] = {"qemu-img", "convert", "-t", "unsafe", "-f",
-                          "qcow2", "-O", "raw", path, raw, NULL};
+    const char *argv[] = {"qemu-img", "convert", "-t", "unsafe", "-f", "qcow2",
+                          "-O",       "raw",     path, raw,      NULL};
     g_autofree char *out = NULL;
     g_autofree char *got = NULL;
     gsize got_len = 0;
@@ -315,8 +314,7 @@ image_finish(struct image *img)
     g_assert_true(qcow2_writer_finish(img->w, &err));
     g_assert_no_error(err);
     g_assert_cmpint(fstat(img->fd, &st), ==, 0);
-    g_assert_cmpuint((uint64_t)st.st_size, ==,
-                     qcow2_writer_file_size(img->w));
+    g_assert_cmpuint((uint64_t)st.st_size, ==, qcow2_writer_file_size(img->w));
     g_assert_cmpuint((uint64_t)st.st_size % (UINT64_C(1) << img->cluster_bits),
                      ==, 0);
     qcow2_writer_free(img->w);
@@ -375,8 +373,7 @@ assert_reader_content(int dirfd, const char *path, const uint8_t *want,
         g_assert_cmpuint(m.len, <=, MIN(max_len, size - off));
         g_assert_cmpuint(m.depth, <, qcow2_reader_chain_depth(r));
         if (m.kind == QCOW2_MAP_DATA) {
-            g_assert_cmpint(pread(m.fd, got + off, m.len,
-                                  (off_t)m.host_offset),
+            g_assert_cmpint(pread(m.fd, got + off, m.len, (off_t)m.host_offset),
                             ==, (ssize_t)m.len);
         } else {
             g_assert_cmpint(m.kind, ==, QCOW2_MAP_ZERO);
@@ -459,8 +456,8 @@ test_full_random_clusters(gconstpointer arg)
      * alone, then some overwritten and some data zeroed. */
     for (uint64_t c = 0; c < size / cs;) {
         unsigned kind = (unsigned)g_rand_int_range(rand, 0, 5);
-        uint64_t run = MIN((uint64_t)g_rand_int_range(rand, 1, 4),
-                           size / cs - c);
+        uint64_t run =
+            MIN((uint64_t)g_rand_int_range(rand, 1, 4), size / cs - c);
         if (kind <= 1) {
             image_fill(&img, rand, c * cs, (size_t)(run * cs));
         } else if (kind == 2) {
@@ -561,25 +558,25 @@ test_partial_clusters_in_middle(gconstpointer data)
     path = g_build_filename(dir, "disk.qcow2", NULL);
     image_begin(&img, path, size, bits, NULL, NULL, NULL, 0);
 
-    image_fill(&img, rand, 3 * cs + 17, 300);           /* left partial */
+    image_fill(&img, rand, 3 * cs + 17, 300); /* left partial */
     image_fill(&img, rand, 5 * cs + 100, (size_t)(2 * cs - 200)); /* 5,6,7 */
-    image_fill(&img, rand, 9 * cs, (size_t)(cs / 2));   /* completed ... */
+    image_fill(&img, rand, 9 * cs, (size_t)(cs / 2)); /* completed ... */
     image_fill(&img, rand, 9 * cs + cs / 2, (size_t)(cs / 2)); /* ... here */
-    image_fill(&img, rand, 11 * cs + 5, 100);           /* then whole */
+    image_fill(&img, rand, 11 * cs + 5, 100);                  /* then whole */
     image_fill(&img, rand, 11 * cs, (size_t)cs);
-    image_fill(&img, rand, 13 * cs + 5, 100);           /* then zeroed */
+    image_fill(&img, rand, 13 * cs + 5, 100); /* then zeroed */
     image_zero(&img, 13 * cs, cs);
-    image_zero(&img, 15 * cs, cs);                      /* zero, then */
-    image_fill(&img, rand, 15 * cs + 200, 100);         /* partial data */
-    image_zero(&img, 17 * cs + 10, 100);                /* partial zero */
-    image_fill(&img, rand, 17 * cs + 50, 200);          /* overlapping */
-    image_fill(&img, rand, 19 * cs + 100, 100);         /* overlapping */
-    image_fill(&img, rand, 19 * cs + 150, 100);         /* pieces */
+    image_zero(&img, 15 * cs, cs);              /* zero, then */
+    image_fill(&img, rand, 15 * cs + 200, 100); /* partial data */
+    image_zero(&img, 17 * cs + 10, 100);        /* partial zero */
+    image_fill(&img, rand, 17 * cs + 50, 200);  /* overlapping */
+    image_fill(&img, rand, 19 * cs + 100, 100); /* overlapping */
+    image_fill(&img, rand, 19 * cs + 150, 100); /* pieces */
     image_fill(&img, rand, 19 * cs + 50, 60);
     image_fill(&img, rand, 19 * cs + 300, (size_t)(cs - 300));
-    image_fill(&img, rand, 19 * cs, 50);                /* completes 19 */
-    image_fill(&img, rand, 21 * cs, 1);                 /* one byte */
-    image_fill(&img, rand, 22 * cs - 1, 2);             /* across a boundary */
+    image_fill(&img, rand, 19 * cs, 50);    /* completes 19 */
+    image_fill(&img, rand, 21 * cs, 1);     /* one byte */
+    image_fill(&img, rand, 22 * cs - 1, 2); /* across a boundary */
     image_assert_writer_read(&img);
     image_finish(&img);
     assert_image_ok(&img);
@@ -620,19 +617,18 @@ test_incremental_partial_over_backing(void)
     top_path = g_build_filename(dir, "top.qcow2", NULL);
     write_random_base(&base, base_path, size, bits, rand);
 
-    struct qcow2_reader *backing =
-        qcow2_reader_open(AT_FDCWD, base_path, &err);
+    struct qcow2_reader *backing = qcow2_reader_open(AT_FDCWD, base_path, &err);
     g_assert_no_error(err);
     image_begin(&top, top_path, size, bits, "base.qcow2", backing, base.want,
                 size);
-    image_fill(&top, rand, 2 * cs + 1000, 3000);          /* rest: base */
+    image_fill(&top, rand, 2 * cs + 1000, 3000);            /* rest: base */
     image_fill(&top, rand, 4 * cs + 100, (size_t)(2 * cs)); /* 4,5,6 */
-    image_zero(&top, 8 * cs + 10, 20);                    /* partial zero */
-    image_zero(&top, 9 * cs + cs / 2, cs);                /* half, half */
-    image_fill(&top, rand, 11 * cs, 10);                  /* completed */
+    image_zero(&top, 8 * cs + 10, 20);                      /* partial zero */
+    image_zero(&top, 9 * cs + cs / 2, cs);                  /* half, half */
+    image_fill(&top, rand, 11 * cs, 10);                    /* completed */
     image_fill(&top, rand, 11 * cs + 10, (size_t)(cs - 10));
-    image_zero(&top, 12 * cs, cs);                        /* zero, then */
-    image_fill(&top, rand, 12 * cs + 5, 5);               /* base is zero */
+    image_zero(&top, 12 * cs, cs);          /* zero, then */
+    image_fill(&top, rand, 12 * cs + 5, 5); /* base is zero */
     random_ops(&top, rand, 40, true);
     image_assert_writer_read(&top);
     image_finish(&top);
@@ -666,19 +662,17 @@ test_incremental_zero_not_unallocated(void)
     top_path = g_build_filename(dir, "top.qcow2", NULL);
     write_random_base(&base, base_path, size, bits, rand);
 
-    struct qcow2_reader *backing =
-        qcow2_reader_open(AT_FDCWD, base_path, &err);
+    struct qcow2_reader *backing = qcow2_reader_open(AT_FDCWD, base_path, &err);
     g_assert_no_error(err);
     image_begin(&top, top_path, size, bits, "base.qcow2", backing, base.want,
                 size);
     image_zero(&top, 0, cs);
     image_zero(&top, 7 * cs, 3 * cs);
     image_fill(&top, rand, 100 * cs, (size_t)(4 * cs));
-    image_zero(&top, 101 * cs, cs);     /* data zeroed again */
-    image_zero(&top, 2 * MiB, 2 * MiB); /* a whole L2 table's reach */
+    image_zero(&top, 101 * cs, cs);              /* data zeroed again */
+    image_zero(&top, 2 * MiB, 2 * MiB);          /* a whole L2 table's reach */
     image_fill(&top, rand, 3 * MiB, (size_t)cs); /* and data inside it */
-    g_assert_cmpuint(qcow2_writer_zero_bytes(top.w), ==,
-                     2 * MiB - cs + 5 * cs);
+    g_assert_cmpuint(qcow2_writer_zero_bytes(top.w), ==, 2 * MiB - cs + 5 * cs);
     g_assert_cmpuint(qcow2_writer_data_bytes(top.w), ==, 4 * cs);
     image_finish(&top);
     assert_image_ok(&top);
@@ -706,9 +700,9 @@ test_overwrite_written_cluster(void)
     image_begin(&img, path, 2 * MiB, 16, NULL, NULL, NULL, 0);
     image_fill(&img, rand, 0, (size_t)(4 * cs));
     uint64_t before = qcow2_writer_file_size(img.w);
-    image_fill(&img, rand, cs, (size_t)cs);            /* whole, in place */
-    image_fill(&img, rand, 2 * cs + 7, 1000);          /* piece, in place */
-    image_fill(&img, rand, cs / 2, (size_t)(3 * cs));  /* across all four */
+    image_fill(&img, rand, cs, (size_t)cs);           /* whole, in place */
+    image_fill(&img, rand, 2 * cs + 7, 1000);         /* piece, in place */
+    image_fill(&img, rand, cs / 2, (size_t)(3 * cs)); /* across all four */
     g_assert_cmpuint(qcow2_writer_file_size(img.w), ==, before);
     image_finish(&img);
     assert_image_ok(&img);
@@ -733,11 +727,11 @@ test_zero_written_cluster(void)
     path = g_build_filename(dir, "disk.qcow2", NULL);
     image_begin(&img, path, 2 * MiB, 16, NULL, NULL, NULL, 0);
     image_fill(&img, rand, 0, (size_t)(8 * cs));
-    image_zero(&img, cs, cs);              /* unreferenced: no leak */
-    image_zero(&img, 3 * cs + 100, 5000);  /* zeroes in place */
-    image_zero(&img, 5 * cs - 10, 2 * cs); /* piece, whole, piece */
+    image_zero(&img, cs, cs);               /* unreferenced: no leak */
+    image_zero(&img, 3 * cs + 100, 5000);   /* zeroes in place */
+    image_zero(&img, 5 * cs - 10, 2 * cs);  /* piece, whole, piece */
     image_fill(&img, rand, cs, (size_t)cs); /* fresh cluster again */
-    image_zero(&img, 0, 2 * MiB);          /* then everything */
+    image_zero(&img, 0, 2 * MiB);           /* then everything */
     image_fill(&img, rand, 7 * cs, 10);
     image_finish(&img);
     assert_image_ok(&img);
@@ -845,8 +839,7 @@ test_many_partial_clusters(void)
     full_path = g_build_filename(dir, "full.qcow2", NULL);
     write_random_base(&base, base_path, size, bits, rand);
 
-    struct qcow2_reader *backing =
-        qcow2_reader_open(AT_FDCWD, base_path, &err);
+    struct qcow2_reader *backing = qcow2_reader_open(AT_FDCWD, base_path, &err);
     g_assert_no_error(err);
     image_begin(&top, top_path, size, bits, "base.qcow2", backing, base.want,
                 size);
@@ -893,8 +886,7 @@ test_shorter_backing_reads_zero(void)
     top_path = g_build_filename(dir, "top.qcow2", NULL);
     write_random_base(&base, base_path, base_size, 16, rand);
 
-    struct qcow2_reader *backing =
-        qcow2_reader_open(AT_FDCWD, base_path, &err);
+    struct qcow2_reader *backing = qcow2_reader_open(AT_FDCWD, base_path, &err);
     g_assert_no_error(err);
     image_begin(&top, top_path, size, 16, "base.qcow2", backing, base.want,
                 base_size);
@@ -970,14 +962,19 @@ test_large_sparse_disk(void)
 
     assert_qemu_check(path);
     /* Through QEMU: the data, a zeroed table reach, unallocated space. */
-    g_autofree char *r0 = g_strdup_printf("read -P 0x40 %" PRIu64 " 64k",
-                                          at[0]);
-    g_autofree char *r1 = g_strdup_printf("read -P 0x41 %" PRIu64 " 64k",
-                                          at[1]);
-    g_autofree char *r2 = g_strdup_printf("read -P 0x42 %" PRIu64 " 64k",
-                                          at[2]);
-    const char *reads[] = {r0, r1, r2, "read -P 0 500G 1M",
-                           "read -P 0 563G 1M", "read -P 0 100G 1M", NULL};
+    g_autofree char *r0 =
+        g_strdup_printf("read -P 0x40 %" PRIu64 " 64k", at[0]);
+    g_autofree char *r1 =
+        g_strdup_printf("read -P 0x41 %" PRIu64 " 64k", at[1]);
+    g_autofree char *r2 =
+        g_strdup_printf("read -P 0x42 %" PRIu64 " 64k", at[2]);
+    const char *reads[] = {r0,
+                           r1,
+                           r2,
+                           "read -P 0 500G 1M",
+                           "read -P 0 563G 1M",
+                           "read -P 0 100G 1M",
+                           NULL};
     qemu_io(path, true, reads);
 
     struct qcow2_reader *r = qcow2_reader_open(AT_FDCWD, path, &err);
@@ -1001,8 +998,7 @@ test_large_sparse_disk(void)
         w = qcow2_writer_new(-1, size, 16, NULL, NULL, &err);
         g_assert_no_error(err);
         for (uint64_t off = 0; off < size; off += pass ? GiB : size) {
-            g_assert_true(
-                qcow2_writer_zero(w, off, pass ? GiB : size, &err));
+            g_assert_true(qcow2_writer_zero(w, off, pass ? GiB : size, &err));
         }
         g_assert_no_error(err);
         g_assert_cmpuint(qcow2_writer_zero_bytes(w), ==, size);
@@ -1117,8 +1113,8 @@ static uint8_t *
 qemu_content(const char *path, uint64_t size)
 {
     g_autofree char *raw = g_strconcat(path, ".raw", NULL);
-    const char *argv[] = {"qemu-img", "convert", "-t", "unsafe", "-f",
-                          "qcow2", "-O", "raw", path, raw, NULL};
+    const char *argv[] = {"qemu-img", "convert", "-t", "unsafe", "-f", "qcow2",
+                          "-O",       "raw",     path, raw,      NULL};
     char *got = NULL;
     gsize len = 0;
 
@@ -1155,17 +1151,17 @@ test_reader_qemu_img_created(void)
         g_autofree char *ours = g_strdup_printf("%s/ours%u.qcow2", dir, i);
         g_autofree char *base_name = g_strdup_printf("base%u.qcow2", i);
         g_autofree char *over_name = g_strdup_printf("over%u.qcow2", i);
-        const char *create_base[] = {"qemu-img", "create", "-q", "-f",
-                                     "qcow2", "-o", variants[i][0], base,
-                                     "4M", NULL};
-        const char *create_over[] = {"qemu-img", "create", "-q", "-f",
-                                     "qcow2", "-o", variants[i][0], "-b",
-                                     base_name, "-F", "qcow2", over, NULL};
+        const char *create_base[] = {"qemu-img", "create", "-q",           "-f",
+                                     "qcow2",    "-o",     variants[i][0], base,
+                                     "4M",       NULL};
+        const char *create_over[] = {
+            "qemu-img", "create",  "-q", "-f",    "qcow2", "-o", variants[i][0],
+            "-b",       base_name, "-F", "qcow2", over,    NULL};
         const char *base_cmds[] = {"write -P 0x5a 0 64k", "write -z 1M 64k",
                                    "write -P 0x33 2M 1M", NULL};
-        const char *over_cmds[] = {"write -P 0x77 32k 64k",
-                                   "write -z 2M 512", "discard 3M 1M",
-                                   "write -P 0x44 4095k 1k", NULL};
+        const char *over_cmds[] = {"write -P 0x77 32k 64k", "write -z 2M 512",
+                                   "discard 3M 1M", "write -P 0x44 4095k 1k",
+                                   NULL};
         const bool v2 = strstr(variants[i][0], "0.10") != NULL;
 
         g_assert_cmpint(run(create_base, NULL), ==, 0);
@@ -1525,8 +1521,8 @@ test_reader_survives_random_damage(void)
             const uint64_t *reg = regions[g_rand_int_range(rand, 0, 3)];
             uint8_t flipped;
 
-            at[k] = reg[0] + (uint64_t)g_rand_int_range(rand, 0,
-                                                        (gint32)reg[1]);
+            at[k] =
+                reg[0] + (uint64_t)g_rand_int_range(rand, 0, (gint32)reg[1]);
             g_assert_cmpint(pread(fd, &old[k], 1, (off_t)at[k]), ==, 1);
             flipped = old[k] ^ (uint8_t)(1u << g_rand_int_range(rand, 0, 8));
             g_assert_cmpint(pwrite(fd, &flipped, 1, (off_t)at[k]), ==, 1);
@@ -1563,7 +1559,7 @@ test_reader_map_coalesces(void)
     struct qcow2_map m;
 
     image_begin(&img, path, 4 * MiB, 16, NULL, NULL, NULL, 0);
-    image_pattern(&img, 0, (size_t)(8 * cs), 1);  /* host 1..8 */
+    image_pattern(&img, 0, (size_t)(8 * cs), 1); /* host 1..8 */
     image_zero(&img, 8 * cs, 4 * cs);
     image_pattern(&img, 20 * cs, (size_t)cs, 2); /* host 9 */
     image_pattern(&img, 22 * cs, (size_t)cs, 3); /* host 10 */
@@ -1655,8 +1651,7 @@ main(int argc, char **argv)
                     test_many_partial_clusters);
     g_test_add_func("/qcow2/writer/shorter-backing-reads-zero",
                     test_shorter_backing_reads_zero);
-    g_test_add_func("/qcow2/writer/1tib-sparse-disk",
-                    test_large_sparse_disk);
+    g_test_add_func("/qcow2/writer/1tib-sparse-disk", test_large_sparse_disk);
     g_test_add_func("/qcow2/writer/rejects-bad-arguments",
                     test_writer_rejects_bad_arguments);
     g_test_add_func("/qcow2/writer/write-error-is-sticky",
@@ -1664,24 +1659,22 @@ main(int argc, char **argv)
     g_test_add_func("/qcow2/reader/qemu-img-created",
                     test_reader_qemu_img_created);
     for (unsigned i = 0; i < G_N_ELEMENTS(header_damage); i++) {
-        g_autofree char *name = g_strdup_printf("/qcow2/reader/rejects-%s",
-                                                header_damage[i].name);
+        g_autofree char *name =
+            g_strdup_printf("/qcow2/reader/rejects-%s", header_damage[i].name);
         g_test_add_data_func(name, &header_damage[i],
                              test_reader_rejects_header);
     }
     g_test_add_func("/qcow2/reader/rejects-truncated-and-odd-headers",
                     test_reader_rejects_other_headers);
     for (unsigned i = 0; i < G_N_ELEMENTS(table_damage); i++) {
-        g_autofree char *name = g_strdup_printf("/qcow2/reader/rejects-%s",
-                                                table_damage[i].name);
-        g_test_add_data_func(name, &table_damage[i],
-                             test_reader_rejects_table);
+        g_autofree char *name =
+            g_strdup_printf("/qcow2/reader/rejects-%s", table_damage[i].name);
+        g_test_add_data_func(name, &table_damage[i], test_reader_rejects_table);
     }
     g_test_add_func("/qcow2/reader/rejects-bad-chains",
                     test_reader_rejects_bad_chains);
     g_test_add_func("/qcow2/reader/survives-random-damage",
                     test_reader_survives_random_damage);
-    g_test_add_func("/qcow2/reader/map-coalesces",
-                    test_reader_map_coalesces);
+    g_test_add_func("/qcow2/reader/map-coalesces", test_reader_map_coalesces);
     return g_test_run();
 }

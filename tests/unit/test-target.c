@@ -59,8 +59,8 @@ fixture_init(struct fixture *f)
     /* sun_path is 108 bytes; g_test_get_path() makes long names. */
     if (strlen(f->sock) >= sizeof(((struct sockaddr_un *)NULL)->sun_path)) {
         g_free(f->sock);
-        f->sock = g_strdup_printf("%s/s%u.sock", top_dir,
-                                  (unsigned)g_random_int());
+        f->sock =
+            g_strdup_printf("%s/s%u.sock", top_dir, (unsigned)g_random_int());
     }
 }
 
@@ -149,8 +149,8 @@ client_start(struct fixture *f, struct client *c, const char *cache,
 
     memset(c, 0, sizeof(*c));
     c->log_path = g_strdup_printf("%s/qemu-io-%u.log", f->dir, f->files++);
-    c->log_fd = open(c->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
-                     0600);
+    c->log_fd =
+        open(c->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     g_assert_cmpint(c->log_fd, >=, 0);
     g_ptr_array_add(argv, g_strdup("qemu-io"));
     g_ptr_array_add(argv, g_strdup("-t"));
@@ -166,8 +166,7 @@ client_start(struct fixture *f, struct client *c, const char *cache,
     g_ptr_array_add(argv, NULL);
     g_spawn_async_with_fds(NULL, (char **)argv->pdata, NULL,
                            G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD,
-                           NULL, NULL, &c->pid, -1, c->log_fd, c->log_fd,
-                           &err);
+                           NULL, NULL, &c->pid, -1, c->log_fd, c->log_fd, &err);
     g_assert_no_error(err);
 }
 
@@ -233,7 +232,7 @@ check_image(struct fixture *f, const char *file, const uint8_t *expect)
     g_autofree char *raw = fixture_path(f, "converted.raw");
     const char *check[] = {"qemu-img", "check", "-f", "qcow2", path, NULL};
     const char *convert[] = {"qemu-img", "convert", "-f", "qcow2", "-O",
-                             "raw", path, raw, NULL};
+                             "raw",      path,      raw,  NULL};
     g_autofree char *data = NULL;
     gsize len = 0;
 
@@ -244,7 +243,8 @@ check_image(struct fixture *f, const char *file, const uint8_t *expect)
     for (gsize i = 0; i < len; i++) {
         if ((uint8_t)data[i] != expect[i]) {
             g_error("%s: guest byte %" G_GSIZE_FORMAT " is 0x%02x, expected "
-                    "0x%02x", file, i, (uint8_t)data[i], expect[i]);
+                    "0x%02x",
+                    file, i, (uint8_t)data[i], expect[i]);
         }
     }
     unlink(raw);
@@ -338,8 +338,8 @@ test_concurrent_and_fua_requests(void)
 
     fixture_init(&f);
     t = target_new(&f, "t.qcow2", NULL, NULL);
-    g_assert_cmpint(serve(&f, t, WRITETHROUGH,
-                           (const char *const *)cmds->pdata), ==, 0);
+    g_assert_cmpint(
+        serve(&f, t, WRITETHROUGH, (const char *const *)cmds->pdata), ==, 0);
     commit_ok(&f, t, "t.qcow2");
     backup_target_free(t);
     check_image(&f, "t.qcow2", expect);
@@ -356,16 +356,17 @@ check_map(json_t *map, uint64_t off, uint64_t len, int depth, bool zero,
     json_t *e;
     uint64_t covered = 0;
 
-    json_array_foreach(map, i, e) {
+    json_array_foreach(map, i, e)
+    {
         uint64_t s = (uint64_t)json_integer_value(json_object_get(e, "start"));
-        uint64_t l = (uint64_t)json_integer_value(json_object_get(e,
-                                                                  "length"));
+        uint64_t l = (uint64_t)json_integer_value(json_object_get(e, "length"));
 
         if (s + l <= off || s >= off + len) {
             continue;
         }
         g_test_message("map entry %" PRIu64 "+%" PRIu64 " for %" PRIu64
-                       "+%" PRIu64, s, l, off, len);
+                       "+%" PRIu64,
+                       s, l, off, len);
         g_assert_cmpint(json_integer_value(json_object_get(e, "depth")), ==,
                         depth);
         g_assert_cmpint(json_is_true(json_object_get(e, "zero")), ==, zero);
@@ -405,10 +406,10 @@ test_zeroes_and_trim_hide_the_backing_file(void)
     base = fixture_path(&f, "base.qcow2");
     top = fixture_path(&f, "top.qcow2");
     {
-        const char *create[] = {"qemu-img", "create", "-q", "-f", "qcow2",
-                                base, "4M", NULL};
-        const char *fill[] = {"qemu-io", "-f", "qcow2", base,
-                              "-c", "write -P 0x77 0 4M", NULL};
+        const char *create[] = {"qemu-img", "create", "-q", "-f",
+                                "qcow2",    base,     "4M", NULL};
+        const char *fill[] = {
+            "qemu-io", "-f", "qcow2", base, "-c", "write -P 0x77 0 4M", NULL};
 
         g_assert_cmpint(run_sync(create, NULL), ==, 0);
         g_assert_cmpint(run_sync(fill, NULL), ==, 0);
@@ -432,8 +433,8 @@ test_zeroes_and_trim_hide_the_backing_file(void)
 
     /* And it is this layer that says zero: zero clusters, not holes. */
     {
-        const char *argv[] = {"qemu-img", "map", "--output=json", "-f",
-                              "qcow2", top, NULL};
+        const char *argv[] = {"qemu-img", "map", "--output=json", "-f", "qcow2",
+                              top,        NULL};
 
         g_assert_cmpint(run_sync(argv, &map_text), ==, 0);
     }
@@ -538,9 +539,9 @@ raw_handshake(struct fixture *f, int fd)
 
     g_assert_true(raw_recv(f, fd, greeting, sizeof(greeting)));
     g_assert_cmpmem(greeting, 16, "NBDMAGICIHAVEOPT", 16);
-    put_be(b, 3, 4);                         /* FIXED_NEWSTYLE, NO_ZEROES */
+    put_be(b, 3, 4); /* FIXED_NEWSTYLE, NO_ZEROES */
     put_be(b, UINT64_C(0x49484156454f5054), 8);
-    put_be(b, 7, 4);                         /* NBD_OPT_GO */
+    put_be(b, 7, 4); /* NBD_OPT_GO */
     put_be(b, 4 + 3 + 2, 4);
     put_be(b, 3, 4);
     g_byte_array_append(b, (const guint8 *)"vd0", 3);
@@ -552,7 +553,7 @@ raw_handshake(struct fixture *f, int fd)
         type = (uint32_t)get_be(hdr + 12, 4);
         g_assert_cmpuint(get_be(hdr + 16, 4), <=, sizeof(data));
         g_assert_true(raw_recv(f, fd, data, get_be(hdr + 16, 4)));
-    } while (type == 3); /* NBD_REP_INFO */
+    } while (type == 3);           /* NBD_REP_INFO */
     g_assert_cmpuint(type, ==, 1); /* NBD_REP_ACK */
 }
 
@@ -717,10 +718,8 @@ static const struct {
     size_t bytes;
     bool read_greeting;
 } hangups[] = {
-    {"before-greeting", 0, false},
-    {"after-greeting", 0, true},
-    {"in-client-flags", 2, true},
-    {"in-option-header", 4 + 10, true},
+    {"before-greeting", 0, false},        {"after-greeting", 0, true},
+    {"in-client-flags", 2, true},         {"in-option-header", 4 + 10, true},
     {"in-option-data", 4 + 16 + 5, true},
 };
 
@@ -810,8 +809,8 @@ test_new_fails_cleanly(void)
     g_clear_error(&err);
 
     /* A cluster size qcow2 does not have. */
-    t = backup_target_new(&f.ring, f.dir_fd, "bits.qcow2", "vd0", DISK_SIZE,
-                          30, NULL, NULL, f.sock, &err);
+    t = backup_target_new(&f.ring, f.dir_fd, "bits.qcow2", "vd0", DISK_SIZE, 30,
+                          NULL, NULL, f.sock, &err);
     g_assert_null(t);
     g_assert_nonnull(err);
     g_assert_nonnull(strstr(err->message, "vd0: "));
