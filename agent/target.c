@@ -9,9 +9,9 @@
 
 #define NBD_SLOTS 16
 #define NBD_MAX_BLOCK (1u << 20)
-/* Start writeback after this many bytes (small enough that a 1 % incremental
- * benefits too), so the fsync at commit finds the
- * data mostly on disk already: the transfer and the disk overlap. */
+/* Start writeback after this many bytes (small enough that a 1 %
+ * incremental benefits too), so the fsync at commit finds the data mostly
+ * on disk already: the transfer and the disk overlap. */
 #define WRITEBACK_BYTES (8u << 20)
 
 /* Per request slot: the extent writes of one NBD WRITE, then an optional
