@@ -43,6 +43,7 @@ disk_free(struct disk *d)
     g_free(d->reason);
     g_free(d->chain);
     g_free(d->bitmap);
+    g_free(d->prev_bitmap);
     g_free(d->backing_rel);
     g_free(d->file);
     g_free(d->job_id);
@@ -225,7 +226,8 @@ plan_disk(struct backup *b, struct disk *d)
         last = b->points->pdata[k - 1];
         entry = restore_point_disk(last, d->name);
     }
-    /* Our bitmaps other than the one this backup uses are stale. */
+    /* Every bitmap of ours in QEMU now is stale once this point commits:
+     * the point brings its own generation (below). */
     bitmap = entry ? json_string_value(json_object_get(entry, "bitmap")) : NULL;
     json_array_foreach(d->bitmaps, i, bm)
     {
@@ -266,19 +268,16 @@ plan_disk(struct backup *b, struct disk *d)
         g_snprintf(chain, sizeof(chain), "%08x%08x", g_random_int(),
                    g_random_int());
         d->chain = g_strdup(chain);
-        d->bitmap = g_strdup_printf("%s%s", prefix, chain);
-        d->add_bitmap = true;
-        return;
+    } else {
+        d->chain = g_strdup(json_string_value(json_object_get(entry, "chain")));
+        d->prev_bitmap = g_strdup(bitmap);
+        d->backing_rel = g_strdup_printf("../%s", path);
     }
-    d->chain = g_strdup(json_string_value(json_object_get(entry, "chain")));
-    d->bitmap = g_strdup(bitmap);
-    d->backing_rel = g_strdup_printf("../%s", path);
-    for (guint k = 0; k < d->stale_bitmaps->len; k++) {
-        if (strcmp(d->stale_bitmaps->pdata[k], d->bitmap) == 0) {
-            g_ptr_array_remove_index(d->stale_bitmaps, k);
-            break;
-        }
-    }
+    /* One generation of the chain's bitmap per point, random so that a
+     * retry after a crash never meets its predecessor's: a disk image
+     * swapped for an older copy outside QEMU carries an older generation,
+     * and the next backup falls back to full instead of trusting it. */
+    d->bitmap = g_strdup_printf("%s%s-%08x", prefix, d->chain, g_random_int());
 }
 
 static bool
@@ -326,8 +325,9 @@ start_targets(struct backup *b, GError **errp)
     return true;
 }
 
-/* New chains get their bitmap now; it records a little early, which the
- * full job's on-success reset takes back. */
+/* This point's bitmap generation, added just before the transaction: it
+ * records from a moment before the point in time, so a superset of the
+ * writes after it, which is safe. */
 static bool
 add_bitmaps(struct backup *b, GError **errp)
 {
@@ -335,9 +335,6 @@ add_bitmaps(struct backup *b, GError **errp)
         struct disk *d = b->disks->pdata[k];
         json_t *ret;
 
-        if (!d->add_bitmap) {
-            continue;
-        }
         /* Raw images cannot store a persistent bitmap. */
         ret = qmp_client_call(b->qmp, "block-dirty-bitmap-add",
                               json_pack("{s:s, s:s, s:b}", "node", d->node,
@@ -366,16 +363,18 @@ start_transaction(struct backup *b, GError **errp)
 
         job = json_pack("{s:s, s:s, s:s, s:s, s:b, s:b}", "device", d->node,
                         "target", d->nbd_node, "job-id", d->job_id, "sync",
-                        d->full ? "full" : "incremental", "auto-finalize", 0,
+                        d->full ? "full" : "bitmap", "auto-finalize", 0,
                         "auto-dismiss", 0);
-        /* on-success: QEMU resets the bitmap to "writes since this
-         * transaction" only when we finalize, which we do after the point
-         * is durable.  A full backup takes the new chain's bitmap too: it
-         * was created just before, and the reset makes it start exactly at
-         * the point in time (block-dirty-bitmap-add cannot join a grouped
-         * transaction). */
-        json_object_set_new(job, "bitmap", json_string(d->bitmap));
-        json_object_set_new(job, "bitmap-mode", json_string("on-success"));
+        /* An incremental copies what the previous generation recorded and
+         * leaves it as it is (never): until this point is committed, that
+         * generation stays the chain's truth, whatever happens.  The new
+         * generation, added just before (block-dirty-bitmap-add cannot
+         * join a grouped transaction), records a superset of the writes
+         * after this point. */
+        if (!d->full) {
+            json_object_set_new(job, "bitmap", json_string(d->prev_bitmap));
+            json_object_set_new(job, "bitmap-mode", json_string("never"));
+        }
         if (b->opts->speed) {
             json_object_set_new(job, "speed", json_integer(b->opts->speed));
         }
@@ -595,6 +594,10 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!discover_disks(&b, errp)) {
         goto out;
     }
+    b.point = repo_new_point_id(
+        b.points->len
+            ? ((struct restore_point *)b.points->pdata[b.points->len - 1])->id
+            : NULL);
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         plan_disk(&b, d);
@@ -612,10 +615,6 @@ backup_run(const struct backup_opts *o, GError **errp)
         parent =
             ((struct restore_point *)b.points->pdata[b.points->len - 1])->id;
     }
-    b.point = repo_new_point_id(
-        b.points->len
-            ? ((struct restore_point *)b.points->pdata[b.points->len - 1])->id
-            : NULL);
     b.partial_fd = repo_partial_create(b.repo, b.point, errp);
     if (b.partial_fd < 0) {
         goto out;

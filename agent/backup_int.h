@@ -26,8 +26,8 @@ struct disk {
     bool full;
     char *reason;
     char *chain;
-    char *bitmap;
-    bool add_bitmap;
+    char *bitmap;      /* this point's generation of the chain's bitmap */
+    char *prev_bitmap; /* the previous point's, which an incremental copies */
     GPtrArray *stale_bitmaps; /* ours, to remove once committed */
     char *backing_rel;
     struct qcow2_reader *backing;
