@@ -14,10 +14,9 @@
 #define RING_ENTRIES 256
 
 volatile sig_atomic_t backup_interrupted;
-/* Guest agent calls: the --timeout, at most this (a freeze that takes
- * longer is not worth waiting for). */
+/* Guest agent calls wait the --timeout, at most this long (a freeze that
+ * takes longer is not worth waiting for). */
 #define QGA_TIMEOUT_MAX_MS 10000
-#define QGA_TIMEOUT_MS MIN(o->timeout_ms, QGA_TIMEOUT_MAX_MS)
 
 /* --verbose: where the time goes, phase by phase. */
 static void
@@ -551,8 +550,9 @@ backup_run(const struct backup_opts *o, GError **errp)
     g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GPtrArray) recovered = g_ptr_array_new_with_free_func(g_free);
     json_t *manifest = NULL, *result = NULL;
-    const char *parent = NULL;
+    const char *parent = NULL, *last_point = NULL;
     bool any_incremental = false, started;
+    int qga_timeout_ms = MIN(o->timeout_ms, QGA_TIMEOUT_MAX_MS);
     int ret;
 
     b.start_us = g_get_monotonic_time();
@@ -573,16 +573,20 @@ backup_run(const struct backup_opts *o, GError **errp)
                                             "directories (.partial-*)"));
     }
     /* A guest a killed run left frozen is thawed before anything else. */
-    if (!quiesce_recover(&b.ring, b.repo, QGA_TIMEOUT_MS, recovered, errp)) {
+    if (!quiesce_recover(&b.ring, b.repo, qga_timeout_ms, recovered, errp)) {
         goto out;
     }
     b.points = repo_list_points(b.repo, errp);
     if (!b.points) {
         goto out;
     }
+    if (b.points->len > 0) {
+        last_point =
+            ((struct restore_point *)b.points->pdata[b.points->len - 1])->id;
+    }
+    trace(&b, "repository locked");
     b.qmp = qmp_client_connect(&b.ring, o->qmp_path, QMP_PARSER_QMP,
                                o->timeout_ms, errp);
-    trace(&b, "repository locked");
     if (!b.qmp) {
         goto out;
     }
@@ -594,10 +598,6 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!discover_disks(&b, errp)) {
         goto out;
     }
-    b.point = repo_new_point_id(
-        b.points->len
-            ? ((struct restore_point *)b.points->pdata[b.points->len - 1])->id
-            : NULL);
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         plan_disk(&b, d);
@@ -606,15 +606,15 @@ backup_run(const struct backup_opts *o, GError **errp)
     /* The agent is checked before anything starts in QEMU, so a required
      * freeze that cannot happen fails the backup early. */
     b.quiesce =
-        quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path, QGA_TIMEOUT_MS);
+        quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path, qga_timeout_ms);
     trace(&b, "disks planned");
     if (!quiesce_prepare(b.quiesce, errp)) {
         goto out;
     }
-    if (b.points->len > 0 && any_incremental) {
-        parent =
-            ((struct restore_point *)b.points->pdata[b.points->len - 1])->id;
+    if (any_incremental) {
+        parent = last_point;
     }
+    b.point = repo_new_point_id(last_point);
     b.partial_fd = repo_partial_create(b.repo, b.point, errp);
     if (b.partial_fd < 0) {
         goto out;
@@ -661,7 +661,7 @@ out:
     if (b.partial_made && !b.committed) {
         repo_partial_remove(b.repo, b.point);
     }
-    quiesce_free(b.quiesce); /* thaws, if a failure came before the thaw */
+    quiesce_free(b.quiesce);
     if (b.partial_fd >= 0) {
         close(b.partial_fd);
     }

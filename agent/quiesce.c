@@ -143,11 +143,7 @@ qga_open(struct ring *ring, const char *path, int timeout_ms, GError **errp)
         qmp_client_connect(ring, path, QMP_PARSER_QGA, timeout_ms, errp);
 
     if (c && !qga_client_sync(c, timeout_ms, errp)) {
-        qmp_client_free(c);
-        return NULL;
-    }
-    if (!c) {
-        return NULL;
+        g_clear_pointer(&c, qmp_client_free);
     }
     return c;
 }
