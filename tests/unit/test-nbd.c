@@ -497,7 +497,26 @@ static const uint16_t rw_flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH |
 static const uint16_t ro_flags =
     TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
 
-/* Fixed newstyle, GO to "vd0": requests may flow. */
+/* The server's answers to GO "vd0", the greeting already taken: requests
+ * may flow. */
+static void
+expect_go_vd0(struct t *t)
+{
+    expect_info_export(t, OPT_GO, t->exp.read_only ? ro_flags : rw_flags);
+    g_assert_cmpuint(expect_opt_reply(t, OPT_GO, REP_ACK), ==, 0);
+    g_assert_true(nbd_conn_transmitting(t->c));
+}
+
+/* During negotiation: GO to "vd0" succeeds. */
+static void
+go_vd0(struct t *t, GByteArray *b)
+{
+    c_go(b, OPT_GO, "vd0", NULL, 0);
+    client_send(t, b);
+    expect_go_vd0(t);
+}
+
+/* Fixed newstyle, GO to "vd0" in the same bytes: requests may flow. */
 static void
 handshake(struct t *t)
 {
@@ -507,9 +526,7 @@ handshake(struct t *t)
     c_go(b, OPT_GO, "vd0", NULL, 0);
     client_send(t, b);
     expect_greeting(t);
-    expect_info_export(t, OPT_GO, t->exp.read_only ? ro_flags : rw_flags);
-    g_assert_cmpuint(expect_opt_reply(t, OPT_GO, REP_ACK), ==, 0);
-    g_assert_true(nbd_conn_transmitting(t->c));
+    expect_go_vd0(t);
 }
 
 static struct seen *
@@ -630,11 +647,7 @@ test_go_unknown_export_err_unknown(gconstpointer data)
         g_assert_false(nbd_conn_transmitting(t.c));
         g_assert_cmpuint(want_len(&t), ==, 16);
     }
-    c_go(b, OPT_GO, "vd0", NULL, 0);
-    client_send(&t, b);
-    expect_info_export(&t, OPT_GO, rw_flags);
-    g_assert_cmpuint(expect_opt_reply(&t, OPT_GO, REP_ACK), ==, 0);
-    g_assert_true(nbd_conn_transmitting(t.c));
+    go_vd0(&t, b);
     t_fini(&t);
 }
 
@@ -670,10 +683,7 @@ test_malformed_go_err_invalid(gconstpointer data)
         g_assert_cmpuint(expect_opt_reply(&t, OPT_GO, REP_ERR_INVALID), ==, 0);
         g_assert_false(nbd_conn_transmitting(t.c));
     }
-    c_go(b, OPT_GO, "vd0", NULL, 0);
-    client_send(&t, b);
-    expect_info_export(&t, OPT_GO, rw_flags);
-    g_assert_cmpuint(expect_opt_reply(&t, OPT_GO, REP_ACK), ==, 0);
+    go_vd0(&t, b);
     t_fini(&t);
 }
 
@@ -698,11 +708,7 @@ test_info_does_not_start_transmission(gconstpointer data)
     /* The next thing read is another option header, not a request. */
     g_assert_cmpuint(want_len(&t), ==, 16);
 
-    c_go(b, OPT_GO, "vd0", NULL, 0);
-    client_send(&t, b);
-    expect_info_export(&t, OPT_GO, rw_flags);
-    g_assert_cmpuint(expect_opt_reply(&t, OPT_GO, REP_ACK), ==, 0);
-    g_assert_true(nbd_conn_transmitting(t.c));
+    go_vd0(&t, b);
     t_fini(&t);
 }
 
@@ -821,10 +827,7 @@ test_unknown_option_err_unsup(gconstpointer data)
         expect_no_more_output(&t);
         g_assert_false(nbd_conn_transmitting(t.c));
     }
-    c_go(b, OPT_GO, "vd0", NULL, 0);
-    client_send(&t, b);
-    expect_info_export(&t, OPT_GO, rw_flags);
-    g_assert_cmpuint(expect_opt_reply(&t, OPT_GO, REP_ACK), ==, 0);
+    go_vd0(&t, b);
     /* STRUCTURED_REPLY was refused: replies stay simple. */
     c_request(b, 0, NBD_CMD_READ, 5, 0, 512);
     client_send(&t, b);
