@@ -49,12 +49,19 @@ struct restore {
 
 static void buf_write_done(struct ring_rw *rw, int err);
 
+/* The first error is the one reported. */
+static void
+note_error(struct restore *r, int err)
+{
+    if (err < 0 && !r->err) {
+        r->err = err;
+    }
+}
+
 static void
 buf_release(struct restore_buf *b, int err)
 {
-    if (err < 0 && !b->r->err) {
-        b->r->err = err;
-    }
+    note_error(b->r, err);
     b->busy = false;
 }
 
@@ -65,14 +72,10 @@ buf_write_done(struct ring_rw *rw, int err)
 
     /* qcow2 output: several extents may share one buffer; the last one
      * releases it. */
-    if (err < 0 && !b->r->err) {
-        b->r->err = err;
+    note_error(b->r, err);
+    if (--b->pending_ext == 0) {
+        b->busy = false;
     }
-    if (b->pending_ext > 1) {
-        b->pending_ext--;
-        return;
-    }
-    buf_release(b, 0);
 }
 
 /* Extent writes need their own ring_rw each: kept after the buffer. */
@@ -129,9 +132,7 @@ buf_read_done(struct ring_rw *rw, int err)
 {
     struct restore_buf *b = rw->opaque;
 
-    if (err < 0 && !b->r->err) {
-        b->r->err = err;
-    }
+    note_error(b->r, err);
     b->r->bytes_read += rw->len;
     b->reads_pending--;
     buf_write_when_ready(b);
