@@ -52,6 +52,9 @@
 #   - QGA guest-shutdown stops the writer, unmounts /data and powers off.
 #   Kernel command line knobs: qbak.writer=0 (no writer), qbak.interval=SEC
 #   (pause between files, default 0.2), qbak.data=/dev/vdX (data disk).
+#   - /usr/bin/qbak-lat (for scripts/bench_guest.py): times O_DIRECT writes
+#     from inside the guest; a small static C program built here with the
+#     host's cc (left out, with a message, when that fails).
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -277,6 +280,125 @@ esac
 EOF
 }
 
+# The source of /usr/bin/qbak-lat.
+write_lat_source() {
+    cat > "$1" <<'EOF'
+/* qbak-lat: time synchronous writes from inside the qbak test guest (for
+ * scripts/bench_guest.py). Writes -b bytes at random -b aligned offsets
+ * across the given files (which must exist: only their existing blocks are
+ * written over), opened O_DIRECT (and O_DSYNC with -d), one write every -i
+ * microseconds (start to start; back to back when a write takes longer),
+ * until file -x exists or -t seconds have passed; -s seeds the offsets.
+ * Then prints one line per write:
+ * "<CLOCK_REALTIME ns at its start> <latency ns>". */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static int64_t ns(clockid_t c)
+{
+    struct timespec ts;
+    clock_gettime(c, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: qbak-lat [-b BYTES] [-i USEC] [-t SEC] [-x STOPFILE] [-s SEED] [-d] FILE...\n");
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    long bs = 4096, interval_us = 5000, max_s = 600;
+    int dsync = 0, opt, n, i;
+    const char *stop = NULL;
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
+    while ((opt = getopt(argc, argv, "b:i:t:x:s:d")) != -1) {
+        switch (opt) {
+        case 'b': bs = atol(optarg); break;
+        case 'i': interval_us = atol(optarg); break;
+        case 't': max_s = atol(optarg); break;
+        case 'x': stop = optarg; break;
+        case 's': rng += strtoull(optarg, NULL, 0) * 0x2545f4914f6cdd1dull; break;
+        case 'd': dsync = 1; break;
+        default: return usage();
+        }
+    }
+    n = argc - optind;
+    if (n < 1 || bs < 512 || bs % 512 || interval_us < 0 || interval_us >= 1000000)
+        return usage();
+    int *fds = calloc(n, sizeof *fds);
+    long long *blocks = calloc(n, sizeof *blocks), total = 0;
+    void *buf;
+    size_t cap = 1 << 16, cnt = 0;
+    int64_t *out = malloc(cap * 2 * sizeof *out);
+    if (!fds || !blocks || !out || posix_memalign(&buf, 4096, bs)) {
+        fprintf(stderr, "qbak-lat: out of memory\n");
+        return 1;
+    }
+    for (i = 0; i < n; i++) {
+        struct stat st;
+        fds[i] = open(argv[optind + i], O_WRONLY | O_DIRECT | (dsync ? O_DSYNC : 0));
+        if (fds[i] < 0 || fstat(fds[i], &st) < 0) {
+            fprintf(stderr, "qbak-lat: %s: %s\n", argv[optind + i], strerror(errno));
+            return 1;
+        }
+        blocks[i] = st.st_size / bs;
+        total += blocks[i];
+    }
+    if (total < 1) {
+        fprintf(stderr, "qbak-lat: the files hold no whole block\n");
+        return 1;
+    }
+    int64_t end = ns(CLOCK_MONOTONIC) + (int64_t)max_s * 1000000000, next = 0;
+    for (;;) {
+        int64_t now = ns(CLOCK_MONOTONIC);
+        if (now >= end || (stop && access(stop, F_OK) == 0))
+            break;
+        if (now < next) {
+            struct timespec d = { 0, next - now };
+            nanosleep(&d, NULL);
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        long long b = (long long)(rng % (uint64_t)total);
+        for (i = 0; b >= blocks[i]; i++)
+            b -= blocks[i];
+        memset(buf, (int)(rng >> 56), bs);
+        int64_t real = ns(CLOCK_REALTIME), t0 = ns(CLOCK_MONOTONIC);
+        if (pwrite(fds[i], buf, bs, (off_t)b * bs) != bs) {
+            fprintf(stderr, "qbak-lat: write: %s\n", strerror(errno));
+            return 1;
+        }
+        int64_t t1 = ns(CLOCK_MONOTONIC);
+        next = t0 + interval_us * 1000;
+        if (cnt == cap) {
+            int64_t *p = realloc(out, cap * 4 * sizeof *out);
+            if (!p)
+                break;
+            out = p;
+            cap *= 2;
+        }
+        out[2 * cnt] = real;
+        out[2 * cnt + 1] = t1 - t0;
+        cnt++;
+    }
+    for (size_t k = 0; k < cnt; k++)
+        printf("%lld %lld\n", (long long)out[2 * k], (long long)out[2 * k + 1]);
+    return 0;
+}
+EOF
+}
+
 build() {
     ensure_tools cpio:cpio xz:xz-utils gzip:gzip dpkg-deb:dpkg ldd:libc-bin \
         mkfs.ext4:e2fsprogs
@@ -308,6 +430,14 @@ build() {
     write_init "$root/init" "$root/sbin/shutdown"
     chmod 755 "$root/init" "$root/sbin/shutdown"
     rm -f "$root/bin/shutdown"
+    write_lat_source "$work/qbak-lat.c"
+    if ${CC:-cc} -static -O2 -s -o "$root/usr/bin/qbak-lat" "$work/qbak-lat.c" >&2; then
+        log "built /usr/bin/qbak-lat"
+    else
+        rm -f "$root/usr/bin/qbak-lat"
+        log "warning: no static C compiler (gcc, libc6-dev): the guest has no" \
+            "qbak-lat, the benchmark cannot time guest writes (rebuild with --force)"
+    fi
 
     # The kernel and its modules, dependencies first. Only the files needed
     # are taken out of the (large) kernel package: the wanted modules, then
