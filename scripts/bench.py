@@ -34,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 import qbaktest  # noqa: E402
 from qbaktest import QBAK, QEMU, QEMU_IMG, VM  # noqa: E402
+import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -632,55 +633,10 @@ def bigdisk_step(args, work, res):
 
 
 def guest_step(args, ref, lay, work, res):
-    """Latency of 64 KiB guest writes (HMP qemu-io round trips) with no
-    backup running and while a qbak full backup runs."""
-    d = os.path.join(work, "guest")
-    os.mkdir(d)
-    src = os.path.join(d, "src.qcow2")
-    copy_disk(ref, src)
-    vm = BenchVM(d, [(DEV, src, "qcow2")])
-    rng = random.Random("qbak-bench-guest-%d" % args.seed)
-    n = lay["clusters"]
-    nwrites = 200
-    try:
-        def one():
-            c = rng.randrange(n)
-            t = time.perf_counter()
-            vm.hmp_io("write -q -P %d %d %d" % (rng.randint(1, 255), c * CLUSTER, CLUSTER))
-            return time.perf_counter() - t
-
-        drop_caches()
-        vm.new_log()
-        idle = [one() for _ in range(nwrites)]
-        vm.check_log("guest writes")
-        drop_caches()
-        with tempfile.TemporaryFile() as out:
-            p = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo",
-                                  os.path.join(d, "repo"), "--vm", VMNAME, "--json"],
-                                 stdout=out, stderr=subprocess.STDOUT)
-            CHILDREN.append(p)
-            try:
-                deadline = time.monotonic() + 60
-                while not vm.qmp.cmd("query-jobs") and p.poll() is None:
-                    if time.monotonic() > deadline:
-                        raise BenchError("guest impact: qbak's job never appeared")
-                    time.sleep(0.002)
-                during = []
-                while len(during) < nwrites and p.poll() is None:
-                    during.append(one())
-                rc = p.wait()
-            finally:
-                stop_proc(p)
-            if rc != 0:
-                out.seek(0)
-                raise BenchError("guest impact: qbak backup exited %d: %s" % (rc, out.read()[-1000:]))
-        vm.check_log("guest writes during backup")
-        res.guest = {"idle": idle, "during": during, "writes": nwrites}
-        note("guest writes: %d idle, %d during the full backup" % (len(idle), len(during)))
-    finally:
-        vm.stop()
-        if vm.proc in CHILDREN:
-            CHILDREN.remove(vm.proc)
+    """Guest impact with the real Linux test guest: qbak's freeze window and
+    the latency of writes timed inside the guest, idle and during a qbak
+    full (scripts/bench_guest.py)."""
+    bench_guest.guest_step(args, work, res, sys.modules[__name__])
 
 
 def virtnbdbackup_step(args, res):
@@ -801,16 +757,8 @@ def report(args, lay, res, meta):
     if lim:
         P("disk write limit: %.2f GiB/s [%.2f-%.2f] with O_DIRECT 4 MiB writes + fsync"
           % (statistics.median(lim), min(lim), max(lim)))
-    if res.guest:
-        g = res.guest
-        P("guest 64 KiB writes (HMP round trip): idle median %.2f ms p99 %.2f ms (%d writes); "
-          "during a qbak full median %s p99 %s (%d writes before it ended)"
-          % (statistics.median(g["idle"]) * 1e3, pctl(g["idle"], 0.99) * 1e3, len(g["idle"]),
-             "%.2f ms" % (statistics.median(g["during"]) * 1e3) if g["during"] else "-",
-             "%.2f ms" % (pctl(g["during"], 0.99) * 1e3) if g["during"] else "-",
-             len(g["during"])))
-    P("freeze window: not measured (the benchmark VM has no guest agent; "
-      "its backups are crash-consistent)")
+    for line in bench_guest.report_lines(res.guest):
+        P(line)
     P("")
     P("targets (issue 5), from the medians above")
     targets = []
@@ -1034,7 +982,7 @@ def main():
     out = {"meta": meta, "layout": {k: lay[k] for k in ("seed", "size", "cluster", "clusters",
                                                          "counts")},
            "summary": summary, "steps": res.steps, "targets": targets,
-           "guest_latency_s": res.guest, "virtnbdbackup": res.virtnbdbackup, "table": text}
+           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "table": text}
     jpath = os.path.join(OUT, "results.json")
     with open(jpath + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
