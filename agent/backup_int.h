@@ -21,6 +21,7 @@ struct disk {
     char *node; /* format node backed up and holding the bitmap */
     char *drv;
     uint64_t size;
+    bool standalone; /* a qcow2 image without backing: see start_transaction */
     json_t *bitmaps; /* from query-block, borrowed from `block` */
 
     bool full;

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QBAK = os.environ.get("QBAK", os.path.join(ROOT, "qbak"))
 QEMU = shutil.which("qemu-system-x86_64")
 QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
 SKIP = 77
 
 
