@@ -396,9 +396,9 @@ start_transaction(struct backup *b, GError **errp)
              * whose first touch costs QEMU more CPU than the copy itself;
              * 64 KiB buffers come from its heap, warm.  x-perf is QEMU
              * 6.0's; the name is unstable, hence the version gate. */
-            json_object_set_new(job, "x-perf",
-                                json_pack("{s:I}", "max-chunk",
-                                          (json_int_t)MAX_CHUNK));
+            json_object_set_new(
+                job, "x-perf",
+                json_pack("{s:I}", "max-chunk", (json_int_t)MAX_CHUNK));
         }
         json_array_append_new(
             actions,
