@@ -9,8 +9,11 @@ set -eu
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 # Benchmark-only extras: gnuplot for the chart, GNU time for peak RSS, nbdkit
-# for the "QEMU push to an NBD server that discards the data" baseline.
-extra=(gnuplot-nox nbdkit time)
+# for the "QEMU push to an NBD server that discards the data" baseline;
+# virtnbdbackup (pulls in python3-libvirt, python3-libnbd, nbdkit's python
+# plugin) with libvirtd and virsh for its baseline, which starts libvirtd by
+# hand when none runs (not libvirt-daemon-system: it would make systemd init).
+extra=(gnuplot-nox nbdkit time virtnbdbackup libvirt-daemon libvirt-clients)
 missing=()
 for p in "${extra[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
