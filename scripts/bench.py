@@ -34,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests", "lib"))
 import qbaktest  # noqa: E402
 from qbaktest import QBAK, QEMU, QEMU_IMG, VM  # noqa: E402
+import bench_virtnbd  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
@@ -640,20 +641,9 @@ def guest_step(args, ref, lay, work, res):
 
 
 def virtnbdbackup_step(args, res):
-    exe = shutil.which("virtnbdbackup")
-    if not exe:
-        res.virtnbdbackup = "not installed (Debian has it, but it needs a running libvirtd: " \
-                            "apt-get install virtnbdbackup libvirt-daemon-system)"
-        return
-    # Left for when libvirt runs here: it needs a libvirtd, a domain defined
-    # on the reference disk and a writable output dir per run.
-    p = subprocess.run(["virsh", "-c", "qemu:///system", "version"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) \
-        if shutil.which("virsh") else None
-    if not p or p.returncode != 0:
-        res.virtnbdbackup = "installed, but no libvirtd answers on qemu:///system: not measured"
-    else:
-        res.virtnbdbackup = "installed with libvirtd, but the benchmark does not drive it yet"
+    """virtnbdbackup (pull mode, through libvirt) on the same reference disk:
+    full, 1 % and 10 % incrementals per run (scripts/bench_virtnbd.py)."""
+    bench_virtnbd.virtnbdbackup_step(args, res, sys.modules[__name__])
 
 
 # ----------------------------------------------------------------- results
@@ -717,6 +707,7 @@ def report(args, lay, res, meta):
     rows = [("qbak", "qbak (whole command)", ["full", "inc1%", "inc10%", "inc0.1%"], "qbak"),
             ("native", "QEMU blockdev-backup -> local qcow2", ["full", "inc1%", "inc10%"], None),
             ("nbd", "QEMU blockdev-backup -> nbdkit null", ["full", "inc1%", "inc10%"], None),
+            ("virtnbd", "virtnbdbackup, libvirt pull + fsync", ["full", "inc1%", "inc10%"], None),
             ("limit", "disk write limit, qbak's bytes", ["full"], None),
             ("convert", "qemu-img convert + fsync", [], None)]
     w0 = 38
@@ -734,14 +725,15 @@ def report(args, lay, res, meta):
             else:
                 cells.append("")
         P("%-*s" % (w0, label) + "".join("%-24s" % c for c in cells))
-    P("%-*s%s" % (w0, "virtnbdbackup", res.virtnbdbackup))
+    P("%-*s%s" % (w0, "virtnbdbackup:", res.virtnbdbackup))
     P("")
     P("CPU seconds (median) of each process in each step; bytes written; peak RSS (max);")
     P("qbak's own duration_s (median: from its start of work to its commit)")
     P("%-28s %9s %9s %9s %12s %10s %10s" % ("step", "qbak/tool", "QEMU", "nbdkit", "written",
                                           "peak RSS", "qbak says"))
-    for key in ["full.qbak", "full.native", "full.nbd", "full.limit", "inc1%.qbak", "inc1%.native",
-                "inc1%.nbd", "inc10%.qbak", "inc10%.native", "inc10%.nbd", "inc0.1%.qbak",
+    for key in ["full.qbak", "full.native", "full.nbd", "full.virtnbd", "full.limit", "inc1%.qbak",
+                "inc1%.native", "inc1%.nbd", "inc1%.virtnbd", "inc10%.qbak", "inc10%.native",
+                "inc10%.nbd", "inc10%.virtnbd", "inc0.1%.qbak",
                 "restore.qbak", "restore.convert", "bigfull.64G", "bigfull.1G", "zero.64G", "zero.1G"]:
         if key not in res.steps:
             continue
@@ -828,6 +820,7 @@ def chart(res, path, title):
         return False
     series = [("qbak", "qbak", "#2ca02c"), ("native", "QEMU -> local qcow2", "#1f77b4"),
               ("nbd", "QEMU -> nbdkit null", "#ff7f0e"),
+              ("virtnbd", "virtnbdbackup (libvirt pull)", "#d62728"),
               ("limit", "disk write limit (qbak's bytes)", "#7f7f7f"),
               ("convert", "qemu-img convert", "#9467bd")]
     panels = [("Full backup and restore, durable (s)", [("full", "full"), ("restore", "restore full+5")]),
