@@ -14,8 +14,7 @@
  * on disk already: the transfer and the disk overlap. */
 #define WRITEBACK_BYTES (8u << 20)
 
-/* Per request slot: the extent writes of one NBD WRITE, then an optional
- * fsync (FLUSH, or FUA). */
+/* Per request slot: the extent writes of one NBD WRITE. */
 struct target_req {
     struct backup_target *t;
     struct nbd_request *req;
@@ -23,14 +22,8 @@ struct target_req {
     struct qcow2_extent *ext;
     size_t max_ext;
     unsigned pending;
-    uint32_t err;
-    bool needs_sync;
     bool writing;      /* extent writes in flight */
-    bool syncing;      /* fsync in flight */
     gint64 started_us; /* when its I/O was submitted, for the watchdog */
-    bool waiting_sync; /* FLUSH parked until earlier writes completed */
-    uint64_t seq;      /* arrival order, for FLUSH */
-    struct ring_op fsync_op;
 };
 
 struct backup_target {
@@ -43,7 +36,6 @@ struct backup_target {
     struct nbd_server *server;
     struct target_req reqs[NBD_SLOTS];
     unsigned writes_inflight;
-    uint64_t next_seq;
     uint64_t dirty_bytes; /* written since writeback was last started */
     struct ring_op writeback_op;
     bool writeback_pending;
@@ -67,13 +59,12 @@ target_fail(struct backup_target *t, const char *what, int err)
     }
 }
 
-static void start_sync(struct target_req *tr);
 static void tick_done(struct ring_op *op, int res);
 
 /* Reply to the request of tr, once.  After the watchdog has answered for
  * it, tr->req is NULL and late completions reply nothing. */
 static void
-req_complete(struct target_req *tr)
+req_complete(struct target_req *tr, uint32_t err)
 {
     struct nbd_request *req = tr->req;
 
@@ -81,59 +72,7 @@ req_complete(struct target_req *tr)
         return;
     }
     tr->req = NULL;
-    nbd_conn_request_done(req, tr->err);
-}
-
-/* A FLUSH covers the writes that completed before it arrived: it waits
- * for those still in flight, but not for later ones (a steady stream of
- * writes must not starve it). */
-static void
-wake_flushes(struct backup_target *t)
-{
-    uint64_t oldest = UINT64_MAX;
-
-    for (unsigned i = 0; i < NBD_SLOTS; i++) {
-        if (t->reqs[i].writing) {
-            oldest = MIN(oldest, t->reqs[i].seq);
-        }
-    }
-    for (unsigned i = 0; i < NBD_SLOTS; i++) {
-        struct target_req *tr = &t->reqs[i];
-        if (tr->waiting_sync && tr->seq < oldest) {
-            tr->waiting_sync = false;
-            start_sync(tr);
-        }
-    }
-}
-
-static void
-fsync_done(struct ring_op *op, int res)
-{
-    struct target_req *tr = container_of(op, struct target_req, fsync_op);
-    int fault = ring_fault_fsync();
-
-    if (fault < 0 && res >= 0) {
-        res = fault;
-    }
-    tr->syncing = false;
-    if (res < 0) {
-        /* Sticky: the page cache may have dropped the data, so a later
-         * fsync that succeeds proves nothing.  QEMU still hears success,
-         * for the same reason as in extent_done. */
-        target_fail(tr->t, "fsync", -res);
-    }
-    req_complete(tr);
-}
-
-static void
-start_sync(struct target_req *tr)
-{
-    struct io_uring_sqe *sqe = ring_get_sqe(tr->t->ring);
-
-    tr->syncing = true;
-    tr->started_us = g_get_monotonic_time();
-    io_uring_prep_fsync(sqe, tr->t->fd, IORING_FSYNC_DATASYNC);
-    ring_queue(tr->t->ring, sqe, &tr->fsync_op);
+    nbd_conn_request_done(req, err);
 }
 
 static void
@@ -182,15 +121,7 @@ extent_done(struct ring_rw *rw, int err)
     }
     t->writes_inflight--;
     tr->writing = false;
-    if (!tr->req) {
-        return; /* answered by the watchdog */
-    }
-    if (tr->needs_sync && tr->err == 0) {
-        start_sync(tr);
-    } else {
-        req_complete(tr);
-    }
-    wake_flushes(t);
+    req_complete(tr, 0); /* nothing if the watchdog answered already */
 }
 
 /* All-zero payloads become zero clusters instead of data: QEMU copies a
@@ -221,13 +152,7 @@ handle_write(struct backup_target *t, struct target_req *tr)
             !t->error) {
             t->error = g_strdup_printf("%s: %s", t->disk, err->message);
         }
-        tr->needs_sync = req->flags & NBD_CMD_FLAG_FUA;
-        if (tr->needs_sync) {
-            tr->waiting_sync = true;
-            wake_flushes(t);
-        } else {
-            req_complete(tr);
-        }
+        req_complete(tr, 0);
         return;
     }
     if (!qcow2_writer_write(t->writer, req->offset, req->buf, req->len, tr->ext,
@@ -235,17 +160,12 @@ handle_write(struct backup_target *t, struct target_req *tr)
         if (!t->error) {
             t->error = g_strdup_printf("%s: %s", t->disk, err->message);
         }
-        req_complete(tr);
+        req_complete(tr, 0);
         return;
     }
-    tr->needs_sync = req->flags & NBD_CMD_FLAG_FUA;
     if (n == 0) {
         /* All of it went into partial clusters held by the writer. */
-        if (tr->needs_sync) {
-            start_sync(tr);
-        } else {
-            req_complete(tr);
-        }
+        req_complete(tr, 0);
         return;
     }
     tr->pending = (unsigned)n;
@@ -270,16 +190,13 @@ request(void *opaque, struct nbd_request *req)
     bool ok = true;
 
     tr->req = req;
-    tr->err = 0;
-    tr->needs_sync = false;
-    tr->seq = t->next_seq++;
     if (++t->requests == t->drop_at) {
         /* Test hook: the connection breaks under a request in flight. */
         nbd_server_shutdown(t->server);
     }
     if (t->error && req->type != NBD_CMD_READ) {
         /* The backup has failed: drop the data, keep the guest going. */
-        req_complete(tr);
+        req_complete(tr, 0);
         return;
     }
     switch (req->type) {
@@ -291,27 +208,21 @@ request(void *opaque, struct nbd_request *req)
         /* TRIM too: an unallocated cluster in an incremental layer would
          * show the old data of the backing file. */
         ok = qcow2_writer_zero(t->writer, req->offset, req->len, &err);
-        if (ok && (req->flags & NBD_CMD_FLAG_FUA)) {
-            tr->waiting_sync = true;
-            wake_flushes(t);
-            return;
-        }
         break;
     case NBD_CMD_READ:
         ok =
             qcow2_writer_read(t->writer, req->offset, req->buf, req->len, &err);
+        if (!ok) {
+            /* A READ cannot be answered with made-up data. */
+            req_complete(tr, NBD_EIO);
+            return;
+        }
         break;
-    case NBD_CMD_FLUSH:
-        tr->waiting_sync = true;
-        wake_flushes(t);
-        return;
     }
-    if (!ok && req->type == NBD_CMD_READ) {
-        tr->err = NBD_EIO; /* a READ cannot be answered with made-up data */
-    } else if (!ok && !t->error) {
+    if (!ok && !t->error) {
         t->error = g_strdup_printf("%s: %s", t->disk, err->message);
     }
-    req_complete(tr);
+    req_complete(tr, 0);
 }
 
 struct backup_target *
@@ -350,7 +261,6 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
         tr->max_ext = qcow2_writer_max_extents(t->writer, NBD_MAX_BLOCK);
         tr->ext = g_new0(struct qcow2_extent, tr->max_ext);
         tr->rw = g_new0(struct ring_rw, tr->max_ext);
-        tr->fsync_op.done_fn = fsync_done;
     }
     listen_fd = unix_listen(socket_path, errp);
     if (listen_fd < 0) {
@@ -361,6 +271,10 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     t->exp.min_block = 1;
     t->exp.pref_block = 1u << cluster_bits;
     t->exp.max_block = NBD_MAX_BLOCK;
+    /* The layer is worth nothing until the commit fsyncs it: a FLUSH would
+     * only make every guest flush (passed on to the target by QEMU's
+     * copy-before-write) wait for an fsync of the backup file. */
+    t->exp.no_flush = true;
     t->backend.request_fn = request;
     t->backend.opaque = t;
     t->server =
@@ -372,17 +286,6 @@ fail:
         unlinkat(dir_fd, file, 0);
     }
     return NULL;
-}
-
-static bool
-any_sync(const struct backup_target *t)
-{
-    for (unsigned i = 0; i < NBD_SLOTS; i++) {
-        if (t->reqs[i].syncing) {
-            return true;
-        }
-    }
-    return false;
 }
 
 void
@@ -404,7 +307,7 @@ backup_target_free(struct backup_target *t)
     if (t->server) {
         nbd_server_shutdown(t->server);
     }
-    while ((t->writes_inflight > 0 || t->writeback_pending || any_sync(t)) &&
+    while ((t->writes_inflight > 0 || t->writeback_pending) &&
            ring_run_once(t->ring, -1) >= 0) {
     }
     nbd_server_free(t->server);
@@ -471,8 +374,7 @@ watchdog_check(struct backup_target *t, gint64 limit_us)
     }
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
         struct target_req *tr = &t->reqs[i];
-        stalled |=
-            (tr->writing || tr->syncing) && now - tr->started_us > limit_us;
+        stalled |= tr->writing && now - tr->started_us > limit_us;
     }
     if (!stalled) {
         return false;
@@ -486,8 +388,7 @@ watchdog_check(struct backup_target *t, gint64 limit_us)
                                    t->disk, (double)limit_us / 1e6);
     }
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
-        t->reqs[i].waiting_sync = false;
-        req_complete(&t->reqs[i]);
+        req_complete(&t->reqs[i], 0);
     }
     return true;
 }

@@ -24,7 +24,7 @@ struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
 /* Stops serving, waits for in-flight I/O, closes the file. */
 void backup_target_free(struct backup_target *t);
 
-/* From now on, if a write or fsync stays in flight longer than limit_us,
+/* From now on, if a write stays in flight longer than limit_us,
  * answer every request still held (guest writes wait on them through
  * copy-before-write), fail the target, and do no more I/O.  Checked four
  * times a second off the ring, whatever else qbak is waiting for. */

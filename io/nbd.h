@@ -65,7 +65,8 @@ struct nbd_request {
 struct nbd_backend {
     /* Start req; the backend calls nbd_conn_request_done() exactly once,
      * now or later.  Only READ, WRITE, WRITE_ZEROES, TRIM and FLUSH
-     * arrive here, already checked against the export size. */
+     * (not with no_flush) arrive here, already checked against the export
+     * size. */
     void (*request_fn)(void *opaque, struct nbd_request *req);
     void *opaque;
 };
@@ -75,6 +76,9 @@ struct nbd_export {
     uint64_t size;
     uint32_t min_block, pref_block, max_block;
     bool read_only;
+    /* Offer neither FLUSH nor FUA: the backend makes writes durable when
+     * it decides.  A client that sends them anyway gets EINVAL. */
+    bool no_flush;
 };
 
 /* export and backend are borrowed and must outlive the connection. */

@@ -305,8 +305,11 @@ opt_reply(struct nbd_conn *c, uint32_t type, const void *data, uint32_t len)
 static uint16_t
 transmission_flags(const struct nbd_conn *c)
 {
-    uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+    uint16_t f = NBD_FLAG_HAS_FLAGS;
 
+    if (!c->exp->no_flush) {
+        f |= NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+    }
     if (c->exp->read_only) {
         return f | NBD_FLAG_READ_ONLY;
     }
@@ -465,8 +468,8 @@ handle_request(struct nbd_conn *c)
     uint16_t type = get16(c->hdr + 6);
     uint64_t off = get64(c->hdr + 16);
     uint32_t len = get32(c->hdr + 24);
-    uint16_t known =
-        NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+    uint16_t known = (e->no_flush ? 0 : NBD_CMD_FLAG_FUA) |
+                     NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
     bool past_end = off > e->size || len > e->size - off;
     int i = free_slot(c);
     struct slot *s;
@@ -534,7 +537,11 @@ handle_request(struct nbd_conn *c)
         }
         return true;
     case NBD_CMD_FLUSH:
-        dispatch(c, s);
+        if (e->no_flush) {
+            refuse(c, s, NBD_EINVAL);
+        } else {
+            dispatch(c, s);
+        }
         return true;
     case NBD_CMD_TRIM:
     case NBD_CMD_WRITE_ZEROES:

@@ -112,8 +112,14 @@ backend_request(void *opaque, struct nbd_request *req)
         }
         break;
     case NBD_CMD_FLUSH:
+        if (f->exp.no_flush) {
+            abort();
+        }
         break;
     default:
+        abort();
+    }
+    if (f->exp.no_flush && (req->flags & NBD_CMD_FLAG_FUA)) {
         abort();
     }
     for (unsigned i = 0; i < f->nheld; i++) {
@@ -217,6 +223,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     f.exp.pref_block = 4096;
     f.exp.max_block = MAX_BLOCK;
     f.exp.read_only = data[0] & 0x20;
+    f.exp.no_flush = data[1] & 0x80;
     f.partial_sends = data[0] & 0x40;
     f.rng = 0x9e3779b9u ^ data[1];
     f.backend.request_fn = backend_request;

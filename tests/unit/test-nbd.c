@@ -502,7 +502,12 @@ static const uint16_t ro_flags =
 static void
 expect_go_vd0(struct t *t)
 {
-    expect_info_export(t, OPT_GO, t->exp.read_only ? ro_flags : rw_flags);
+    uint16_t flags = t->exp.read_only ? ro_flags : rw_flags;
+
+    if (t->exp.no_flush) {
+        flags &= (uint16_t) ~(TFLAG_SEND_FLUSH | TFLAG_SEND_FUA);
+    }
+    expect_info_export(t, OPT_GO, flags);
     g_assert_cmpuint(expect_opt_reply(t, OPT_GO, REP_ACK), ==, 0);
     g_assert_true(nbd_conn_transmitting(t->c));
 }
@@ -1473,6 +1478,32 @@ test_flush_reaches_backend(gconstpointer data)
     t_fini(&t);
 }
 
+/* An export with no_flush offers neither FLUSH nor FUA and refuses both
+ * without bothering the backend; a refused WRITE's payload is skipped. */
+static void
+test_no_flush_refuses_flush_and_fua(gconstpointer data)
+{
+    g_autoptr(GByteArray) b = g_byte_array_new();
+    struct t t;
+
+    t_init(&t, data);
+    t.exp.no_flush = true;
+    handshake(&t);
+    c_request(b, 0, NBD_CMD_FLUSH, 1, 0, 0);
+    c_write(b, NBD_CMD_FLAG_FUA, 2, 0, 512, 0x42);
+    c_request(b, NBD_CMD_FLAG_FUA, NBD_CMD_WRITE_ZEROES, 3, 0, 4096);
+    c_write(b, 0, 4, 4096, 512, 0x43);
+    client_send(&t, b);
+    expect_reply(&t, 1, NBD_EINVAL);
+    expect_reply(&t, 2, NBD_EINVAL);
+    expect_reply(&t, 3, NBD_EINVAL);
+    expect_reply(&t, 4, 0);
+    expect_no_more_output(&t);
+    g_assert_cmpuint(t.be.seen->len, ==, 1);
+    expect_seen(&t, 0, NBD_CMD_WRITE, 4, 4096, 512, 0);
+    t_fini(&t);
+}
+
 /* Each test runs under every way of cutting the byte streams. */
 static const struct {
     const char *name;
@@ -1483,6 +1514,7 @@ static const struct {
     {"go-unknown-export-err-unknown", test_go_unknown_export_err_unknown},
     {"malformed-go-err-invalid", test_malformed_go_err_invalid},
     {"info-does-not-start-transmission", test_info_does_not_start_transmission},
+    {"no-flush-refuses-flush-and-fua", test_no_flush_refuses_flush_and_fua},
     {"export-name-option", test_export_name_option},
     {"export-name-unknown-closes", test_export_name_unknown_closes},
     {"list-names-the-export", test_list_names_the_export},
