@@ -20,8 +20,9 @@ struct qmp_client {
     struct ring_op poll_op;
     bool poll_pending;
     bool closed;
-    char *error;         /* why the connection broke */
-    GError *proto_error; /* parser error, kept for the next caller */
+    bool awaiting_greeting; /* QMP handshake: keep the first message */
+    char *error;            /* why the connection broke */
+    GError *proto_error;    /* parser error, kept for the next caller */
 
     int64_t next_id;
     GHashTable *waiting; /* id -> reply (NULL until it arrives) */
@@ -62,7 +63,8 @@ dispatch(struct qmp_client *c, json_t *msg)
     json_t *id = json_object_get(msg, "id");
     gpointer key;
 
-    if (json_object_get(msg, "event") || json_object_get(msg, "QMP")) {
+    if (json_object_get(msg, "event") || json_object_get(msg, "QMP") ||
+        c->awaiting_greeting) {
         if (g_queue_get_length(&c->events) >= 100000) {
             json_decref(msg); /* a flood of events: keep memory bounded */
             return;
@@ -184,7 +186,7 @@ closed_error(struct qmp_client *c, const char *what, GError **errp)
 
 static bool
 write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
-          GError **errp)
+          int timeout_ms, GError **errp)
 {
     struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
 
@@ -194,7 +196,7 @@ write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
             continue;
         }
         if (n < 0 && errno == EAGAIN) {
-            if (poll(&pfd, 1, 10000) <= 0) {
+            if (poll(&pfd, 1, timeout_ms) <= 0) {
                 g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
                             "%s: peer does not read its socket", what);
                 return false;
@@ -213,7 +215,7 @@ write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
 
 static bool
 send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
-             GError **errp)
+             int timeout_ms, GError **errp)
 {
     json_t *req = json_pack("{s:s}", "execute", cmd);
     g_autofree char *text = NULL;
@@ -229,18 +231,11 @@ send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
     if (c->closed) {
         return closed_error(c, cmd, errp);
     }
-    if (!write_all(c, text, strlen(text), cmd, errp) ||
-        !write_all(c, "\n", 1, cmd, errp)) {
+    if (!write_all(c, text, strlen(text), cmd, timeout_ms, errp) ||
+        !write_all(c, "\n", 1, cmd, timeout_ms, errp)) {
         return false;
     }
     return true;
-}
-
-bool
-qmp_client_send(struct qmp_client *c, const char *cmd, json_t *args,
-                GError **errp)
-{
-    return send_command(c, cmd, args, 0, errp);
 }
 
 json_t *
@@ -253,7 +248,7 @@ qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
     json_t *reply = NULL, *ret, *err;
 
     g_hash_table_insert(c->waiting, key, NULL);
-    if (!send_command(c, cmd, args, id, errp)) {
+    if (!send_command(c, cmd, args, id, timeout_ms, errp)) {
         g_hash_table_remove(c->waiting, key);
         return NULL;
     }
@@ -332,6 +327,7 @@ qmp_handshake(struct qmp_client *c, int timeout_ms, GError **errp)
     gint64 deadline = qmp_now_ms() + timeout_ms;
     json_t *greeting = NULL, *ver, *ret;
 
+    c->awaiting_greeting = true; /* the first message, whatever it is */
     while (!greeting) {
         gint64 left = deadline - qmp_now_ms();
         if (c->closed) {
@@ -346,13 +342,17 @@ qmp_handshake(struct qmp_client *c, int timeout_ms, GError **errp)
          * the first message, raw. */
         arm_poll(c);
         ring_run_once(c->ring, (int)MIN(left, 1000));
-        greeting = g_queue_peek_head(&c->events);
-        if (greeting && json_object_get(greeting, "QMP")) {
-            g_queue_pop_head(&c->events);
-        } else {
-            greeting = NULL;
+        greeting = g_queue_pop_head(&c->events);
+        if (greeting && !json_is_object(json_object_get(greeting, "QMP"))) {
+            /* Whatever speaks first on this socket is no QMP monitor. */
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                        "QMP greeting: the first message is not one (is "
+                        "this a QMP monitor socket?)");
+            json_decref(greeting);
+            return false;
         }
     }
+    c->awaiting_greeting = false;
     ver = json_object_get(
         json_object_get(json_object_get(greeting, "QMP"), "version"), "qemu");
     c->qemu_version =
@@ -471,10 +471,10 @@ qga_client_sync(struct qmp_client *c, int timeout_ms, GError **errp)
         }
         /* A fresh id each time: an old answer never satisfies a new sync. */
         c->sync_id = g_random_int_range(1, G_MAXINT32);
-        if (!write_all(c, &ff, 1, "guest-sync-delimited", errp) ||
+        if (!write_all(c, &ff, 1, "guest-sync-delimited", (int)left, errp) ||
             !send_command(c, "guest-sync-delimited",
                           json_pack("{s:I}", "id", (json_int_t)c->sync_id), 0,
-                          errp)) {
+                          (int)left, errp)) {
             return false;
         }
         /* The first bytes after a reconnect may be lost: resend until one

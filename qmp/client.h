@@ -41,10 +41,6 @@ void qmp_client_free(struct qmp_client *c);
 json_t *qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
                         int timeout_ms, GError **errp);
 
-/* Send cmd and do not wait; its reply, if any, is dropped. */
-bool qmp_client_send(struct qmp_client *c, const char *cmd, json_t *args,
-                     GError **errp);
-
 /* Pop the oldest queued event (new reference), or NULL. */
 json_t *qmp_client_pop_event(struct qmp_client *c);
 /* Run the ring until an event is queued, the deadline passes (false, no
