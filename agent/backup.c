@@ -50,7 +50,6 @@ disk_free(struct disk *d)
     g_free(d->file);
     g_free(d->job_id);
     g_free(d->nbd_node);
-    g_free(d->sock_path);
     g_free(d);
 }
 
@@ -286,47 +285,68 @@ plan_disk(struct backup *b, struct disk *d)
     d->bitmap = g_strdup_printf("%s%s-%08x", prefix, d->chain, g_random_int());
 }
 
+/* QEMU's NBD client gets its end of our socketpair through the monitor
+ * (getfd), so no socket file exists that anyone else could connect to.  The
+ * fd's name is the node's: getfd replaces an fd of that name that a crashed
+ * run left in the monitor. */
+static bool
+attach_target(struct backup *b, struct disk *d, int client_fd, GError **errp)
+{
+    json_t *ret;
+
+    ret = qmp_client_call_fd(b->qmp, "getfd",
+                             json_pack("{s:s}", "fdname", d->nbd_node),
+                             client_fd, b->opts->timeout_ms, errp);
+    close(client_fd);
+    if (!ret) {
+        return false;
+    }
+    json_decref(ret);
+    /* QEMU takes the fd and does the NBD handshake during blockdev-add:
+     * the call runs the ring, so our server answers meanwhile. */
+    ret = qmp_client_call(b->qmp, "blockdev-add",
+                          json_pack("{s:s, s:s, s:{s:s, s:s}, s:s}", "driver",
+                                    "nbd", "node-name", d->nbd_node, "server",
+                                    "type", "fd", "str", d->nbd_node, "export",
+                                    d->name),
+                          b->opts->timeout_ms, errp);
+    if (!ret) {
+        /* After a timeout QEMU may still add the node: delete it. */
+        d->nbd_added = g_error_matches(*errp, QMP_ERROR, QMP_ERROR_TIMEOUT);
+        /* A blockdev-add that failed before taking the fd leaves it in
+         * the monitor; otherwise there is nothing to close. */
+        json_decref(qmp_client_call(b->qmp, "closefd",
+                                    json_pack("{s:s}", "fdname", d->nbd_node),
+                                    b->opts->timeout_ms, NULL));
+        return false;
+    }
+    json_decref(ret);
+    d->nbd_added = true;
+    return true;
+}
+
 static bool
 start_targets(struct backup *b, GError **errp)
 {
-    b->run_dir = recover_runtime_dir(b->repo, errp);
-    if (!b->run_dir) {
-        return false;
-    }
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
+        int client_fd = -1;
 
         d->file = g_strdup_printf("%s.qcow2", d->name);
         d->job_id = recover_job_id(b->repo, b->point, k);
         d->nbd_node = recover_node_name(b->repo, k);
-        d->sock_path = g_strdup_printf("%s/%u.sock", b->run_dir, k);
         d->target =
             backup_target_new(&b->ring, b->partial_fd, d->file, d->name,
                               d->size, b->opts->cluster_bits, d->backing_rel,
-                              d->backing, d->sock_path, errp);
+                              d->backing, &client_fd, errp);
         if (!d->target) {
             return false;
         }
         backup_target_set_watchdog(d->target, (gint64)b->opts->stall_ms * 1000);
-    }
-    for (guint k = 0; k < b->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        /* QEMU connects during blockdev-add: the call runs the ring, so our
-         * NBD server answers the handshake meanwhile. */
-        json_t *ret = qmp_client_call(
-            b->qmp, "blockdev-add",
-            json_pack("{s:s, s:s, s:{s:s, s:s}, s:s}", "driver", "nbd",
-                      "node-name", d->nbd_node, "server", "type", "unix",
-                      "path", d->sock_path, "export", d->name),
-            b->opts->timeout_ms, errp);
-        if (!ret) {
-            /* After a timeout QEMU may still add the node: delete it. */
-            d->nbd_added = g_error_matches(*errp, QMP_ERROR, QMP_ERROR_TIMEOUT);
+        if (!attach_target(b, d, client_fd, errp)) {
             g_prefix_error(errp, "%s: ", d->name);
             return false;
         }
-        json_decref(ret);
-        d->nbd_added = true;
     }
     return true;
 }
@@ -687,15 +707,6 @@ out:
     quiesce_free(b.quiesce);
     if (b.partial_fd >= 0) {
         close(b.partial_fd);
-    }
-    if (b.run_dir) {
-        for (guint k = 0; k < b.disks->len; k++) {
-            const char *sock = ((struct disk *)b.disks->pdata[k])->sock_path;
-            if (sock) {
-                unlink(sock);
-            }
-        }
-        g_free(b.run_dir);
     }
     json_decref(manifest);
     g_ptr_array_free(b.disks, true);

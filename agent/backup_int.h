@@ -36,7 +36,6 @@ struct disk {
     char *file;
     char *job_id;
     char *nbd_node;
-    char *sock_path;
     struct backup_target *target;
     bool nbd_added;
     bool bitmap_added;
@@ -55,7 +54,6 @@ struct backup {
     char *point;
     int partial_fd;
     bool partial_made;
-    char *run_dir;
     struct quiesce *quiesce;
     bool committed;
     gint64 start_us;

@@ -1,12 +1,8 @@
 /* Recovery of a crashed run's leftovers: see recover.h. */
 #include "agent/recover.h"
 
-#include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <signal.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 char *
@@ -193,72 +189,4 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
     }
     json_decref(nodes);
     return true;
-}
-
-static bool
-make_private_dir(const char *path, GError **errp)
-{
-    struct stat st;
-
-    if (mkdir(path, 0700) < 0 && errno != EEXIST) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "%s: mkdir: %s", path, g_strerror(errno));
-        return false;
-    }
-    if (lstat(path, &st) < 0) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "%s: %s", path, g_strerror(errno));
-        return false;
-    }
-    /* Anyone else who can enter it could connect to our NBD sockets and
-     * write into the backup. */
-    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 0077)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_PERM,
-                    "%s: runtime directory must be a directory of ours with "
-                    "mode 0700 (refusing a symlink, another owner or wider "
-                    "permissions)",
-                    path);
-        return false;
-    }
-    return true;
-}
-
-char *
-recover_runtime_dir(const struct repo_vm *r, GError **errp)
-{
-    const char *env = getenv("QBAK_RUNTIME_DIR");
-    const char *xdg = getenv("XDG_RUNTIME_DIR");
-    g_autofree char *base = NULL;
-    char *dir;
-    DIR *d;
-    struct dirent *de;
-
-    if (env && *env) {
-        base = g_strdup(env);
-    } else if (xdg && *xdg) {
-        base = g_build_filename(xdg, "qbak", NULL);
-    } else if (geteuid() == 0) {
-        base = g_strdup("/run/qbak");
-    } else {
-        base = g_strdup_printf("/tmp/qbak-%u", (unsigned)geteuid());
-    }
-    if (!make_private_dir(base, errp)) {
-        return NULL;
-    }
-    dir = g_build_filename(base, r->vm_id, NULL);
-    if (!make_private_dir(dir, errp)) {
-        g_free(dir);
-        return NULL;
-    }
-    /* We hold the VM's lock: any socket here is a dead run's. */
-    d = opendir(dir);
-    while (d && (de = readdir(d))) {
-        if (g_str_has_suffix(de->d_name, ".sock")) {
-            unlinkat(dirfd(d), de->d_name, 0);
-        }
-    }
-    if (d) {
-        closedir(d);
-    }
-    return dir;
 }

@@ -24,12 +24,6 @@ char *recover_node_name(const struct repo_vm *r, unsigned k);
 bool recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
                   GPtrArray *done, GError **errp);
 
-/* The VM's runtime directory for NBD sockets: $QBAK_RUNTIME_DIR, else
- * $XDG_RUNTIME_DIR/qbak, else /run/qbak as root, else /tmp/qbak-<uid>; then
- * <vmid> below it.  Created 0700, must be ours and not a symlink; stale
- * sockets in it (a crashed run's) are removed. */
-char *recover_runtime_dir(const struct repo_vm *r, GError **errp);
-
 /* Test-only crash points: QBAK_CRASH_AT=<name> kills qbak with SIGKILL
  * there, so tests can prove recovery from every state; "<name>:stop" stops
  * it with SIGSTOP instead.  Names: transaction, running, pending, fsynced,

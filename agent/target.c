@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define NBD_SLOTS 16
@@ -13,6 +14,14 @@
  * incremental benefits too), so the fsync at commit finds the data mostly
  * on disk already: the transfer and the disk overlap. */
 #define WRITEBACK_BYTES (8u << 20)
+/* Send buffer of QEMU's end of the socket.  The kernel's default (about 208
+ * KiB) holds three 64 KiB requests: QEMU then blocks on the socket with
+ * most of its 16 request slots idle, and both sides wake each other for
+ * every request or two.  With room for all 16 in flight, qbak finds
+ * several requests waiting at each wake-up (a 10 % incremental of the
+ * benchmark's disk: 0.72 s instead of 0.87 s, with less CPU on both
+ * sides).  The kernel doubles the value. */
+#define CLIENT_SNDBUF (2 << 20)
 
 /* Per request slot: the extent writes of one NBD WRITE. */
 struct target_req {
@@ -225,15 +234,27 @@ request(void *opaque, struct nbd_request *req)
     req_complete(tr, 0);
 }
 
+/* Beyond net.core.wmem_max only with CAP_NET_ADMIN (SO_SNDBUFFORCE); the
+ * capped SO_SNDBUF otherwise.  Only speed depends on it. */
+static void
+set_client_sndbuf(int fd)
+{
+    int size = CLIENT_SNDBUF;
+
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0) {
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    }
+}
+
 struct backup_target *
 backup_target_new(struct ring *ring, int dir_fd, const char *file,
                   const char *disk, uint64_t size, unsigned cluster_bits,
                   const char *backing_file, struct qcow2_reader *backing,
-                  const char *socket_path, GError **errp)
+                  int *client_fd, GError **errp)
 {
     struct backup_target *t = g_new0(struct backup_target, 1);
     bool created = false;
-    int listen_fd;
+    int sv[2];
 
     t->ring = ring;
     t->writeback_op.done_fn = writeback_done;
@@ -262,10 +283,12 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
         tr->ext = g_new0(struct qcow2_extent, tr->max_ext);
         tr->rw = g_new0(struct ring_rw, tr->max_ext);
     }
-    listen_fd = unix_listen(socket_path, errp);
-    if (listen_fd < 0) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: socketpair: %s", disk, g_strerror(errno));
         goto fail;
     }
+    set_client_sndbuf(sv[1]);
     t->exp.name = t->disk;
     t->exp.size = size;
     t->exp.min_block = 1;
@@ -277,8 +300,8 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     t->exp.no_flush = true;
     t->backend.request_fn = request;
     t->backend.opaque = t;
-    t->server =
-        nbd_server_new(ring, listen_fd, &t->exp, &t->backend, NBD_SLOTS);
+    t->server = nbd_server_new(ring, sv[0], &t->exp, &t->backend, NBD_SLOTS);
+    *client_fd = sv[1];
     return t;
 fail:
     backup_target_free(t);

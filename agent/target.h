@@ -13,14 +13,16 @@
 
 struct backup_target;
 
-/* Creates `file` in dir_fd (O_EXCL) and listens on socket_path.
+/* Creates `file` in dir_fd (O_EXCL) and serves it over a new socketpair:
+ * *client_fd is the other end, for the NBD client (QEMU), and the caller's
+ * to close once it has handed it on.
  * backing_file/backing: see qcow2_writer_new (backing borrowed). */
 struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
                                         const char *file, const char *disk,
                                         uint64_t size, unsigned cluster_bits,
                                         const char *backing_file,
                                         struct qcow2_reader *backing,
-                                        const char *socket_path, GError **errp);
+                                        int *client_fd, GError **errp);
 /* Stops serving, waits for in-flight I/O, closes the file. */
 void backup_target_free(struct backup_target *t);
 
@@ -32,6 +34,7 @@ void backup_target_set_watchdog(struct backup_target *t, gint64 limit_us);
 
 /* The first error of the data path (NBD protocol, write, fsync), or NULL. */
 const char *backup_target_error(struct backup_target *t);
+/* The NBD client has sent its first bytes. */
 bool backup_target_connected(const struct backup_target *t);
 /* The NBD client has gone and all I/O has completed. */
 bool backup_target_finished(const struct backup_target *t);

@@ -121,26 +121,25 @@ void nbd_conn_abort(struct nbd_conn *c, const char *why);
 /* Requests the backend still holds (their buffers are in use). */
 unsigned nbd_conn_backend_busy(const struct nbd_conn *c);
 
-/* The socket side: accepts exactly one client on listen_fd, then closes the
- * listener, so no second or late connection is ever served. */
+/* The socket side: serves the one client at the other end of fd, a
+ * connected stream socket (taken), typically one end of a socketpair whose
+ * other end was handed to the client.  There is no listening socket, so no
+ * second or late connection can ever be served. */
 struct nbd_server;
 
-struct nbd_server *nbd_server_new(struct ring *ring, int listen_fd,
+struct nbd_server *nbd_server_new(struct ring *ring, int fd,
                                   const struct nbd_export *exp,
                                   const struct nbd_backend *backend,
                                   unsigned slots);
-/* Stops accepting, shuts the connection down and waits for its ops. */
+/* Shuts the connection down and waits for its ops. */
 void nbd_server_free(struct nbd_server *s);
+/* The client has sent something: it is there. */
 bool nbd_server_connected(const struct nbd_server *s);
 /* The client has gone (cleanly or not) and nothing is in flight. */
 bool nbd_server_finished(const struct nbd_server *s);
 /* Error text if the connection failed (protocol, socket), else NULL. */
 const char *nbd_server_error(const struct nbd_server *s);
-/* Stop accepting or serving: used when a backup is abandoned. */
+/* Stop serving: used when a backup is abandoned. */
 void nbd_server_shutdown(struct nbd_server *s);
-
-/* A unix stream socket listening at path (created 0600 by the umask the
- * caller set; any stale socket file at path is replaced). */
-int unix_listen(const char *path, GError **errp);
 
 #endif

@@ -5,25 +5,22 @@
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #define MAX_IOV 64
 
 struct nbd_server {
     struct ring *ring;
-    int listen_fd;
     int fd;
     struct nbd_conn *conn;
     const struct nbd_export *exp;
     const struct nbd_backend *backend;
     unsigned slots;
 
-    struct ring_op accept_op;
     struct ring_op recv_op;
     struct ring_op send_op;
-    bool accept_pending, recv_pending, send_pending;
+    bool recv_pending, send_pending;
+    bool client_spoke; /* bytes have come from the client */
     size_t recv_len;
     struct iovec iov[MAX_IOV];
     struct msghdr msg;
@@ -52,32 +49,6 @@ wake(void *opaque)
 }
 
 static void
-accept_done(struct ring_op *op, int res)
-{
-    struct nbd_server *s = container_of(op, struct nbd_server, accept_op);
-
-    s->accept_pending = false;
-    /* One client per export, ever: stop listening whatever happened. */
-    close(s->listen_fd);
-    s->listen_fd = -1;
-    if (res < 0) {
-        if (!s->finished) {
-            set_error(s, "accept: ", g_strerror(-res));
-            s->finished = true;
-        }
-        return;
-    }
-    if (s->finished) {
-        close(res);
-        return;
-    }
-    s->fd = res;
-    s->conn = nbd_conn_new(s->exp, s->backend, s->slots);
-    nbd_conn_set_wake(s->conn, wake, s);
-    pump(s);
-}
-
-static void
 recv_done(struct ring_op *op, int res)
 {
     struct nbd_server *s = container_of(op, struct nbd_server, recv_op);
@@ -86,6 +57,9 @@ recv_done(struct ring_op *op, int res)
     if (res == -EAGAIN || res == -EINTR) {
         pump(s);
         return;
+    }
+    if (res > 0) {
+        s->client_spoke = true;
     }
     if (res < 0) {
         set_error(s, "NBD connection: ", g_strerror(-res));
@@ -164,42 +138,30 @@ pump(struct nbd_server *s)
 }
 
 struct nbd_server *
-nbd_server_new(struct ring *ring, int listen_fd, const struct nbd_export *exp,
+nbd_server_new(struct ring *ring, int fd, const struct nbd_export *exp,
                const struct nbd_backend *backend, unsigned slots)
 {
     struct nbd_server *s = g_new0(struct nbd_server, 1);
-    struct io_uring_sqe *sqe;
 
     s->ring = ring;
-    s->listen_fd = listen_fd;
-    s->fd = -1;
+    s->fd = fd;
     s->exp = exp;
     s->backend = backend;
     s->slots = slots;
-    s->accept_op.done_fn = accept_done;
     s->recv_op.done_fn = recv_done;
     s->send_op.done_fn = send_done;
-
-    sqe = ring_get_sqe(ring);
-    io_uring_prep_accept(sqe, listen_fd, NULL, NULL, SOCK_CLOEXEC);
-    ring_queue(ring, sqe, &s->accept_op);
-    s->accept_pending = true;
+    s->conn = nbd_conn_new(exp, backend, slots);
+    nbd_conn_set_wake(s->conn, wake, s);
+    pump(s); /* the greeting */
     return s;
 }
 
 void
 nbd_server_shutdown(struct nbd_server *s)
 {
-    if (s->accept_pending && s->listen_fd >= 0) {
-        /* Wakes the pending accept with an error. */
-        shutdown(s->listen_fd, SHUT_RDWR);
-    }
-    if (s->conn && s->fd >= 0) {
+    if (s->fd >= 0) {
         set_error(s, "", "NBD server shut down");
         pump(s);
-    }
-    if (!s->conn) {
-        s->finished = true;
     }
 }
 
@@ -210,17 +172,14 @@ nbd_server_free(struct nbd_server *s)
         return;
     }
     nbd_server_shutdown(s);
-    while (s->accept_pending || s->recv_pending || s->send_pending ||
-           (s->conn && nbd_conn_backend_busy(s->conn) > 0)) {
+    while (s->recv_pending || s->send_pending ||
+           nbd_conn_backend_busy(s->conn) > 0) {
         if (ring_run_once(s->ring, -1) < 0) {
             break;
         }
     }
     if (s->fd >= 0) {
         close(s->fd);
-    }
-    if (s->listen_fd >= 0) {
-        close(s->listen_fd);
     }
     nbd_conn_free(s->conn);
     g_free(s->error);
@@ -230,7 +189,7 @@ nbd_server_free(struct nbd_server *s)
 bool
 nbd_server_connected(const struct nbd_server *s)
 {
-    return s->conn != NULL;
+    return s->client_spoke;
 }
 
 bool
@@ -243,34 +202,4 @@ const char *
 nbd_server_error(const struct nbd_server *s)
 {
     return s->error;
-}
-
-int
-unix_listen(const char *path, GError **errp)
-{
-    struct sockaddr_un sun = {.sun_family = AF_UNIX};
-    int fd;
-
-    if (strlen(path) >= sizeof(sun.sun_path)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
-                    "%s: socket path too long", path);
-        return -1;
-    }
-    strcpy(sun.sun_path, path);
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "socket: %s", g_strerror(errno));
-        return -1;
-    }
-    unlink(path);
-    if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 ||
-        listen(fd, 1) < 0) {
-        int err = errno;
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s",
-                    path, g_strerror(err));
-        close(fd);
-        return -1;
-    }
-    return fd;
 }

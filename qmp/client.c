@@ -184,14 +184,36 @@ closed_error(struct qmp_client *c, const char *what, GError **errp)
     return false;
 }
 
+/* pass_fd >= 0 goes with the first byte sent (SCM_RIGHTS): QEMU takes the
+ * fds that arrive with a command as that command's. */
 static bool
-write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
-          int timeout_ms, GError **errp)
+write_all(struct qmp_client *c, const char *buf, size_t len, int pass_fd,
+          const char *what, int timeout_ms, GError **errp)
 {
     struct pollfd pfd = {.fd = c->fd, .events = POLLOUT};
 
     while (len > 0) {
-        ssize_t n = send(c->fd, buf, len, MSG_NOSIGNAL);
+        struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+        union {
+            char buf[CMSG_SPACE(sizeof(int))];
+            struct cmsghdr align;
+        } control;
+        ssize_t n;
+
+        if (pass_fd >= 0) {
+            struct cmsghdr *cmsg;
+
+            memset(&control, 0, sizeof(control));
+            msg.msg_control = control.buf;
+            msg.msg_controllen = sizeof(control.buf);
+            cmsg = CMSG_FIRSTHDR(&msg);
+            cmsg->cmsg_level = SOL_SOCKET;
+            cmsg->cmsg_type = SCM_RIGHTS;
+            cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(cmsg), &pass_fd, sizeof(int));
+        }
+        n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR) {
             continue;
         }
@@ -207,6 +229,7 @@ write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
             mark_closed(c, g_strerror(errno));
             return closed_error(c, what, errp);
         }
+        pass_fd = -1;
         buf += n;
         len -= (size_t)n;
     }
@@ -215,7 +238,7 @@ write_all(struct qmp_client *c, const char *buf, size_t len, const char *what,
 
 static bool
 send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
-             int timeout_ms, GError **errp)
+             int pass_fd, int timeout_ms, GError **errp)
 {
     json_t *req = json_pack("{s:s}", "execute", cmd);
     g_autofree char *text = NULL;
@@ -231,8 +254,8 @@ send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
     if (c->closed) {
         return closed_error(c, cmd, errp);
     }
-    if (!write_all(c, text, strlen(text), cmd, timeout_ms, errp) ||
-        !write_all(c, "\n", 1, cmd, timeout_ms, errp)) {
+    if (!write_all(c, text, strlen(text), pass_fd, cmd, timeout_ms, errp) ||
+        !write_all(c, "\n", 1, -1, cmd, timeout_ms, errp)) {
         return false;
     }
     return true;
@@ -242,13 +265,20 @@ json_t *
 qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
                 int timeout_ms, GError **errp)
 {
+    return qmp_client_call_fd(c, cmd, args, -1, timeout_ms, errp);
+}
+
+json_t *
+qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
+                   int pass_fd, int timeout_ms, GError **errp)
+{
     int64_t id = ++c->next_id;
     gpointer key = (gpointer)(intptr_t)id;
     gint64 deadline = qmp_now_ms() + timeout_ms;
     json_t *reply = NULL, *ret, *err;
 
     g_hash_table_insert(c->waiting, key, NULL);
-    if (!send_command(c, cmd, args, id, timeout_ms, errp)) {
+    if (!send_command(c, cmd, args, id, pass_fd, timeout_ms, errp)) {
         g_hash_table_remove(c->waiting, key);
         return NULL;
     }
@@ -471,10 +501,11 @@ qga_client_sync(struct qmp_client *c, int timeout_ms, GError **errp)
         }
         /* A fresh id each time: an old answer never satisfies a new sync. */
         c->sync_id = g_random_int_range(1, G_MAXINT32);
-        if (!write_all(c, &ff, 1, "guest-sync-delimited", (int)left, errp) ||
+        if (!write_all(c, &ff, 1, -1, "guest-sync-delimited", (int)left,
+                       errp) ||
             !send_command(c, "guest-sync-delimited",
                           json_pack("{s:I}", "id", (json_int_t)c->sync_id), 0,
-                          (int)left, errp)) {
+                          -1, (int)left, errp)) {
             return false;
         }
         /* The first bytes after a reconnect may be lost: resend until one

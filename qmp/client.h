@@ -40,6 +40,10 @@ void qmp_client_free(struct qmp_client *c);
  * reply. */
 json_t *qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
                         int timeout_ms, GError **errp);
+/* The same, passing pass_fd (borrowed; the peer gets a copy) along with the
+ * command over the unix socket, as QMP's getfd expects. */
+json_t *qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
+                           int pass_fd, int timeout_ms, GError **errp);
 
 /* Pop the oldest queued event (new reference), or NULL. */
 json_t *qmp_client_pop_event(struct qmp_client *c);

@@ -42,7 +42,9 @@ offset) where each reply ends.  Anything that went wrong on the fake's side (qba
 expect, an exception) is in .errors: a test must check it is empty before
 blaming qbak.
 """
+import array
 import json
+import os
 import socket
 import struct
 import threading
@@ -131,10 +133,10 @@ class NBDClient:
     """The client side of what QEMU's nbd driver does: fixed newstyle
     handshake with NBD_OPT_GO, simple replies, NBD_CMD_DISC on close."""
 
-    def __init__(self, path, export, timeout=10):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, sock, export, timeout=10):
+        """sock: connected to the server (qbak hands QEMU its end)."""
+        self.sock = sock
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self.handle = 0
         magic, opt, flags = struct.unpack(">QQH", self._recv(18))
         if magic != 0x4e42444d41474943 or opt != 0x49484156454F5054:
@@ -199,6 +201,7 @@ class Qemu:
         self.nbd = nbd  # connect to qbak's export on blockdev-add
         self.bitmaps = []
         self.nodes = {}  # our added nodes: name -> dict(args, client)
+        self.fds = {}  # getfd: name -> fd
         self.jobs = {}   # id -> dict
         self.txn = []    # job ids started together
 
@@ -303,18 +306,45 @@ class Qemu:
     def cmd_query_block(self, fake, args):
         return self.query_block()
 
+    def cmd_getfd(self, fake, args):
+        if not fake.fds:
+            return ("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+        fd = fake.fds.pop(0)
+        old = self.fds.pop(args.get("fdname"), None)
+        if old is not None:
+            os.close(old)
+        self.fds[args.get("fdname")] = fd
+        return {}
+
+    def cmd_closefd(self, fake, args):
+        fd = self.fds.pop(args.get("fdname"), None)
+        if fd is None:
+            return ("GenericError", "File descriptor named '%s' not found"
+                    % args.get("fdname"))
+        os.close(fd)
+        return {}
+
+    def take_fd(self, server):
+        """The socket a blockdev-add names (getfd), taken as QEMU does."""
+        if server.get("type") != "fd":
+            raise OSError("server type %r, expected fd" % server.get("type"))
+        fd = self.fds.pop(server.get("str"), None)
+        if fd is None:
+            raise OSError("File descriptor named '%s' has not been found"
+                          % server.get("str"))
+        return socket.socket(fileno=fd)
+
     def cmd_blockdev_add(self, fake, args):
         name = args.get("node-name")
         if name in self.nodes or name in ("drive0", "file0"):
             return ("GenericError", "Duplicate nodes with node-name='%s'" % name)
         client = None
         if args.get("driver") == "nbd" and self.nbd:
-            path = args["server"]["path"]
             try:
-                client = NBDClient(path, args.get("export", ""))
+                client = NBDClient(self.take_fd(args["server"]),
+                                   args.get("export", ""))
             except OSError as e:
-                return ("GenericError",
-                        "Failed to connect to '%s': %s" % (path, e))
+                return ("GenericError", "Failed to connect: %s" % e)
         self.nodes[name] = {"args": args, "client": client}
         return {}
 
@@ -439,6 +469,7 @@ class FakeQMP:
         self.peer_gone = False
         self.conn = None
         self._buf = b""
+        self.fds = []  # received with qbak's commands (SCM_RIGHTS), for getfd
         self._ids = set()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
@@ -484,9 +515,15 @@ class FakeQMP:
         """qbak's next command, or None when it hung up."""
         while b"\n" not in self._buf:
             try:
-                chunk = self.conn.recv(65536)
+                chunk, anc, _, _ = self.conn.recvmsg(
+                    65536, socket.CMSG_SPACE(16 * 4))
             except OSError:
-                chunk = b""
+                chunk, anc = b"", []
+            for level, typ, data in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                    self.fds += list(fds)
             if not chunk:
                 if self._buf.strip():
                     self.errors.append("qbak hung up in the middle of a "

@@ -5,16 +5,15 @@ command, EOF at any byte"), played by a scripted fake QMP server
 (tests/fake/fake_qmp.py) against the real qbak.
 
 Each case runs `qbak backup --timeout 2 --json` against its own fake, its
-own repository and runtime directory, and checks:
+own repository, and checks:
   - the exit code: 1, or 0 for benign noise; never a signal, never a hang
     (killed after 20 s), and within the case's time bound;
   - on failure exactly one printable UTF-8 stderr line "qbak backup: ..."
     that names the problem (key words per case);
-  - no point listed (`qbak list`), no .partial-*, no NBD socket left in the
-    runtime directory;
+  - no point listed (`qbak list`), no .partial-*;
   - on success: the point is listed and restores to the fake disk's bytes,
-    and no node, job or bitmap of ours but the chain's bitmap is left in the
-    fake QEMU; where the fake keeps serving after a fault, qbak removed
+    and no node, job, monitor fd or bitmap of ours but the chain's bitmap is
+    left in the fake QEMU; where the fake keeps serving after a fault, qbak removed
     everything it had added there;
   - the fake itself saw valid commands in the order its script expected.
 
@@ -29,8 +28,8 @@ id, duplicate replies, events (JOB_STATUS_CHANGE of another job, an event
 carrying the pending id, a second greeting, a flood of 120000) between any
 command and its reply; a reply that never comes, comes late or after a
 delay; error replies (with control characters too); query-block with wrong
-types and hostile names; errors from blockdev-add (before and after QEMU
-connected to the NBD export), block-dirty-bitmap-add and transaction.
+types and hostile names; errors from getfd, blockdev-add (before and after
+QEMU connected to the NBD export), block-dirty-bitmap-add and transaction.
 
 Also run under AddressSanitizer+UBSan when build/asan/qbak (or $QBAK_ASAN)
 exists, with a sparser EOF sweep.
@@ -65,7 +64,7 @@ VM = "vm1"
 # qbak's commands up to the backup transaction, in order (recovery lists
 # jobs, then checks they have all concluded).
 ORDER = ["qmp_capabilities", "query-jobs", "query-jobs",
-         "query-named-block-nodes", "query-block", "blockdev-add",
+         "query-named-block-nodes", "query-block", "getfd", "blockdev-add",
          "block-dirty-bitmap-add", "transaction"]
 QB = Qemu().query_block()  # the model's query-block, for edits
 CLOSED = ("connection closed", "connection reset", "broken pipe")
@@ -167,8 +166,8 @@ def noisy(fake, cmd):
 
 def connect_then_fail(fake, cmd):
     """QEMU connected to the export, then failed the blockdev-add."""
-    path = cmd["arguments"]["server"]["path"]
-    NBDClient(path, cmd["arguments"]["export"]).sock.close()
+    sock = fake.qemu.take_fd(cmd["arguments"]["server"])
+    NBDClient(sock, cmd["arguments"]["export"]).sock.close()
     fake.send(frame(error_reply(cmd, "GenericError", "boom-nbd after connect")))
 
 
@@ -348,12 +347,14 @@ def named_cases():
              ["query-block", "boom"]),
         Case("error-desc-control-chars", at("query-block", error=(
             "GenericError", "line1\nline2\x1b[2J\r")), ["query-block", "line1"]),
+        Case("error-getfd", at("getfd", error=("GenericError", "boom-fd")),
+             ["vd0", "getfd", "boom-fd"], clean=True),
         Case("error-blockdev-add", at("blockdev-add", error=("GenericError", "boom-nbd")),
              ["vd0", "blockdev-add", "boom-nbd"], clean=True),
         Case("error-blockdev-add-after-connect", at("blockdev-add", reply=connect_then_fail),
              ["vd0", "blockdev-add", "boom-nbd after connect"], clean=True),
         Case("noise-then-error-blockdev-add",
-             [Send(GREETING)] + [Expect(n, reply=noisy) for n in ORDER[:5]] +
+             [Send(GREETING)] + [Expect(n, reply=noisy) for n in ORDER[:6]] +
              [Expect("blockdev-add", error=("GenericError", "boom-nbd")), Serve()],
              ["vd0", "blockdev-add", "boom-nbd"], clean=True,
              qemu=lambda: Qemu(noise=lambda cmd: unknown_ids(cmd) + events(cmd))),
@@ -436,13 +437,11 @@ def run_case(case, binary, tag):
     os.makedirs(d)
     sock = os.path.join(d, "qmp.sock")
     repo = os.path.join(d, "repo")
-    rundir = os.path.join(d, "run")
-    os.mkdir(rundir, 0o700)
     qemu = case.qemu()
     hang = max(HANG, case.timeout + 10)
     fake = FakeQMP(sock, case.steps, qemu=qemu, cut_at=case.cut_at,
                    timeout=hang + 5).start()
-    env = dict(os.environ, QBAK_RUNTIME_DIR=rundir,
+    env = dict(os.environ,
                ASAN_OPTIONS="detect_leaks=%s:abort_on_error=1"
                % os.environ.get("QBAK_TEST_LEAKS", "0"),
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
@@ -497,10 +496,6 @@ def run_case(case, binary, tag):
     points = sorted(e for e in entries if not e.startswith("."))
     if partial:
         problems.append(".partial-* left: %s" % partial)
-    socks = [os.path.join(r, f) for r, _, fs in os.walk(rundir)
-             for f in fs if f.endswith(".sock")]
-    if socks:
-        problems.append("NBD sockets left: %s" % socks)
     if rc == 0:
         problems += check_success(case, binary, qemu, out, repo, points, d)
     elif rc is not None:
@@ -531,6 +526,8 @@ def leftovers(qemu, bitmaps):
     out = []
     if qemu.nodes:
         out.append("nodes left in QEMU: %s" % list(qemu.nodes))
+    if qemu.fds:
+        out.append("fds left in QEMU's monitor: %s" % list(qemu.fds))
     if qemu.jobs:
         out.append("jobs left in QEMU: %s" % list(qemu.jobs))
     names = [b["name"] for b in qemu.bitmaps if b["name"].startswith("qbak-")]
