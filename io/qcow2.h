@@ -136,6 +136,7 @@ enum qcow2_map_kind {
 struct qcow2_map {
     enum qcow2_map_kind kind;
     int fd;               /* DATA: file to read; owned by the reader */
+    int direct_fd;        /* DATA: the same with O_DIRECT, or -1; owned */
     uint64_t host_offset; /* DATA: offset in fd */
     uint64_t len;         /* bytes described, 1 <= len <= max_len */
     unsigned depth;       /* layer that answered: 0 = top */
