@@ -241,6 +241,7 @@ send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
              int pass_fd, int timeout_ms, GError **errp)
 {
     json_t *req = json_pack("{s:s}", "execute", cmd);
+    g_autofree char *json = NULL;
     g_autofree char *text = NULL;
 
     if (args) {
@@ -249,16 +250,15 @@ send_command(struct qmp_client *c, const char *cmd, json_t *args, int64_t id,
     if (id) {
         json_object_set_new(req, "id", json_integer(id));
     }
-    text = json_dumps(req, JSON_COMPACT);
+    json = json_dumps(req, JSON_COMPACT);
     json_decref(req);
     if (c->closed) {
         return closed_error(c, cmd, errp);
     }
-    if (!write_all(c, text, strlen(text), pass_fd, cmd, timeout_ms, errp) ||
-        !write_all(c, "\n", 1, -1, cmd, timeout_ms, errp)) {
-        return false;
-    }
-    return true;
+    /* One send: the peer starts on the command as soon as it is complete,
+     * and a second send would then wait for it. */
+    text = g_strconcat(json, "\n", NULL);
+    return write_all(c, text, strlen(text), pass_fd, cmd, timeout_ms, errp);
 }
 
 json_t *
