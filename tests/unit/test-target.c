@@ -14,11 +14,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <linux/magic.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -586,6 +589,112 @@ run_until(struct fixture *f, bool (*cond)(const struct backup_target *),
     }
 }
 
+/* Pages of the file in the page cache, of those in [off, off + len). */
+static size_t
+resident_pages(int fd, uint64_t off, size_t len)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), n = len / page, count = 0;
+    g_autofree unsigned char *vec = g_malloc(n);
+    void *p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, (off_t)off);
+
+    g_assert_true(p != MAP_FAILED);
+    g_assert_cmpint(mincore(p, len, vec), ==, 0);
+    for (size_t i = 0; i < n; i++) {
+        count += vec[i] & 1;
+    }
+    munmap(p, len);
+    return count;
+}
+
+/* A target of 64 MiB, 48 MiB of data written through it by qemu-io. */
+static struct backup_target *
+big_backup(struct fixture *f, const char *file)
+{
+    static const char *const cmds[] = {"write -P 0x5a 0 48M", NULL};
+    g_autoptr(GError) err = NULL;
+    struct backup_target *t;
+
+    t = backup_target_new(&f->ring, f->dir_fd, file, "vd0", 64 * MIB,
+                          CLUSTER_BITS, NULL, NULL, &f->client_fd, &err);
+    g_assert_no_error(err);
+    g_assert_cmpint(serve(f, t, WRITEBACK, cmds), ==, 0);
+    return t;
+}
+
+/* Past 32 MiB of data (RECYCLE_LAG) the oldest data is waited for on disk
+ * and dropped from the page cache, so the kernel reuses those pages: after
+ * 48 MiB the file's first MiBs are no longer cached, and the image is
+ * whole. */
+static void
+test_page_cache_recycled(void)
+{
+    g_autofree char *path = NULL;
+    struct backup_target *t;
+    struct statfs sfs;
+    struct fixture f;
+    size_t cached;
+    int fd;
+
+    fixture_init(&f);
+    t = big_backup(&f, "big.qcow2");
+    commit_ok(&f, t, "big.qcow2");
+    backup_target_free(t);
+
+    path = fixture_path(&f, "big.qcow2");
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    g_assert_cmpint(fd, >=, 0);
+    g_assert_cmpint(fstatfs(fd, &sfs), ==, 0);
+    /* Data from cluster 1 on; cluster 0 is the header, written at commit. */
+    cached = resident_pages(fd, 64 * KIB, 8 * MIB);
+    if (sfs.f_type == TMPFS_MAGIC) {
+        g_test_message("tmpfs keeps its pages: %zu cached", cached);
+    } else {
+        g_assert_cmpuint(cached, ==, 0);
+    }
+    close(fd);
+    {
+        const char *check[] = {"qemu-img", "check", "-q", path, NULL};
+        const char *read[] = {"qemu-io",
+                              "-f",
+                              "qcow2",
+                              "-c",
+                              "read -P 0x5a 0 48M",
+                              "-c",
+                              "read -P 0 48M 16M",
+                              path,
+                              NULL};
+        g_autofree char *out = NULL;
+
+        g_assert_cmpint(run_sync(check, NULL), ==, 0);
+        g_assert_cmpint(run_sync(read, &out), ==, 0);
+        g_assert_null(strstr(out, "Pattern verification failed"));
+    }
+    fixture_fini(&f);
+}
+
+/* Waiting for the recycled data reports a write-back error to qbak, and
+ * the fsync at commit would not report it again: the commit fails. */
+static void
+test_write_back_fault_fails_commit(void)
+{
+    g_autoptr(GError) err = NULL;
+    struct backup_target *t;
+    struct fixture f;
+
+    g_assert_true(g_setenv("QBAK_FAULT_FSYNC", "1", true));
+    fixture_init(&f);
+    g_unsetenv("QBAK_FAULT_FSYNC");
+    t = big_backup(&f, "big.qcow2");
+    g_assert_false(backup_target_commit(t, &err));
+    g_assert_nonnull(err);
+    g_assert_nonnull(strstr(err->message, "vd0: write-back: Input/output"));
+    g_clear_error(&err);
+    g_assert_false(backup_target_commit(t, &err));
+    g_assert_nonnull(err);
+    backup_target_free(t);
+    fixture_fini(&f);
+}
+
 /* The export's one client is the far end of its socket pair: there is no
  * socket anyone else could connect to.  It counts as connected once it has
  * spoken, and once it has gone the export is over. */
@@ -924,6 +1033,9 @@ main(int argc, char **argv)
     g_test_add_func("/target/commit-fsync-fault-fails-commit",
                     test_commit_fsync_fault_fails_commit);
     g_test_add_func("/target/one-client-ever", test_one_client_ever);
+    g_test_add_func("/target/page-cache-recycled", test_page_cache_recycled);
+    g_test_add_func("/target/write-back-fault-fails-commit",
+                    test_write_back_fault_fails_commit);
     g_test_add_func("/target/zero-length-read-keeps-connection",
                     test_zero_length_read_keeps_connection);
     for (size_t i = 0; i < G_N_ELEMENTS(hangups); i++) {
