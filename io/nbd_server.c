@@ -21,7 +21,6 @@ struct nbd_server {
     struct ring_op send_op;
     bool recv_pending, send_pending;
     bool client_spoke; /* bytes have come from the client */
-    size_t recv_len;
     struct iovec iov[MAX_IOV];
     struct msghdr msg;
 
@@ -100,7 +99,7 @@ pump(struct nbd_server *s)
     size_t len;
     int n;
 
-    if (!s->conn || s->fd < 0) {
+    if (s->fd < 0) {
         return;
     }
     if (!s->recv_pending && !s->error) {
