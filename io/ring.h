@@ -76,8 +76,7 @@ void ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
  * (default 10), as a stalled repository would.  Unset in normal runs; read once
  * at ring_init(). */
 
-/* 0, or the -errno the current data fsync (or wait for write-back) must
- * fail with (test only). */
+/* 0, or the -errno the current data fsync must fail with (test only). */
 int ring_fault_fsync(void);
 
 #endif
