@@ -848,11 +848,11 @@ def chart(res, path, title):
             return []
         return res.vals("%s.%s" % (group, m))
 
-    script = ["set terminal pngcairo size 1200,520 font 'sans,10'",
+    script = ["set terminal pngcairo size 1200,600 font 'sans,10'",
               "set output '%s'" % path,
               "set multiplot layout 1,2 title %s" % gq(title),
               "set style fill solid 0.85 border -1", "set grid ytics", "set yrange [0:*]",
-              "set key outside bottom center horizontal maxrows 2 width 2", "set bmargin 7",
+              "set key outside bottom center horizontal maxrows 2 width 2",
               "set boxwidth 0.16",
               "set offsets 0, 0, graph 0.08, 0"]
     for title_p, groups in panels:
