@@ -17,7 +17,6 @@
 #include <unistd.h>
 
 #include "io/qcow2.h"
-
 #include "io/file.h"
 
 /* Format constants (QEMU docs/interop/qcow2.txt); the writer has its own
