@@ -96,14 +96,14 @@ buf_start_write(struct restore_buf *b)
     size_t n = 0;
 
     if (!r->out_qcow2) {
-        bool direct = r->out_direct_fd >= 0 &&
-                      file_direct_aligned(b->data, b->guest_off, b->len);
+        int fd = file_pick_fd(r->out_fd, r->out_direct_fd, b->data,
+                              b->guest_off, b->len);
 
         b->pending_ext = 1;
         b->rw.done_fn = buf_write_done;
         b->rw.opaque = b;
-        ring_rw_start(&r->ring, &b->rw, direct ? r->out_direct_fd : r->out_fd,
-                      true, b->data, b->len, b->guest_off);
+        ring_rw_start(&r->ring, &b->rw, fd, true, b->data, b->len,
+                      b->guest_off);
         return;
     }
     if (!qcow2_writer_write(r->out_qcow2, b->guest_off, b->data, b->len, b->ext,
@@ -220,15 +220,14 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
             memset(b->data + b->len, 0, m.len);
         } else {
             struct ring_rw *rw = &b->reads[b->nreads++];
-            bool direct =
-                m.direct_fd >= 0 &&
-                file_direct_aligned(b->data + b->len, m.host_offset, m.len);
+            int fd = file_pick_fd(m.fd, m.direct_fd, b->data + b->len,
+                                  m.host_offset, m.len);
 
             rw->done_fn = buf_read_done;
             rw->opaque = b;
             b->reads_pending++;
-            ring_rw_start(&r->ring, rw, direct ? m.direct_fd : m.fd, false,
-                          b->data + b->len, m.len, m.host_offset);
+            ring_rw_start(&r->ring, rw, fd, false, b->data + b->len, m.len,
+                          m.host_offset);
         }
         b->len += m.len;
         off += m.len;
@@ -335,7 +334,7 @@ restore_run(const struct restore_opts *o, GError **errp)
         goto out;
     }
     if (!o->qcow2) {
-        r.out_direct_fd = MAX(file_reopen_direct(r.out_fd, O_WRONLY), -1);
+        r.out_direct_fd = file_reopen_direct(r.out_fd, O_WRONLY);
     }
     ret = ring_init(&r.ring, 64);
     if (ret < 0) {

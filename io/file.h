@@ -12,15 +12,18 @@
 
 /* fd's file opened once more, with O_DIRECT and access_mode (O_RDONLY or
  * O_WRONLY), through /proc/self/fd: the same inode, whatever happened to
- * its name since.  -errno when the file system refuses O_DIRECT (or /proc
- * is missing): the caller then keeps to fd. */
+ * its name since.  -1 when the file system refuses O_DIRECT (or /proc is
+ * missing, or no fd is left): the caller then keeps to fd. */
 int file_reopen_direct(int fd, int access_mode);
 
-/* buf, off and len suit O_DIRECT (FILE_DIRECT_ALIGN). */
-static inline bool
-file_direct_aligned(const void *buf, uint64_t off, uint64_t len)
+/* direct_fd (or -1) when buf, off and len suit O_DIRECT, else fd. */
+static inline int
+file_pick_fd(int fd, int direct_fd, const void *buf, uint64_t off, uint64_t len)
 {
-    return (((uintptr_t)buf | off | len) & (FILE_DIRECT_ALIGN - 1)) == 0;
+    bool aligned =
+        (((uintptr_t)buf | off | len) & (FILE_DIRECT_ALIGN - 1)) == 0;
+
+    return direct_fd >= 0 && aligned ? direct_fd : fd;
 }
 
 #endif

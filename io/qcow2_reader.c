@@ -16,8 +16,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "io/qcow2.h"
 #include "io/file.h"
+#include "io/qcow2.h"
 
 /* Format constants (QEMU docs/interop/qcow2.txt); the writer has its own
  * copy of the few it needs. */
@@ -53,7 +53,8 @@ struct l2_cache_entry {
 struct qcow2_layer {
     char *name; /* for messages: the path as given or as named */
     int fd;
-    int direct_fd; /* the same file with O_DIRECT, or -1 */
+    int direct_fd;    /* the same file with O_DIRECT, or -1 */
+    bool direct_done; /* direct_fd was tried */
     dev_t dev;
     ino_t ino;
     uint64_t file_size;
@@ -363,6 +364,21 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     return true;
 }
 
+/* Data read in bulk (restore) bypasses the page cache: it is read once,
+ * and filling and copying fresh cache pages costs more than the read
+ * itself on many hosts.  Opened the first time the layer supplies data, so
+ * opening a chain costs no more than before, and a deep chain's layers
+ * that a restore never reads take no second fd. */
+static int
+layer_direct_fd(struct qcow2_layer *l)
+{
+    if (!l->direct_done) {
+        l->direct_done = true;
+        l->direct_fd = file_reopen_direct(l->fd, O_RDONLY);
+    }
+    return l->direct_fd;
+}
+
 /* Open one image of the chain.  follow_symlink is false for names found
  * inside images: the name is untrusted, and a symlink in its last
  * component (or a /proc magic link) is not something qbak writes. */
@@ -415,10 +431,6 @@ layer_open(int dirfd, const char *path, bool follow_symlink,
     if (!layer_parse_header(l, backing_name, errp)) {
         goto fail;
     }
-    /* Data read in bulk (restore) bypasses the page cache: it is read
-     * once, and filling and copying fresh cache pages costs more than the
-     * read itself on many hosts. */
-    l->direct_fd = MAX(file_reopen_direct(l->fd, O_RDONLY), -1);
     return l;
 
 fail:
@@ -723,7 +735,7 @@ chain_map_once(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
         case CLUSTER_DATA:
             m->kind = QCOW2_MAP_DATA;
             m->fd = l->fd;
-            m->direct_fd = l->direct_fd;
+            m->direct_fd = layer_direct_fd(l);
             m->host_offset = run.host_offset;
             m->len = run.len;
             return true;
