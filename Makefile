@@ -15,7 +15,8 @@ LDLIBS  += $(shell pkg-config --libs $(PKGS))
 B        = build
 # The binary's path: check-asan builds a second one into build/asan.
 QBAK_BIN = qbak
-LIB_SRCS = $(wildcard qmp/*.c io/*.c) $(filter-out agent/main.c,$(wildcard agent/*.c))
+# Every .c under qmp/, io/ and agent/ (and their subfolders) but main.c.
+LIB_SRCS = $(filter-out agent/main.c,$(shell find qmp io agent -name '*.c' | sort))
 LIB_OBJS = $(LIB_SRCS:%.c=$(B)/%.o)
 UNIT_SRCS = $(wildcard tests/unit/test-*.c)
 UNIT_BINS = $(UNIT_SRCS:tests/unit/%.c=$(B)/tests/%)
@@ -29,7 +30,7 @@ $(QBAK_BIN): $(B)/agent/main.o $(B)/libqbak.a
 $(B)/libqbak.a: $(LIB_OBJS)
 	rm -f $@ && ar rcs $@ $^
 
-$(B)/%.o: %.c $(wildcard */*.h)
+$(B)/%.o: %.c $(shell find qmp io agent -name '*.h')
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -55,7 +56,7 @@ FUZZ_CFLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -std=gnu11 -D_GNU_SOURC
               $(shell pkg-config --cflags $(PKGS))
 fuzz: $(FUZZ_SRCS:tests/fuzz/%.c=$(B)/fuzz/%)
 
-$(B)/fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard */*.h)
+$(B)/fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(shell find qmp io agent -name '*.h')
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -o $@ $< $(LIB_SRCS) $(LDLIBS)
 

@@ -1,0 +1,166 @@
+/* qbak backup: options and output. */
+#include <stdio.h>
+#include <string.h>
+
+#include <glib.h>
+#include <jansson.h>
+
+#include "agent/backup.h"
+#include "agent/cli.h"
+#include "agent/cmd/cmd.h"
+#include "io/qcow2.h"
+#include "qmp/parser.h"
+
+static void
+print_backup_human(json_t *res)
+{
+    size_t i;
+    json_t *d, *w;
+
+    json_t *fr = json_object_get(res, "freeze");
+
+    printf("%s: point %s (%.2f s), %s-consistent",
+           json_string_value(json_object_get(res, "vm")),
+           json_string_value(json_object_get(res, "point")),
+           json_real_value(json_object_get(res, "duration_s")),
+           json_string_value(json_object_get(res, "consistency")));
+    if (json_is_real(json_object_get(fr, "window_ms"))) {
+        printf(" (%d file systems frozen for %.1f ms)",
+               (int)json_integer_value(json_object_get(fr, "filesystems")),
+               json_real_value(json_object_get(fr, "window_ms")));
+    }
+    putchar('\n');
+    json_array_foreach(json_object_get(res, "disks"), i, d)
+    {
+        const char *reason = json_string_value(json_object_get(d, "reason"));
+        printf("  %-12s %-11s %10.1f MiB written of %.1f MiB%s%s\n",
+               json_string_value(json_object_get(d, "disk")),
+               json_string_value(json_object_get(d, "type")),
+               (double)json_integer_value(json_object_get(d, "bytes_written")) /
+                   1048576.0,
+               (double)json_integer_value(json_object_get(d, "virtual_size")) /
+                   1048576.0,
+               reason ? ": " : "", reason ? reason : "");
+    }
+    json_array_foreach(json_object_get(res, "recovered"), i, w)
+    {
+        g_autofree char *msg = qmp_parser_printable(json_string_value(w));
+        fprintf(stderr, "qbak backup: recovered: %s\n", msg);
+    }
+    json_array_foreach(json_object_get(res, "warnings"), i, w)
+    {
+        g_autofree char *msg = qmp_parser_printable(json_string_value(w));
+        fprintf(stderr, "qbak backup: warning: %s\n", msg);
+    }
+}
+
+int
+cmd_backup(int argc, char **argv)
+{
+    struct backup_opts o = {.cluster_bits = QCOW2_DEFAULT_CLUSTER_BITS,
+                            .timeout_ms = 60000};
+    g_autofree gchar *qmp = NULL;
+    g_autofree gchar *repo = NULL;
+    g_autofree gchar *vm = NULL;
+    g_auto(GStrv) disks = NULL;
+    gboolean full = FALSE, json = FALSE, verbose = FALSE;
+    gint64 speed = 0;
+    gint timeout = 60;
+    gint stall = 30;
+    g_autofree gchar *qga = NULL;
+    g_autofree gchar *quiesce = NULL;
+    gint wait = 0;
+    GError *err = NULL;
+    json_t *res;
+    GOptionEntry entries[] = {
+        {"qmp", 0, 0, G_OPTION_ARG_FILENAME, &qmp,
+         "QMP monitor socket of the VM", "PATH"},
+        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
+         "DIR"},
+        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name in the repository",
+         "NAME"},
+        {"qga", 0, 0, G_OPTION_ARG_FILENAME, &qga,
+         "guest agent socket: freeze the guest's file systems at the point",
+         "PATH"},
+        {"quiesce", 0, 0, G_OPTION_ARG_STRING, &quiesce,
+         "auto (default with --qga): freeze if the agent answers, else "
+         "crash-consistent; require: fail if the freeze fails; off",
+         "MODE"},
+        {"disk", 0, 0, G_OPTION_ARG_STRING_ARRAY, &disks,
+         "back up only this disk (device id or node name); repeatable", "NAME"},
+        {"full", 0, 0, G_OPTION_ARG_NONE, &full,
+         "start a new chain with a full backup", NULL},
+        {"speed", 0, 0, G_OPTION_ARG_INT64, &speed,
+         "limit each disk's job to BYTES per second", "BYTES"},
+        {"timeout", 0, 0, G_OPTION_ARG_INT, &timeout,
+         "seconds to wait for any one answer from QEMU (default 60)", "SECS"},
+        {"stall-timeout", 0, 0, G_OPTION_ARG_INT, &stall,
+         "fail the backup, rather than hold up guest writes, when a write "
+         "to the repository takes longer (default 30)",
+         "SECS"},
+        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
+         "when another qbak holds this VM's lock, wait up to SECS for it "
+         "(default 0: fail at once with exit status 75)",
+         "SECS"},
+        {"json", 0, 0, G_OPTION_ARG_NONE, &json,
+         "print the result as one JSON object", NULL},
+        {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
+         "print each phase and its time on stderr", NULL},
+        {NULL}};
+
+    cli_parse("backup", "Back up a running VM's disks at one point in time.",
+              NULL, entries, &argc, &argv);
+    cli_require("backup", qmp, "--qmp");
+    cli_require("backup", repo, "--repo");
+    cli_require("backup", vm, "--vm");
+    if (speed < 0) {
+        fprintf(stderr, "qbak backup: --speed must not be negative\n");
+        return QBAK_EXIT_USAGE;
+    }
+    if (timeout < 1 || timeout > 86400) {
+        fprintf(stderr, "qbak backup: --timeout must be 1 to 86400 seconds\n");
+        return QBAK_EXIT_USAGE;
+    }
+    o.timeout_ms = timeout * 1000;
+    if (stall < 1 || stall > 86400) {
+        fprintf(stderr,
+                "qbak backup: --stall-timeout must be 1 to 86400 seconds\n");
+        return QBAK_EXIT_USAGE;
+    }
+    o.stall_ms = stall * 1000;
+    o.qga_path = qga;
+    o.quiesce = QUIESCE_AUTO;
+    if (quiesce && strcmp(quiesce, "require") == 0) {
+        o.quiesce = QUIESCE_REQUIRE;
+    } else if (quiesce && strcmp(quiesce, "off") == 0) {
+        o.quiesce = QUIESCE_OFF;
+    } else if (quiesce && strcmp(quiesce, "auto") != 0) {
+        fprintf(stderr,
+                "qbak backup: --quiesce must be auto, require or off\n");
+        return QBAK_EXIT_USAGE;
+    }
+    if (o.quiesce == QUIESCE_REQUIRE && !qga) {
+        fprintf(stderr, "qbak backup: --quiesce require needs --qga\n");
+        return QBAK_EXIT_USAGE;
+    }
+    o.qmp_path = qmp;
+    o.repo = repo;
+    o.vm = vm;
+    o.disks = disks;
+    o.full = full;
+    o.speed = (uint64_t)speed;
+    o.wait_ms = cli_wait_ms("backup", wait);
+    o.progress = cli_progress_wanted(json);
+    o.verbose = verbose;
+    res = backup_run(&o, &err);
+    if (!res) {
+        return cli_fail("backup", err);
+    }
+    if (json) {
+        cli_print_json(res);
+    } else {
+        print_backup_human(res);
+    }
+    json_decref(res);
+    return 0;
+}
