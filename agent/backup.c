@@ -607,7 +607,8 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     b.ring_ok = true;
-    b.repo = repo_vm_open(o->repo, o->vm, true, REPO_LOCK_EXCLUSIVE, errp);
+    b.repo = repo_vm_open(o->repo, o->vm, true, REPO_LOCK_EXCLUSIVE, o->wait_ms,
+                          errp);
     if (!b.repo) {
         goto out;
     }

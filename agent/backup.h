@@ -23,6 +23,7 @@ struct backup_opts {
     unsigned cluster_bits;
     int timeout_ms; /* per QMP call */
     int stall_ms;   /* a repository write older than this fails the backup */
+    int wait_ms;    /* how long to wait for a busy VM lock (0: fail at once) */
     bool progress;  /* progress lines on stderr */
     bool verbose;   /* each phase with its time on stderr */
 };

@@ -12,7 +12,7 @@ static json_t *
 list_vm(const char *repo_path, const char *vm, GError **errp)
 {
     struct repo_vm *r =
-        repo_vm_open(repo_path, vm, false, REPO_LOCK_NONE, errp);
+        repo_vm_open(repo_path, vm, false, REPO_LOCK_NONE, 0, errp);
     GPtrArray *points;
     json_t *arr;
 

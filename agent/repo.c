@@ -1,6 +1,8 @@
 /* Repository catalog: see repo.h. */
 #include "agent/repo.h"
 
+#include "agent/error.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -161,10 +163,47 @@ read_or_create_id(int vm_fd, GError **errp)
     return g_strdup(buf);
 }
 
+/* Opens dir/name and flocks it (op: LOCK_SH or LOCK_EX), polling until
+ * deadline (monotonic us) while another qbak holds a conflicting lock.
+ * Returns the fd, or -1 with QBAK_ERROR_BUSY or a system error. */
+static int
+take_lock(int dirfd, const char *name, const char *vm_path, int op,
+          gint64 deadline, GError **errp)
+{
+    int fd = openat(dirfd, name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+                    FILE_MODE);
+
+    if (fd < 0) {
+        set_errno_error(errp, errno, "%s/%s", vm_path, name);
+        return -1;
+    }
+    while (flock(fd, op | LOCK_NB) < 0) {
+        if (errno == EINTR) {
+            continue;
+        }
+        if (errno != EWOULDBLOCK) {
+            set_errno_error(errp, errno, "%s/%s", vm_path, name);
+        } else if (g_get_monotonic_time() < deadline) {
+            g_usleep(50 * 1000);
+            continue;
+        } else {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_BUSY,
+                        "%s: busy: another qbak is working on this VM "
+                        "(backup, prune, restore or a file-level reader "
+                        "holds its lock); try again later",
+                        vm_path);
+        }
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 struct repo_vm *
 repo_vm_open(const char *repo_path, const char *vm, bool create,
-             enum repo_lock lock, GError **errp)
+             enum repo_lock lock, int wait_ms, GError **errp)
 {
+    gint64 deadline = g_get_monotonic_time() + (gint64)wait_ms * 1000;
     struct repo_vm *r;
     g_autofree char *vm_path = g_build_filename(repo_path, vm, NULL);
 
@@ -172,7 +211,7 @@ repo_vm_open(const char *repo_path, const char *vm, bool create,
         return NULL;
     }
     r = g_new0(struct repo_vm, 1);
-    r->repo_fd = r->vm_fd = r->lock_fd = -1;
+    r->repo_fd = r->vm_fd = r->lock_fd = r->browse_fd = -1;
     r->repo_path = g_strdup(repo_path);
     r->vm = g_strdup(vm);
     if (create && mkdir(repo_path, DIR_MODE) < 0 && errno != EEXIST) {
@@ -187,25 +226,20 @@ repo_vm_open(const char *repo_path, const char *vm, bool create,
     if (r->vm_fd < 0) {
         goto fail;
     }
-    if (lock != REPO_LOCK_NONE) {
-        r->lock_fd =
-            openat(r->vm_fd, ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
-                   FILE_MODE);
+    if (lock == REPO_LOCK_SHARED || lock == REPO_LOCK_EXCLUSIVE ||
+        lock == REPO_LOCK_PRUNE) {
+        r->lock_fd = take_lock(r->vm_fd, ".lock", vm_path,
+                               lock == REPO_LOCK_SHARED ? LOCK_SH : LOCK_EX,
+                               deadline, errp);
         if (r->lock_fd < 0) {
-            set_errno_error(errp, errno, "%s/.lock", vm_path);
             goto fail;
         }
-        /* flock dies with its holder: a crashed qbak blocks nobody. */
-        if (flock(r->lock_fd, (lock == REPO_LOCK_SHARED ? LOCK_SH : LOCK_EX) |
-                                  LOCK_NB) < 0) {
-            if (errno == EWOULDBLOCK) {
-                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
-                            "%s: another qbak is working on this VM (a "
-                            "backup or prune holds its lock)",
-                            vm_path);
-            } else {
-                set_errno_error(errp, errno, "%s/.lock", vm_path);
-            }
+    }
+    if (lock == REPO_LOCK_BROWSE || lock == REPO_LOCK_PRUNE) {
+        r->browse_fd = take_lock(r->vm_fd, ".browse", vm_path,
+                                 lock == REPO_LOCK_BROWSE ? LOCK_SH : LOCK_EX,
+                                 deadline, errp);
+        if (r->browse_fd < 0) {
             goto fail;
         }
     }
@@ -230,6 +264,9 @@ repo_vm_close(struct repo_vm *r)
     }
     if (r->lock_fd >= 0) {
         close(r->lock_fd);
+    }
+    if (r->browse_fd >= 0) {
+        close(r->browse_fd);
     }
     if (r->vm_fd >= 0) {
         close(r->vm_fd);

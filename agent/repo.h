@@ -20,6 +20,7 @@ struct repo_vm {
     int repo_fd;
     int vm_fd;
     int lock_fd;
+    int browse_fd;
     char *vm_id; /* random, names this repository's bitmaps */
 };
 
@@ -32,16 +33,24 @@ struct restore_point {
 /* Checks that a name is safe as one path component we create. */
 bool repo_name_valid(const char *name, const char *what, GError **errp);
 
+/* Two flock(2) files per VM directory: .lock guards the chain (who may
+ * add, change or remove points), .browse guards the layers that file-level
+ * readers have open.  Locks die with their holder: a crashed qbak blocks
+ * nobody. */
 enum repo_lock {
     REPO_LOCK_NONE,
-    REPO_LOCK_SHARED,    /* readers that must not run during a backup */
-    REPO_LOCK_EXCLUSIVE, /* backup, prune */
+    REPO_LOCK_SHARED,    /* restore, verify: shared .lock (no backup, no
+                            prune meanwhile; readers side by side) */
+    REPO_LOCK_EXCLUSIVE, /* backup: exclusive .lock */
+    REPO_LOCK_BROWSE,    /* file-level readers: shared .browse (backups go
+                            on; prune waits) */
+    REPO_LOCK_PRUNE,     /* prune: exclusive .lock and .browse */
 };
 
-/* Open (create) repo/vm and take its lock, failing fast if a conflicting
- * lock is held.  The lock dies with its holder. */
+/* Open (create) repo/vm and take its lock.  A conflicting lock fails with
+ * QBAK_ERROR_BUSY at once (wait_ms 0) or after waiting up to wait_ms. */
 struct repo_vm *repo_vm_open(const char *repo_path, const char *vm, bool create,
-                             enum repo_lock lock, GError **errp);
+                             enum repo_lock lock, int wait_ms, GError **errp);
 void repo_vm_close(struct repo_vm *r);
 
 /* Committed points, oldest first (a GPtrArray of struct restore_point *).

@@ -285,7 +285,8 @@ restore_run(const struct restore_opts *o, GError **errp)
     bool ring_ok = false, ok = false;
     int ret;
 
-    repo = repo_vm_open(o->repo, o->vm, false, REPO_LOCK_SHARED, errp);
+    repo =
+        repo_vm_open(o->repo, o->vm, false, REPO_LOCK_SHARED, o->wait_ms, errp);
     if (!repo || !(points = repo_list_points(repo, errp))) {
         goto out;
     }

@@ -16,6 +16,7 @@ struct restore_opts {
     bool qcow2;
     bool force; /* replace an existing output file */
     bool progress;
+    int wait_ms; /* how long to wait for a busy VM lock (0: fail at once) */
 };
 
 json_t *restore_run(const struct restore_opts *opts, GError **errp);
