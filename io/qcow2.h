@@ -35,6 +35,7 @@
 
 struct qcow2_reader;
 struct qcow2_writer;
+struct qcow2_sums;
 
 /* One piece of a write: the caller writes len bytes from its own buffer at
  * buf_offset to the image file at host_offset. */
@@ -96,14 +97,37 @@ bool qcow2_writer_read(struct qcow2_writer *w, uint64_t off, void *buf,
 
 /* Complete partial clusters, write L2/L1/refcount tables and the header.
  * All extents handed out must have been written before this is called.
- * The writer is spent afterwards (only _free and the getters below). */
+ * The writer is spent afterwards (only _free and the getters below).
+ * The same as _finish_tables then _write_header. */
 bool qcow2_writer_finish(struct qcow2_writer *w, GError **errp);
+/* The two halves of _finish, for a caller that must make the data and
+ * tables durable before the header points at them (a merge rewriting an
+ * existing image: until the header is written, the old one stands). */
+bool qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp);
+bool qcow2_writer_write_header(struct qcow2_writer *w, GError **errp);
+
+/* An existing image of the chain opened as `self' (a reader whose top
+ * layer is that image, borrowed; the file is fd, open read-write,
+ * borrowed) made writable again, to fold another layer into it:
+ * guest writes overwrite its data clusters in place or append new ones,
+ * and finish writes fresh tables after the end of the file and a header
+ * that points at them, the old tables becoming free clusters.  Backing
+ * file name, cluster size and virtual size stay.  sums: the image's
+ * checksums (borrowed), or NULL when it has none: the result then has
+ * none either (qcow2_writer_sums returns NULL). */
+struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *self,
+                                         const struct qcow2_sums *sums,
+                                         GError **errp);
 
 /* Bytes of the image file after finish (header, data and metadata). */
 uint64_t qcow2_writer_file_size(const struct qcow2_writer *w);
 /* Guest bytes that became data clusters or zero clusters in this layer. */
 uint64_t qcow2_writer_data_bytes(const struct qcow2_writer *w);
 uint64_t qcow2_writer_zero_bytes(const struct qcow2_writer *w);
+/* After finish: the checksums of the layer (io/qcow2_sums.h), one entry
+ * per data or zero cluster, or NULL for a reopened image that had none.
+ * Borrowed: valid until qcow2_writer_free. */
+const struct qcow2_sums *qcow2_writer_sums(const struct qcow2_writer *w);
 
 /* Open an image and its whole backing chain read-only.  path is resolved
  * relative to dirfd (AT_FDCWD allowed); a backing file name is resolved
@@ -118,6 +142,11 @@ uint64_t qcow2_writer_zero_bytes(const struct qcow2_writer *w);
  * QCOW2_MAX_CHAIN_DEPTH images, one fd each. */
 struct qcow2_reader *qcow2_reader_open(int dirfd, const char *path,
                                        GError **errp);
+/* The same, and each layer's checksum file (io/qcow2_sums.h) is loaded
+ * from beside it: see qcow2_reader_layer_sums.  A missing or damaged sums
+ * file does not fail the open. */
+struct qcow2_reader *qcow2_reader_open_with_sums(int dirfd, const char *path,
+                                                 GError **errp);
 void qcow2_reader_free(struct qcow2_reader *r);
 
 uint64_t qcow2_reader_virtual_size(const struct qcow2_reader *r);
@@ -126,6 +155,51 @@ unsigned qcow2_reader_cluster_bits(const struct qcow2_reader *r);
 const char *qcow2_reader_backing_file(const struct qcow2_reader *r);
 /* Images in the chain: 1 for an image without a backing file. */
 unsigned qcow2_reader_chain_depth(const struct qcow2_reader *r);
+
+/* Each layer on its own (depth 0 = top, < chain depth). */
+const char *qcow2_reader_layer_name(const struct qcow2_reader *r,
+                                    unsigned depth);
+/* The layer's file, open read-only; owned by the reader. */
+int qcow2_reader_layer_fd(const struct qcow2_reader *r, unsigned depth);
+uint64_t qcow2_reader_layer_file_size(const struct qcow2_reader *r,
+                                      unsigned depth);
+uint64_t qcow2_reader_layer_virtual_size(const struct qcow2_reader *r,
+                                         unsigned depth);
+/* Opened with sums: the layer's checksums, or NULL when its file is
+ * missing or damaged; *why (borrowed) then says which ("no checksum
+ * file", or the parse error).  Opened without: NULL, *why NULL. */
+const struct qcow2_sums *qcow2_reader_layer_sums(const struct qcow2_reader *r,
+                                                 unsigned depth,
+                                                 const char **why);
+
+enum qcow2_layer_kind {
+    QCOW2_LAYER_UNALLOCATED, /* the layer below answers */
+    QCOW2_LAYER_ZERO,        /* a zero cluster in this layer */
+    QCOW2_LAYER_DATA,        /* a data cluster of this layer */
+};
+
+struct qcow2_layer_run {
+    enum qcow2_layer_kind kind;
+    uint64_t host_offset; /* DATA: offset in the layer's file */
+    uint64_t len;
+};
+
+/* The longest run at guest offset off (< the layer's virtual size) of at
+ * most max_len bytes that has one kind in layer depth alone and, for
+ * DATA, consecutive host offsets.  Runs start and end on cluster
+ * boundaries except at off itself and at the layer's virtual size. */
+bool qcow2_reader_layer_map(struct qcow2_reader *r, unsigned depth,
+                            uint64_t off, uint64_t max_len,
+                            struct qcow2_layer_run *run, GError **errp);
+
+/* Checks guest cluster c's bytes (buf: the whole cluster, cluster size
+ * bytes, as read from layer depth's file) against the layer's checksums.
+ * True when they match or the layer has no checksums (see
+ * qcow2_reader_layer_sums); a mismatch, or a cluster the checksums do not
+ * list as data, fails with G_FILE_ERROR_INVAL naming the file and the
+ * guest offset. */
+bool qcow2_reader_check_cluster(const struct qcow2_reader *r, unsigned depth,
+                                uint64_t c, const void *buf, GError **errp);
 
 enum qcow2_map_kind {
     QCOW2_MAP_DATA, /* bytes at host_offset in fd */
@@ -151,5 +225,35 @@ bool qcow2_reader_map(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
 /* Synchronous read through the chain (pread). */
 bool qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf,
                         size_t len, GError **errp);
+
+/* Folding a layer into its backing file (prune's merge). */
+struct qcow2_merge_stats {
+    uint64_t data_bytes; /* data copied from the top layer */
+    uint64_t zero_bytes; /* guest bytes made zero clusters */
+};
+
+/* Called after each piece of data merged (bytes so far); the merge goes on
+ * whatever it does (a test may kill the process there). */
+typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
+
+/* Folds the top layer of chain (depth 0, opened with sums) into the image
+ * below it (depth 1), whose file the caller opened read-write as
+ * parent_fd.  Afterwards the parent image alone reads exactly as the top
+ * layer over it did; the top layer's file is not touched.  Cost follows
+ * the top layer's data, not the disk: its clusters are written into the
+ * parent in place or appended, then fresh tables, fdatasync, the header,
+ * fdatasync.  Until that header write the parent image reads as before,
+ * except for clusters the top layer covers; any failure or crash before
+ * it leaves the chain (top over parent) reading as before, so the merge
+ * can simply be run again.
+ * Every cluster read from the top layer is checked against its checksums
+ * before it is written: damage fails the merge (G_FILE_ERROR_INVAL), the
+ * header unwritten.  *merged_sums: the parent's checksums with the top's over them,
+ * or NULL when either layer has none. */
+bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
+                     struct qcow2_sums **merged_sums,
+                     struct qcow2_merge_stats *stats,
+                     qcow2_merge_progress_fn *progress_fn, void *opaque,
+                     GError **errp);
 
 #endif
