@@ -177,16 +177,13 @@ walk_chain(struct verify_vm *vv, struct qcow2_reader *r,
             worst(f, &broken);
         } else {
             label = g_strdup_printf("%s %s %s", vv->repo->vm, lp->id, disk);
+            /* Its findings name the layer's file. */
             verify_layer(&vv->v->ring, r, k - 1, md->sums != NULL, label,
                          vv->v->o->progress, &vv->v->st, f);
-            if (f->state == VERIFY_DAMAGED) {
-                g_autofree char *own = f->reason;
-                f->reason = g_strdup_printf("%s: %s", key, own);
-            }
         }
         if (below && below->state > f->state) {
-            verify_finding_set(f, below->state, below->offset,
-                               "layer below: %s", below->reason);
+            verify_finding_set(f, below->state, below->offset, "%s",
+                               below->reason);
         }
         g_hash_table_replace(vv->chains, g_steal_pointer(&key), f);
         below = f;
