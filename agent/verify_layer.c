@@ -214,15 +214,21 @@ find_orphan_sum(struct layer_check *lc, const struct qcow2_sums *sums)
     }
 }
 
+/* Every cluster of a zero run of the layer must lie in a zero run of the
+ * checksums (which merge adjacent runs, so one entry may cover several of
+ * the layer's runs and the other way round). */
 static void
 check_zero_run(struct layer_check *lc, const struct qcow2_sums *sums,
-               const struct qcow2_layer_run *run, uint64_t off, size_t *matched)
+               const struct qcow2_layer_run *run, uint64_t off,
+               uint64_t *matched)
 {
-    uint64_t first = off >> lc->bits;
+    uint64_t c = off >> lc->bits;
     uint64_t end = (off + run->len + lc->cs - 1) >> lc->bits;
 
-    for (uint64_t c = first; c < end; c++) {
+    while (c < end) {
         const struct qcow2_sum *e = qcow2_sums_find(sums, c);
+        uint64_t upto;
+
         if (!e || !e->zero) {
             g_autofree char *msg =
                 g_strdup_printf("%s: guest offset %" PRIu64
@@ -232,8 +238,24 @@ check_zero_run(struct layer_check *lc, const struct qcow2_sums *sums,
             found_damage(lc, (int64_t)(c << lc->bits), msg);
             return;
         }
-        (*matched)++;
+        upto = MIN(end, e->cluster + e->count);
+        *matched += upto - c;
+        c = upto;
     }
+}
+
+/* Clusters the checksums cover: each must have been matched by one the
+ * layer holds. */
+static uint64_t
+sums_clusters(const struct qcow2_sums *sums)
+{
+    uint64_t n = 0;
+
+    for (size_t i = 0; i < qcow2_sums_count(sums); i++) {
+        const struct qcow2_sum *e = qcow2_sums_at(sums, i);
+        n += e->zero ? e->count : 1;
+    }
+    return n;
 }
 
 static void
@@ -241,7 +263,7 @@ walk_layer(struct layer_check *lc, const struct qcow2_sums *sums, uint64_t size,
            const char *label, bool show)
 {
     struct verify_buf *b = NULL;
-    size_t matched = 0;
+    uint64_t matched = 0;
     gint64 start = g_get_monotonic_time(), last = 0;
 
     for (uint64_t off = 0; off < size && !lc->stop;) {
@@ -299,7 +321,7 @@ walk_layer(struct layer_check *lc, const struct qcow2_sums *sums, uint64_t size,
     if (show) {
         progress(lc, label, start, true);
     }
-    if (!lc->stop && matched != qcow2_sums_count(sums)) {
+    if (!lc->stop && matched != sums_clusters(sums)) {
         find_orphan_sum(lc, sums);
     }
 }

@@ -1,8 +1,9 @@
 /* libFuzzer target: the checksum file parser (io/qcow2_sums.h) on hostile
  * bytes.  A file that parses must keep every promise the interface makes:
- * entries in strictly increasing cluster order, inside the virtual size,
- * each found again by qcow2_sums_find, zero entries with hash 0, and an
- * overlay of the set on itself equal to it. */
+ * entries in increasing cluster order without overlap, inside the virtual
+ * size, each found again by qcow2_sums_find (at its first and last
+ * cluster), data entries one cluster long, and an overlay of the set on
+ * itself equal to it. */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -33,12 +34,17 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                qcow2_sums_cluster_bits(s);
     for (size_t i = 0; i < qcow2_sums_count(s); i++) {
         const struct qcow2_sum *e = qcow2_sums_at(s, i);
-        if (e->cluster >= clusters || (e->zero && e->hash != 0) ||
-            qcow2_sums_find(s, e->cluster) != e) {
+        if (e->count == 0 || e->cluster >= clusters ||
+            e->count > clusters - e->cluster || (!e->zero && e->count != 1) ||
+            qcow2_sums_find(s, e->cluster) != e ||
+            qcow2_sums_find(s, e->cluster + e->count - 1) != e) {
             abort();
         }
-        if (i > 0 && qcow2_sums_at(s, i - 1)->cluster >= e->cluster) {
-            abort();
+        if (i > 0) {
+            const struct qcow2_sum *p = qcow2_sums_at(s, i - 1);
+            if (p->cluster + p->count > e->cluster) {
+                abort();
+            }
         }
     }
     o = qcow2_sums_overlay(s, s);
