@@ -1,11 +1,10 @@
 /* Checking one layer of a chain against its checksums: see verify_int.h.
  *
- * The layer's data clusters are read in host order as the layer map finds
- * them (guest order, which for qbak's append-only layers is also nearly
- * host order), consecutive host ranges gathered into reads of up to
- * BUF_SIZE, NBUF of them in flight through io_uring with O_DIRECT: the
- * disk sees large sequential requests, the page cache is left alone, and
- * checksumming (XXH3, several GB/s per core) overlaps the reads.
+ * The layer's data clusters are taken in guest order, a window at a time,
+ * and read in host order, consecutive host ranges gathered into reads of
+ * up to BUF_SIZE, NBUF of them in flight through io_uring with O_DIRECT:
+ * the disk sees large sequential requests, the page cache is left alone,
+ * and checksumming (XXH3, several GB/s per core) overlaps the reads.
  */
 #include "agent/verify_int.h"
 
@@ -22,6 +21,8 @@
 
 #define NBUF 8
 #define BUF_SIZE (4u << 20)
+/* Data clusters sorted by host offset at a time (see read_window). */
+#define WINDOW_BYTES (UINT64_C(256) << 20)
 #define PROGRESS_US 500000
 
 struct layer_check;
@@ -258,18 +259,60 @@ sums_clusters(const struct qcow2_sums *sums)
     return n;
 }
 
+struct pending {
+    uint64_t host;
+    uint64_t cluster;
+};
+
+static int
+pending_cmp(const void *a, const void *b)
+{
+    const struct pending *pa = a, *pb = b;
+
+    return pa->host < pb->host ? -1 : pa->host > pb->host;
+}
+
+/* Reads a window of data clusters in host order, consecutive host ranges
+ * sharing a read.  QEMU's backup job pushes up to 16 requests at once and
+ * they land in arrival order, so guest order is host order only roughly:
+ * sorted, a window gives large reads where guest order gave one or two
+ * clusters each.  Every read of a window is submitted (even after damage
+ * was found) so that the first bad cluster in guest order is known:
+ * windows go in guest order. */
+static void
+read_window(struct layer_check *lc, struct pending *p, size_t n)
+{
+    struct verify_buf *b = NULL;
+
+    qsort(p, n, sizeof(*p), pending_cmp);
+    for (size_t i = 0; i < n; i++) {
+        if (b &&
+            (b->host_off + b->len != p[i].host || b->len + lc->cs > BUF_SIZE)) {
+            submit(lc, &b);
+        }
+        if (!b) {
+            b = get_buf(lc);
+            b->host_off = p[i].host;
+        }
+        b->clusters[b->n++] = p[i].cluster;
+        b->len += lc->cs;
+    }
+    submit(lc, &b);
+}
+
 static void
 walk_layer(struct layer_check *lc, const struct qcow2_sums *sums, uint64_t size,
            const char *label, bool show)
 {
-    struct verify_buf *b = NULL;
+    size_t window = WINDOW_BYTES >> lc->bits, np = 0;
+    g_autofree struct pending *p = g_new(struct pending, window);
     uint64_t matched = 0;
     gint64 start = g_get_monotonic_time(), last = 0;
 
     for (uint64_t off = 0; off < size && !lc->stop;) {
         g_autoptr(GError) e = NULL;
         struct qcow2_layer_run run;
-        uint64_t c, n, host;
+        uint64_t n;
 
         if (!qcow2_reader_layer_map(lc->r, lc->depth, off, size - off, &run,
                                     &e)) {
@@ -279,44 +322,26 @@ walk_layer(struct layer_check *lc, const struct qcow2_sums *sums, uint64_t size,
         if (run.kind == QCOW2_LAYER_ZERO) {
             check_zero_run(lc, sums, &run, off, &matched);
         }
-        c = off >> lc->bits;
         n = run.kind == QCOW2_LAYER_DATA ? (run.len + lc->cs - 1) >> lc->bits
                                          : 0;
-        host = run.host_offset;
-        off += run.len;
-        /* Consecutive host ranges share a read, whatever lies between
-         * them in guest order. */
-        while (n > 0 && !lc->stop) {
-            uint64_t take;
-
-            if (b &&
-                (b->host_off + b->len != host || b->len + lc->cs > BUF_SIZE)) {
-                submit(lc, &b);
+        for (uint64_t i = 0; i < n; i++) {
+            p[np].host = run.host_offset + (i << lc->bits);
+            p[np].cluster = (off >> lc->bits) + i;
+            if (++np == window) {
+                read_window(lc, p, np);
+                np = 0;
             }
-            if (!b) {
-                b = get_buf(lc);
-                b->host_off = host;
-            }
-            take = MIN(n, (BUF_SIZE - b->len) >> lc->bits);
-            for (uint64_t i = 0; i < take; i++) {
-                b->clusters[b->n++] = c + i;
-            }
-            b->len += take << lc->bits;
-            matched += take;
-            c += take;
-            host += take << lc->bits;
-            n -= take;
         }
+        matched += n;
+        off += run.len;
         if (show && g_get_monotonic_time() - last > PROGRESS_US) {
             last = g_get_monotonic_time();
             progress(lc, label, start, false);
         }
     }
-    if (lc->stop && b) {
-        b->busy = false;
-        b = NULL;
+    if (!lc->stop) {
+        read_window(lc, p, np);
     }
-    submit(lc, &b);
     ring_drain(lc->ring);
     if (show) {
         progress(lc, label, start, true);
