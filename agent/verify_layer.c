@@ -96,12 +96,16 @@ read_done(struct ring_rw *rw, int err)
 
     b->busy = false;
     if (err < 0) {
+        uint64_t first = b->clusters[0];
+        for (size_t i = 1; i < b->n; i++) {
+            first = MIN(first, b->clusters[i]);
+        }
         g_autofree char *msg = g_strdup_printf(
             "%s: read at %" PRIu64 ": %s",
             qcow2_reader_layer_name(lc->r, lc->depth), b->host_off,
             err == -ENODATA ? "the file ends early (truncated)"
                             : g_strerror(-err));
-        found_damage(lc, (int64_t)(b->clusters[0] << lc->bits), msg);
+        found_damage(lc, (int64_t)(first << lc->bits), msg);
         return;
     }
     lc->st->bytes_read += b->len;
@@ -111,8 +115,9 @@ read_done(struct ring_rw *rw, int err)
         g_autoptr(GError) e = NULL;
         if (!qcow2_reader_check_cluster(lc->r, lc->depth, b->clusters[i],
                                         b->data + i * lc->cs, &e)) {
+            /* no break: the buffer is in host order, found_damage
+             * keeps the lowest guest offset */
             found_damage(lc, (int64_t)(b->clusters[i] << lc->bits), e->message);
-            break;
         }
     }
     lc->st->checksum_cpu_s += cpu_now() - t0;
