@@ -18,7 +18,9 @@
 #include <unistd.h>
 
 #include "agent/backup_int.h"
+#include "agent/damage.h"
 #include "agent/recover.h"
+#include "io/qcow2_sums.h"
 
 #define RING_ENTRIES 256
 /* Bytes QEMU copies per backup request (x-perf max-chunk): a cluster of
@@ -223,12 +225,66 @@ bitmap_problem(struct disk *d, json_t *last, const char *bitmap)
     return NULL;
 }
 
+/* Why the chain of disk at point `last' cannot carry an incremental: a
+ * point of it marked damaged (by verify, restore or a backup), missing, or
+ * with a manifest that does not validate; NULL when none is. */
+static char *
+chain_damage(struct backup *b, struct restore_point *last, const char *disk)
+{
+    struct restore_point *p = last;
+
+    for (unsigned depth = 0; depth < QCOW2_MAX_CHAIN_DEPTH; depth++) {
+        const struct manifest_disk *md = manifest_disk(p->info, disk);
+        json_auto_t *mark = damage_read(b->repo, p->id);
+        const char *mdisk = json_string_value(json_object_get(mark, "disk"));
+        g_autofree char *parent = NULL;
+        const char *slash;
+
+        if (mark && (!mdisk || strcmp(mdisk, disk) == 0)) {
+            return g_strdup_printf(
+                "point %s is damaged (found by %s): %s", p->id,
+                json_string_value(json_object_get(mark, "found_by")),
+                json_string_value(json_object_get(mark, "reason")));
+        }
+        if (!md) {
+            return g_strdup_printf("point %s of the chain has no disk %s",
+                                   p->id, disk);
+        }
+        if (md->full) {
+            return NULL;
+        }
+        /* "../<point>/<file>", as plan_disk writes it */
+        slash = g_str_has_prefix(md->backing, "../")
+                    ? strchr(md->backing + 3, '/')
+                    : NULL;
+        if (!slash) {
+            return g_strdup_printf("point %s: unexpected backing file %s",
+                                   p->id, md->backing);
+        }
+        parent = g_strndup(md->backing + 3, (gsize)(slash - md->backing - 3));
+        p = NULL;
+        for (guint k = 0; k < b->points->len && !p; k++) {
+            struct restore_point *q = b->points->pdata[k];
+            p = strcmp(q->id, parent) == 0 ? q : NULL;
+        }
+        if (!p) {
+            return g_strdup_printf("point %s of the chain is missing", parent);
+        }
+        if (p->damage) {
+            return g_strdup_printf("point %s of the chain is damaged: %s",
+                                   p->id, p->damage);
+        }
+    }
+    return g_strdup("the chain is too long");
+}
+
 /* Decide full or incremental for one disk (see the bitmap rules above). */
 static void
 plan_disk(struct backup *b, struct disk *d)
 {
     struct restore_point *last = NULL;
     json_t *entry = NULL;
+    const char *damaged = NULL;
     const char *bitmap;
     g_autofree char *path = NULL;
     g_autoptr(GError) err = NULL;
@@ -236,9 +292,10 @@ plan_disk(struct backup *b, struct disk *d)
     size_t i;
     json_t *bm;
 
-    for (guint k = b->points->len; k > 0 && !entry; k--) {
+    for (guint k = b->points->len; k > 0 && !entry && !damaged; k--) {
         last = b->points->pdata[k - 1];
         entry = restore_point_disk(last, d->name);
+        damaged = last->damage;
     }
     /* Every bitmap of ours in QEMU now is stale once this point commits:
      * the point brings its own generation (below). */
@@ -251,8 +308,15 @@ plan_disk(struct backup *b, struct disk *d)
         }
     }
 
-    if (!entry) {
+    if (damaged) {
+        /* It may have held this disk: nothing newer than it is known. */
+        d->full = true;
+        d->reason =
+            g_strdup_printf("point %s is damaged: %s", last->id, damaged);
+    } else if (!entry) {
         d->full = true; /* first backup of this disk: no reason needed */
+    } else if ((d->reason = chain_damage(b, last, d->name))) {
+        d->full = true;
     } else if (b->opts->full) {
         d->full = true;
         d->reason = g_strdup("full backup requested (--full)");
@@ -270,6 +334,14 @@ plan_disk(struct backup *b, struct disk *d)
             d->full = true;
             d->reason = g_strdup_printf("previous point %s is unreadable: %s",
                                         last->id, err->message);
+            /* Damaged or missing layers: marked, so that list, verify and
+             * later backups know without opening them again. */
+            if (err->domain == G_FILE_ERROR &&
+                (err->code == G_FILE_ERROR_INVAL ||
+                 err->code == G_FILE_ERROR_NOENT)) {
+                damage_mark(b->repo, last->id, d->name, -1, err->message,
+                            "backup", NULL);
+            }
         } else if (qcow2_reader_virtual_size(d->backing) != d->size) {
             d->full = true;
             d->reason =
@@ -449,36 +521,37 @@ start_transaction(struct backup *b, GError **errp)
 }
 
 static json_t *
-disk_result(struct backup *b, struct disk *d)
-{
-    return json_pack(
-        "{s:s, s:s, s:s, s:s?, s:I, s:I, s:s, s:s, s:s, s:s?, s:I}", "disk",
-        d->name, "node", d->node, "type", d->full ? "full" : "incremental",
-        "reason", d->reason, "virtual_size", (json_int_t)d->size,
-        "bytes_written", (json_int_t)backup_target_file_size(d->target), "file",
-        d->file, "chain", d->chain, "bitmap", d->bitmap, "backing",
-        d->backing_rel, "cluster_size",
-        (json_int_t)(1u << b->opts->cluster_bits));
-}
-
-static json_t *
 make_manifest(struct backup *b, const char *parent, double duration)
 {
-    json_t *disks = json_array();
     int v = qmp_client_qemu_version(b->qmp);
     g_autofree char *time = repo_time_now();
     g_autofree char *qemu =
         g_strdup_printf("%d.%d.%d", v / 10000, v / 100 % 100, v % 100);
+    json_t *m = manifest_new(b->opts->vm, b->point, parent, time, qemu,
+                             quiesce_consistency(b->quiesce),
+                             quiesce_json(b->quiesce), duration);
 
     for (guint k = 0; k < b->disks->len; k++) {
-        json_array_append_new(disks, disk_result(b, b->disks->pdata[k]));
+        struct disk *d = b->disks->pdata[k];
+        g_autofree char *sums = g_strconcat(d->file, QCOW2_SUMS_SUFFIX, NULL);
+        struct manifest_disk md = {
+            .disk = d->name,
+            .full = d->full,
+            .reason = d->reason,
+            .file = d->file,
+            .chain = d->chain,
+            .bitmap = d->bitmap,
+            .backing = d->backing_rel,
+            .sums = sums,
+            .virtual_size = d->size,
+            .cluster_size = 1u << b->opts->cluster_bits,
+        };
+        manifest_add_disk(
+            m, &md,
+            json_pack("{s:s, s:I}", "node", d->node, "bytes_written",
+                      (json_int_t)backup_target_file_size(d->target)));
     }
-    return json_pack("{s:i, s:s, s:s, s:s?, s:s, s:s, s:s, s:o, s:o, s:f}",
-                     "format", MANIFEST_FORMAT, "vm", b->opts->vm, "point",
-                     b->point, "parent", parent, "time", time, "qemu_version",
-                     qemu, "consistency", quiesce_consistency(b->quiesce),
-                     "freeze", quiesce_json(b->quiesce), "disks", disks,
-                     "duration_s", duration);
+    return m;
 }
 
 static bool
@@ -629,7 +702,9 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!quiesce_recover(&b.ring, b.repo, qga_timeout_ms, recovered, errp)) {
         goto out;
     }
-    b.points = repo_list_points(b.repo, errp);
+    /* Damaged points too: they must not pass unseen, and new ids sort
+     * after theirs. */
+    b.points = repo_scan_points(b.repo, errp);
     if (!b.points) {
         goto out;
     }

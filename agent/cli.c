@@ -8,8 +8,6 @@
 
 #include "qmp/parser.h"
 
-G_DEFINE_QUARK(qbak - error - quark, qbak_error)
-
 int
 cli_exit_status(const GError *err)
 {

@@ -3,10 +3,74 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include "agent/damage.h"
 #include "agent/repo.h"
+
+/* Bytes the point's files take on disk (allocated blocks). */
+static uint64_t
+point_size(struct repo_vm *r, const char *id)
+{
+    int fd =
+        openat(r->vm_fd, id, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+    uint64_t total = 0;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return 0;
+    }
+    while ((de = readdir(d))) {
+        struct stat st;
+        if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISREG(st.st_mode)) {
+            total += (uint64_t)st.st_blocks * 512;
+        }
+    }
+    closedir(d);
+    return total;
+}
+
+static json_t *
+point_json(struct repo_vm *r, struct restore_point *p)
+{
+    json_t *disks = json_array();
+    json_t *damage = damage_read(r, p->id);
+    bool sums = p->info != NULL;
+    json_t *out;
+
+    for (size_t i = 0; p->info && i < p->info->n_disks; i++) {
+        const struct manifest_disk *d = &p->info->disks[i];
+        json_array_append_new(disks, json_pack("{s:s, s:s, s:s, s:I, s:b}",
+                                               "disk", d->disk, "type", d->type,
+                                               "file", d->file, "virtual_size",
+                                               (json_int_t)d->virtual_size,
+                                               "checksums", d->sums != NULL));
+        sums &= d->sums != NULL;
+    }
+    if (!damage && p->damage) {
+        /* A manifest that does not validate: the point is listed, as
+         * damaged, never silently dropped. */
+        damage = json_pack("{s:n, s:n, s:s, s:s, s:n}", "disk", "offset",
+                           "reason", p->damage, "found_by", "list", "time");
+    }
+    out = json_pack("{s:s, s:s?, s:s?, s:s?, s:o, s:b, s:I, s:b, s:o}", "point",
+                    p->id, "parent", p->info ? p->info->parent : NULL, "time",
+                    p->info ? p->info->time : NULL, "consistency",
+                    p->info ? p->info->consistency : NULL, "disks", disks,
+                    "protected", damage_point_protected(r, p->id), "size_bytes",
+                    (json_int_t)point_size(r, p->id), "checksums", sums,
+                    "damaged", damage ? damage : json_null());
+    return out;
+}
 
 static json_t *
 list_vm(const char *repo_path, const char *vm, GError **errp)
@@ -19,36 +83,17 @@ list_vm(const char *repo_path, const char *vm, GError **errp)
     if (!r) {
         return NULL;
     }
-    points = repo_list_points(r, errp);
-    repo_vm_close(r);
+    points = repo_scan_points(r, errp);
     if (!points) {
+        repo_vm_close(r);
         return NULL;
     }
     arr = json_array();
     for (guint k = 0; k < points->len; k++) {
-        struct restore_point *p = points->pdata[k];
-        json_t *disks = json_array();
-        size_t i;
-        json_t *d;
-
-        json_array_foreach(json_object_get(p->manifest, "disks"), i, d)
-        {
-            json_array_append_new(
-                disks, json_pack("{s:O?, s:O?, s:O?, s:O?}", "disk",
-                                 json_object_get(d, "disk"), "type",
-                                 json_object_get(d, "type"), "file",
-                                 json_object_get(d, "file"), "virtual_size",
-                                 json_object_get(d, "virtual_size")));
-        }
-        json_array_append_new(
-            arr,
-            json_pack("{s:s, s:O?, s:O?, s:O?, s:o}", "point", p->id, "parent",
-                      json_object_get(p->manifest, "parent"), "time",
-                      json_object_get(p->manifest, "time"), "consistency",
-                      json_object_get(p->manifest, "consistency"), "disks",
-                      disks));
+        json_array_append_new(arr, point_json(r, points->pdata[k]));
     }
     g_ptr_array_free(points, true);
+    repo_vm_close(r);
     return json_pack("{s:s, s:o}", "vm", vm, "points", arr);
 }
 
@@ -95,16 +140,44 @@ print_vm(json_t *v)
     printf("%s:\n", json_string_value(json_object_get(v, "vm")));
     json_array_foreach(json_object_get(v, "points"), i, p)
     {
-        GString *line = g_string_new(NULL);
+        g_autoptr(GString) line = g_string_new(NULL);
+        json_t *dmg = json_object_get(p, "damaged");
+        const char *time = json_string_value(json_object_get(p, "time"));
+
         json_array_foreach(json_object_get(p, "disks"), k, d)
         {
             g_string_append_printf(
                 line, " %s(%s)", json_string_value(json_object_get(d, "disk")),
                 json_string_value(json_object_get(d, "type")));
         }
+        g_string_append_printf(
+            line, "  %.1f MiB",
+            (double)json_integer_value(json_object_get(p, "size_bytes")) /
+                1048576.0);
+        if (json_is_true(json_object_get(p, "protected"))) {
+            g_string_append(line, "  protected");
+        }
+        if (json_is_object(dmg)) {
+            const char *disk = json_string_value(json_object_get(dmg, "disk"));
+            json_t *off = json_object_get(dmg, "offset");
+            g_string_append_printf(line, "  DAMAGED");
+            if (disk) {
+                g_string_append_printf(line, " (%s", disk);
+                if (json_is_integer(off)) {
+                    g_string_append_printf(line,
+                                           " at offset %" JSON_INTEGER_FORMAT,
+                                           json_integer_value(off));
+                }
+                g_string_append(line, ")");
+            }
+            g_string_append_printf(
+                line, ": %s",
+                json_string_value(json_object_get(dmg, "reason")));
+        } else if (!json_is_true(json_object_get(p, "checksums"))) {
+            g_string_append(line, "  unverifiable (no checksums)");
+        }
         printf("  %s  %s%s\n", json_string_value(json_object_get(p, "point")),
-               json_string_value(json_object_get(p, "time")), line->str);
-        g_string_free(line, true);
+               time ? time : "-", line->str);
     }
 }
 

@@ -12,6 +12,7 @@ static const struct cli_command commands[] = {
     {"backup", cmd_backup, "back up a running VM's disks into a repository"},
     {"list", cmd_list, "list committed restore points"},
     {"restore", cmd_restore, "write one disk at one point as an image"},
+    {"verify", cmd_verify, "check every stored cluster against its checksums"},
 };
 
 static void

@@ -324,6 +324,8 @@ restore_point_free(struct restore_point *p)
     if (p) {
         g_free(p->id);
         json_decref(p->manifest);
+        manifest_free(p->info);
+        g_free(p->damage);
         g_free(p);
     }
 }
@@ -352,8 +354,25 @@ point_cmp(gconstpointer a, gconstpointer b)
     return strcmp(pa->id, pb->id);
 }
 
-GPtrArray *
-repo_list_points(struct repo_vm *r, GError **errp)
+bool
+repo_point_id_valid(const char *name)
+{
+    /* 20261124T221500Z-0001 */
+    static const char form[] = "ddddddddTddddddZ-dddd";
+
+    if (strlen(name) != sizeof(form) - 1) {
+        return false;
+    }
+    for (size_t i = 0; form[i]; i++) {
+        if (form[i] == 'd' ? !g_ascii_isdigit(name[i]) : name[i] != form[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static GPtrArray *
+scan_points(struct repo_vm *r, bool damaged_too, GError **errp)
 {
     GPtrArray *points =
         g_ptr_array_new_with_free_func((GDestroyNotify)restore_point_free);
@@ -371,33 +390,51 @@ repo_list_points(struct repo_vm *r, GError **errp)
     }
     rewinddir(d);
     while ((de = readdir(d))) {
-        int pfd;
-        json_t *m;
+        g_autoptr(GError) err = NULL;
+        struct manifest *m = NULL;
         struct restore_point *p;
+        int pfd;
 
-        if (de->d_name[0] == '.' || de->d_type != DT_DIR) {
-            continue; /* .partial-*, .lock, .id and anything odd */
+        /* .partial-*, .lock, .id and anything not named like a point */
+        if (!repo_point_id_valid(de->d_name) ||
+            (de->d_type != DT_DIR && de->d_type != DT_UNKNOWN)) {
+            continue;
         }
         pfd = openat(r->vm_fd, de->d_name,
                      O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (pfd < 0) {
             continue;
         }
-        m = repo_read_json(pfd, MANIFEST_NAME, NULL);
+        m = manifest_read(pfd, r->vm, de->d_name, &err);
         close(pfd);
-        if (!m || g_strcmp0(json_string_value(json_object_get(m, "point")),
-                            de->d_name) != 0) {
-            json_decref(m);
+        if (!m && !damaged_too) {
             continue;
         }
         p = g_new0(struct restore_point, 1);
         p->id = g_strdup(de->d_name);
-        p->manifest = m;
+        if (m) {
+            p->info = m;
+            p->manifest = json_incref(m->json);
+        } else {
+            p->damage = g_strdup(err->message);
+        }
         g_ptr_array_add(points, p);
     }
     closedir(d);
     g_ptr_array_sort(points, point_cmp);
     return points;
+}
+
+GPtrArray *
+repo_list_points(struct repo_vm *r, GError **errp)
+{
+    return scan_points(r, false, errp);
+}
+
+GPtrArray *
+repo_scan_points(struct repo_vm *r, GError **errp)
+{
+    return scan_points(r, true, errp);
 }
 
 char *

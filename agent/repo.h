@@ -11,8 +11,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define MANIFEST_NAME "manifest.json"
-#define MANIFEST_FORMAT 1
+#include "agent/manifest.h"
 
 struct repo_vm {
     char *repo_path;
@@ -24,10 +23,15 @@ struct repo_vm {
     char *vm_id; /* random, names this repository's bitmaps */
 };
 
-/* A committed point: its manifest (owned) and id. */
+/* A committed point: its id and manifest (owned; the JSON document as
+ * `manifest', checked against the schema as `info').  A point listed by
+ * repo_scan_points whose manifest is missing or does not validate has
+ * both NULL and `damage' saying why. */
 struct restore_point {
     char *id;
     json_t *manifest;
+    struct manifest *info;
+    char *damage;
 };
 
 /* Checks that a name is safe as one path component we create. */
@@ -53,9 +57,15 @@ struct repo_vm *repo_vm_open(const char *repo_path, const char *vm, bool create,
                              enum repo_lock lock, int wait_ms, GError **errp);
 void repo_vm_close(struct repo_vm *r);
 
-/* Committed points, oldest first (a GPtrArray of struct restore_point *).
- * A directory whose manifest is missing or unreadable is not a point. */
+/* Committed points, oldest first (a GPtrArray of struct restore_point *),
+ * those whose manifest validates.  Use repo_scan_points where a damaged
+ * point must not vanish silently. */
 GPtrArray *repo_list_points(struct repo_vm *r, GError **errp);
+/* Every point directory (a name as repo_new_point_id makes them), oldest
+ * first, damaged ones included (see struct restore_point). */
+GPtrArray *repo_scan_points(struct repo_vm *r, GError **errp);
+/* Whether name has the form of a point id. */
+bool repo_point_id_valid(const char *name);
 void restore_point_free(struct restore_point *p);
 
 /* The manifest's entry for disk, or NULL. Borrowed. */

@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "agent/damage.h"
+#include "agent/error.h"
 #include "agent/repo.h"
 #include "io/file.h"
 #include "io/qcow2.h"
@@ -34,6 +36,8 @@ struct restore_buf {
     struct restore *r;
     struct ring_rw rw;
     struct ring_rw reads[MAX_READS];
+    unsigned read_depth[MAX_READS]; /* layer each read comes from */
+    uint64_t read_guest[MAX_READS]; /* guest offset of each read */
     unsigned nreads;
     unsigned reads_pending;
     bool gathered; /* no more runs join: write once the reads are done */
@@ -54,6 +58,11 @@ struct restore {
     size_t max_ext;
     int err;
     uint64_t bytes_read;
+    struct qcow2_reader *src;
+    bool check;     /* check each cluster read against its checksums */
+    GError *damage; /* the first mismatch found */
+    unsigned damage_depth;
+    uint64_t damage_off;
 };
 
 static void buf_write_done(struct ring_rw *rw, int err);
@@ -139,13 +148,63 @@ buf_write_when_ready(struct restore_buf *b)
     buf_start_write(b);
 }
 
+/* Checks the clusters of one read.  A cluster the read holds only part of
+ * (the last one of an odd-sized disk, or clusters larger than a buffer) is
+ * read whole apart, synchronously: rare, and never on the common path. */
+static bool
+check_read(struct restore *r, unsigned depth, uint64_t guest,
+           const uint8_t *data, size_t len, GError **errp)
+{
+    unsigned bits = qcow2_reader_cluster_bits(r->src);
+    uint64_t cs = UINT64_C(1) << bits;
+    uint64_t end = guest + len;
+
+    for (uint64_t c = guest >> bits; (c << bits) < end; c++) {
+        uint64_t start = c << bits;
+        g_autofree uint8_t *whole = NULL;
+        struct qcow2_map m;
+
+        if (start >= guest && start + cs <= end) {
+            if (!qcow2_reader_check_cluster(r->src, depth, c,
+                                            data + (start - guest), errp)) {
+                r->damage_off = start;
+                return false;
+            }
+            continue;
+        }
+        whole = g_malloc(cs);
+        if (!qcow2_reader_map(r->src, start, 1, &m, errp) ||
+            m.kind != QCOW2_MAP_DATA ||
+            pread(m.fd, whole, cs, (off_t)m.host_offset) != (ssize_t)cs ||
+            !qcow2_reader_check_cluster(r->src, m.depth, c, whole, errp)) {
+            if (errp && !*errp) {
+                g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                            "%s: guest offset %" PRIu64
+                            ": the cluster does not read back whole",
+                            qcow2_reader_layer_name(r->src, depth), start);
+            }
+            r->damage_off = start;
+            return false;
+        }
+    }
+    return true;
+}
+
 static void
 buf_read_done(struct ring_rw *rw, int err)
 {
     struct restore_buf *b = rw->opaque;
+    struct restore *r = b->r;
+    unsigned idx = (unsigned)(rw - b->reads);
 
-    note_error(b->r, err);
-    b->r->bytes_read += rw->len;
+    note_error(r, err);
+    r->bytes_read += rw->len;
+    if (err == 0 && r->check && !r->damage &&
+        !check_read(r, b->read_depth[idx], b->read_guest[idx], rw->buf, rw->len,
+                    &r->damage)) {
+        r->damage_depth = b->read_depth[idx];
+        note_error(r, -EBADMSG);
+    }
     b->reads_pending--;
     buf_write_when_ready(b);
 }
@@ -225,6 +284,8 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
 
             rw->done_fn = buf_read_done;
             rw->opaque = b;
+            b->read_depth[b->nreads - 1] = m.depth;
+            b->read_guest[b->nreads - 1] = off;
             b->reads_pending++;
             ring_rw_start(&r->ring, rw, fd, false, b->data + b->len, m.len,
                           m.host_offset);
@@ -270,6 +331,56 @@ find_point(GPtrArray *points, const char *id, const char *disk)
     return NULL;
 }
 
+/* The point a layer of the chain belongs to: the name of the directory
+ * it is in. */
+static char *
+layer_point(struct qcow2_reader *src, unsigned depth)
+{
+    g_autofree char *dir =
+        g_path_get_dirname(qcow2_reader_layer_name(src, depth));
+
+    return g_path_get_basename(dir);
+}
+
+/* A layer whose manifest records a checksum file must have it, intact:
+ * otherwise restore would silently check nothing there. */
+static bool
+layers_have_sums(struct qcow2_reader *src, GPtrArray *points, const char *disk,
+                 GError **errp)
+{
+    for (unsigned k = 0; k < qcow2_reader_chain_depth(src); k++) {
+        g_autofree char *id = layer_point(src, k);
+        struct restore_point *lp = find_point(points, id, NULL);
+        const struct manifest_disk *md =
+            lp ? manifest_disk(lp->info, disk) : NULL;
+        const char *why = NULL;
+
+        if (md && md->sums && !qcow2_reader_layer_sums(src, k, &why)) {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                        "%s: checksum file: %s",
+                        qcow2_reader_layer_name(src, k), why ? why : "missing");
+            return false;
+        }
+    }
+    return true;
+}
+
+/* A chain that does not open because its bytes are bad (or a layer is
+ * gone) is damage: said so, and marked on the point. */
+static void
+opened_damaged(struct repo_vm *repo, const char *id,
+               const struct restore_opts *o, GError **errp)
+{
+    GError *e = errp ? *errp : NULL;
+
+    if (e && e->domain == G_FILE_ERROR &&
+        (e->code == G_FILE_ERROR_INVAL || e->code == G_FILE_ERROR_NOENT)) {
+        damage_mark(repo, id, o->disk, -1, e->message, "restore", NULL);
+        e->domain = QBAK_ERROR;
+        e->code = QBAK_ERROR_DAMAGED;
+    }
+}
+
 json_t *
 restore_run(const struct restore_opts *o, GError **errp)
 {
@@ -287,10 +398,15 @@ restore_run(const struct restore_opts *o, GError **errp)
 
     repo =
         repo_vm_open(o->repo, o->vm, false, REPO_LOCK_SHARED, o->wait_ms, errp);
-    if (!repo || !(points = repo_list_points(repo, errp))) {
+    if (!repo || !(points = repo_scan_points(repo, errp))) {
         goto out;
     }
     p = find_point(points, o->point, o->disk);
+    if (p && p->damage) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                    "%s/%s: the point is damaged: %s", o->vm, p->id, p->damage);
+        goto out;
+    }
     if (!p) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     o->point ? "%s: no committed point %s"
@@ -308,8 +424,19 @@ restore_run(const struct restore_opts *o, GError **errp)
         p->id, json_string_value(json_object_get(entry, "file")), NULL);
     if (!repo_name_valid(json_string_value(json_object_get(entry, "file")),
                          "file", errp) ||
-        !(src = qcow2_reader_open(repo->vm_fd, path, errp))) {
+        !(src = o->no_verify
+                    ? qcow2_reader_open(repo->vm_fd, path, errp)
+                    : qcow2_reader_open_with_sums(repo->vm_fd, path, errp))) {
+        opened_damaged(repo, p->id, o, errp);
         g_prefix_error(errp, "%s/%s: ", o->vm, p->id);
+        goto out;
+    }
+    r.src = src;
+    r.check = !o->no_verify;
+    if (r.check && !layers_have_sums(src, points, o->disk, errp)) {
+        damage_mark(repo, layer_point(src, 0), o->disk, -1, (*errp)->message,
+                    "restore", NULL);
+        g_prefix_error(errp, "%s/%s: %s: ", o->vm, p->id, o->disk);
         goto out;
     }
     r.out_fd = open(
@@ -365,6 +492,18 @@ restore_run(const struct restore_opts *o, GError **errp)
     /* A new or truncated regular file reads zero where nothing is written;
      * a block device must get its zeroes written. */
     if (!copy_chain(&r, src, S_ISREG(st.st_mode), o->progress, errp)) {
+        if (r.damage) {
+            g_autofree char *where = layer_point(src, r.damage_depth);
+            /* Durable, so that the next backup of this disk is full. */
+            damage_mark(repo, where, o->disk, (int64_t)r.damage_off,
+                        r.damage->message, "restore", NULL);
+            g_clear_error(errp);
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                        "%s/%s: %s: damaged at guest offset %" PRIu64
+                        " (in point %s): %s",
+                        o->vm, p->id, o->disk, r.damage_off, where,
+                        r.damage->message);
+        }
         goto out;
     }
     if (r.out_qcow2 && !qcow2_writer_finish(r.out_qcow2, errp)) {
@@ -376,12 +515,13 @@ restore_run(const struct restore_opts *o, GError **errp)
         goto out;
     }
     ok = true;
-    result = json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:f}", "vm", o->vm,
-                       "point", p->id, "disk", o->disk, "output", o->output,
-                       "format", o->qcow2 ? "qcow2" : "raw", "virtual_size",
-                       (json_int_t)qcow2_reader_virtual_size(src), "bytes_read",
-                       (json_int_t)r.bytes_read, "duration_s",
-                       (double)(g_get_monotonic_time() - start) / 1e6);
+    result = json_pack(
+        "{s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:f, s:b}", "vm", o->vm, "point",
+        p->id, "disk", o->disk, "output", o->output, "format",
+        o->qcow2 ? "qcow2" : "raw", "virtual_size",
+        (json_int_t)qcow2_reader_virtual_size(src), "bytes_read",
+        (json_int_t)r.bytes_read, "duration_s",
+        (double)(g_get_monotonic_time() - start) / 1e6, "verified", r.check);
 out:
     if (ring_ok) {
         ring_fini(&r.ring);
@@ -401,6 +541,7 @@ out:
         }
     }
     qcow2_reader_free(src);
+    g_clear_error(&r.damage);
     if (points) {
         g_ptr_array_free(points, true);
     }

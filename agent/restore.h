@@ -14,7 +14,8 @@ struct restore_opts {
     const char *point; /* NULL: the newest point holding the disk */
     const char *output;
     bool qcow2;
-    bool force; /* replace an existing output file */
+    bool force;     /* replace an existing output file */
+    bool no_verify; /* do not check clusters against their checksums */
     bool progress;
     int wait_ms; /* how long to wait for a busy VM lock (0: fail at once) */
 };

@@ -1,6 +1,8 @@
 /* NBD backend writing one qcow2 layer: see target.h. */
 #include "agent/target.h"
 
+#include "io/qcow2_sums.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -50,6 +52,8 @@ struct target_req {
 struct backup_target {
     struct ring *ring;
     int fd;
+    int dir_fd; /* the partial point directory, borrowed */
+    char *file;
     char *disk;
     struct qcow2_writer *writer;
     struct nbd_export exp;
@@ -311,6 +315,8 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
     t->recycle_op.done_fn = recycle_done;
     t->tick_op.done_fn = tick_done;
     t->disk = g_strdup(disk);
+    t->dir_fd = dir_fd;
+    t->file = g_strdup(file);
     t->drop_at =
         getenv("QBAK_FAULT_NBD_DROP") ? atol(getenv("QBAK_FAULT_NBD_DROP")) : 0;
     t->fd = openat(dir_fd, file,
@@ -396,6 +402,7 @@ backup_target_free(struct backup_target *t)
     }
     g_free(t->error);
     g_free(t->disk);
+    g_free(t->file);
     g_free(t);
 }
 
@@ -494,6 +501,7 @@ backup_target_finished(const struct backup_target *t)
 bool
 backup_target_commit(struct backup_target *t, GError **errp)
 {
+    g_autofree char *sums = NULL;
     int err;
 
     if (t->error) {
@@ -517,6 +525,14 @@ backup_target_commit(struct backup_target *t, GError **errp)
         target_fail(t, "fsync", -err);
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-err), "%s",
                     t->error);
+        return false;
+    }
+    /* The layer's checksums, durable (written and fsynced) before the
+     * commit makes the point visible; the commit fsyncs the directory. */
+    sums = g_strconcat(t->file, QCOW2_SUMS_SUFFIX, NULL);
+    if (!qcow2_sums_write(t->dir_fd, sums, qcow2_writer_sums(t->writer),
+                          errp)) {
+        g_prefix_error(errp, "%s: ", t->disk);
         return false;
     }
     return true;

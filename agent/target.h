@@ -39,8 +39,9 @@ bool backup_target_connected(const struct backup_target *t);
 /* The NBD client has gone and all I/O has completed. */
 bool backup_target_finished(const struct backup_target *t);
 
-/* Complete the qcow2 file and fsync it.  Fails if any earlier write or
- * fsync failed: a failed fsync is never retried into a success. */
+/* Complete the qcow2 file and fsync it, then write its checksum file
+ * (<file>.sums, io/qcow2_sums.h) durably beside it.  Fails if any earlier write
+ * or fsync failed: a failed fsync is never retried into a success. */
 bool backup_target_commit(struct backup_target *t, GError **errp);
 
 uint64_t backup_target_file_size(const struct backup_target *t);

@@ -301,6 +301,11 @@ qcow2_sums_parse(const uint8_t *buf, size_t len, const char *name,
     }
 
     struct qcow2_sums *s = qcow2_sums_new(cluster_bits, virtual_size);
+    /* Sized once: grown by doubling, a 1 TiB disk's entries would pass
+     * through copies of up to twice their size. */
+    g_array_unref(s->entries);
+    s->entries =
+        g_array_sized_new(FALSE, FALSE, sizeof(struct qcow2_sum), (guint)n);
     for (uint64_t i = 0; i < n; i++, p += SUMS_ENTRY_LEN) {
         uint64_t key = qcow2_load_be64(p);
         uint64_t value = qcow2_load_be64(p + 8);

@@ -36,6 +36,7 @@ import qbaktest  # noqa: E402
 from qbaktest import QBAK, QEMU, QEMU_IMG, VM  # noqa: E402
 import bench_virtnbd  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_integrity  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -763,6 +764,8 @@ def report(args, lay, res, meta):
           % (statistics.median(lim), min(lim), max(lim)))
     for line in bench_guest.report_lines(res.guest):
         P(line)
+    for line in bench_integrity.report_lines(res, sys.modules[__name__]):
+        P(line)
     P("")
     P("targets (issue 5), from the medians above")
     targets = []
@@ -795,6 +798,8 @@ def report(args, lay, res, meta):
     v = ratio(res.med("zero.64G"), res.med("zero.1G"))
     target("0-dirty incremental: 64 GiB disk / 1 GiB disk (x)", v, v is not None and v <= 1.5,
            "<= 1.5")
+    for t in bench_integrity.targets(res, ratio):
+        target(*t)
     rss = res.vals("full.qbak", "rss_kib")
     v = max(rss) / 1024 if rss else None
     target("peak RSS of qbak, full of the %s disk (MiB)" % human(size), v,
@@ -928,7 +933,7 @@ def main():
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
     ap.add_argument("--skip", default="", help="comma list of: native,nbd,limit,restore,"
-                    "bigdisk,guest,virtnbdbackup")
+                    "bigdisk,guest,virtnbdbackup,integrity")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -965,6 +970,9 @@ def main():
         if "bigdisk" not in args.skip:
             say("0-dirty incrementals, 64 GiB vs 1 GiB disk ...")
             bigdisk_step(args, work, res)
+        if "integrity" not in args.skip:
+            say("verify and checked restore of a full + 10 incrementals ...")
+            bench_integrity.integrity_step(args, ref, lay, work, res, sys.modules[__name__])
         if "guest" not in args.skip:
             say("guest write latency, idle and during a qbak full ...")
             guest_step(args, ref, lay, work, res)

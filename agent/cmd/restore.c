@@ -19,7 +19,7 @@ cmd_restore(int argc, char **argv)
     g_autofree gchar *point = NULL;
     g_autofree gchar *output = NULL;
     g_autofree gchar *format = NULL;
-    gboolean force = FALSE, json = FALSE;
+    gboolean force = FALSE, json = FALSE, no_verify = FALSE;
     gint wait = 0;
     GError *err = NULL;
     json_t *res;
@@ -36,6 +36,8 @@ cmd_restore(int argc, char **argv)
          "raw (sparse, default) or qcow2", "FMT"},
         {"force", 0, 0, G_OPTION_ARG_NONE, &force,
          "overwrite an existing output", NULL},
+        {"no-verify", 0, 0, G_OPTION_ARG_NONE, &no_verify,
+         "do not check the data read against its checksums", NULL},
         {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
          "when another qbak holds this VM's lock, wait up to SECS for it "
          "(default 0: fail at once with exit status 75)",
@@ -60,6 +62,7 @@ cmd_restore(int argc, char **argv)
     o.output = output;
     o.qcow2 = format && strcmp(format, "qcow2") == 0;
     o.force = force;
+    o.no_verify = no_verify;
     o.wait_ms = cli_wait_ms("restore", wait);
     o.progress = cli_progress_wanted(json);
     res = restore_run(&o, &err);
