@@ -370,8 +370,9 @@ verify_layer(struct ring *ring, struct qcow2_reader *r, unsigned depth,
 
     if (!sums) {
         if (expect_sums) {
-            verify_finding_set(f, VERIFY_DAMAGED, -1, "%s: checksum file: %s",
-                               name, why ? why : "missing");
+            verify_finding_set(f, VERIFY_DAMAGED, -1,
+                               "checksums recorded but unusable: %s",
+                               why ? why : name);
         } else {
             verify_finding_set(f, VERIFY_UNVERIFIABLE, -1,
                                "%s has no checksums (written before qbak "
