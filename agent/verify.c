@@ -23,6 +23,7 @@
 struct verify {
     const struct verify_opts *o;
     struct ring ring;
+    struct verify_pool *pool;
     struct verify_stats st;
     unsigned good, damaged, unverifiable;
 };
@@ -178,8 +179,8 @@ walk_chain(struct verify_vm *vv, struct qcow2_reader *r,
         } else {
             label = g_strdup_printf("%s %s %s", vv->repo->vm, lp->id, disk);
             /* Its findings name the layer's file. */
-            verify_layer(&vv->v->ring, r, k - 1, md->sums != NULL, label,
-                         vv->v->o->progress, &vv->v->st, f);
+            verify_layer(vv->v->pool, &vv->v->ring, r, k - 1, md->sums != NULL,
+                         label, vv->v->o->progress, &vv->v->st, f);
         }
         if (below && below->state > f->state) {
             verify_finding_set(f, below->state, below->offset, "%s",
@@ -387,6 +388,7 @@ verify_run(const struct verify_opts *o, GError **errp)
                     "io_uring: %s", g_strerror(-ret));
         return NULL;
     }
+    v.pool = verify_pool_new();
     vms = json_array();
     for (guint i = 0; i < names->len; i++) {
         g_autoptr(GError) err = NULL;
@@ -415,5 +417,6 @@ verify_run(const struct verify_opts *o, GError **errp)
 out:
     json_decref(vms);
     ring_fini(&v.ring);
+    verify_pool_free(v.pool);
     return result;
 }
