@@ -321,6 +321,11 @@ try:
     listing = qbak_json("list", "--repo", r, "--vm", "vm1")["points"]
     check(all(x["damaged"] is None and x["checksums"] is False for x in listing),
           "old points are listed, without checksums: %s" % listing)
+    p = qbak("list", "--repo", r, "--vm", "vm1")
+    check(p.stdout.count("unverifiable") == 5, "list says unverifiable: %s" % p.stdout)
+    p = qbak("verify", "--repo", r)
+    check(p.returncode == 0 and "0 good, 0 damaged, 5 unverifiable" in p.stdout,
+          "human verify of old points: %s" % p.stdout)
     restore_ok(r, P5)
     # A missing sums file where the manifest promises one is damage.
     r = copy("nosums")
