@@ -80,8 +80,9 @@ parse_disk(json_t *d, int format, struct manifest_disk *md, GError **errp)
         !get_string(d, "chain", true, &md->chain, where, errp) ||
         !get_string(d, "bitmap", false, &md->bitmap, where, errp) ||
         !get_string(d, "backing", false, &md->backing, where, errp) ||
-        !get_string(d, "sums", format >= 2, &md->sums, where, errp) ||
-        !get_string(d, "sums_algorithm", format >= 2, &algo, where, errp) ||
+        !get_string(d, "sums", false, &md->sums, where, errp) ||
+        !get_string(d, "sums_algorithm", md->sums != NULL, &algo, where,
+                    errp) ||
         !get_size(d, "virtual_size", &md->virtual_size, where, errp) ||
         !get_size(d, "cluster_size", &md->cluster_size, where, errp)) {
         return false;

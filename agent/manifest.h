@@ -6,7 +6,9 @@
  * it.  Keys not listed here are ignored (a later format may add some).
  *
  * Schema (format 2; format 1 is the same without "sums" and
- * "sums_algorithm", and is still read):
+ * "sums_algorithm", and is still read).  In format 2 a layer without
+ * checksums (one from format 1 merged with another) has no "sums": it is
+ * unverifiable, which verify reports as such.
  *   format          integer, MANIFEST_FORMAT_MIN..MANIFEST_FORMAT
  *   vm              string, the VM directory's name
  *   point           string, the point directory's name
@@ -29,9 +31,9 @@
  *     node          string (optional): QEMU's node name at backup time
  *     backing       string, incremental only: "../<parent>/<file>"
  *     bytes_written integer (optional): the layer's file size
- *     sums          string (format 2): the layer's checksum file
- *                   ("<file>.sums", io/qcow2_sums.h)
- *     sums_algorithm "xxh3-64" (format 2)
+ *     sums          string (format 2, optional): the layer's checksum
+ *                   file ("<file>.sums", io/qcow2_sums.h)
+ *     sums_algorithm "xxh3-64", required with "sums"
  */
 #ifndef QBAK_AGENT_MANIFEST_H
 #define QBAK_AGENT_MANIFEST_H

@@ -356,9 +356,10 @@ layers_have_sums(struct qcow2_reader *src, GPtrArray *points, const char *disk,
         const char *why = NULL;
 
         if (md && md->sums && !qcow2_reader_layer_sums(src, k, &why)) {
+            /* why names the file */
             g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
-                        "%s: checksum file: %s",
-                        qcow2_reader_layer_name(src, k), why ? why : "missing");
+                        "checksums recorded but unusable: %s",
+                        why ? why : qcow2_reader_layer_name(src, k));
             return false;
         }
     }
@@ -434,8 +435,8 @@ restore_run(const struct restore_opts *o, GError **errp)
     r.src = src;
     r.check = !o->no_verify;
     if (r.check && !layers_have_sums(src, points, o->disk, errp)) {
-        damage_mark(repo, layer_point(src, 0), o->disk, -1, (*errp)->message,
-                    "restore", NULL);
+        g_autofree char *top = layer_point(src, 0);
+        damage_mark(repo, top, o->disk, -1, (*errp)->message, "restore", NULL);
         g_prefix_error(errp, "%s/%s: %s: ", o->vm, p->id, o->disk);
         goto out;
     }

@@ -23,6 +23,7 @@
 struct verify {
     const struct verify_opts *o;
     struct ring ring;
+    struct verify_pool *pool;
     struct verify_stats st;
     unsigned good, damaged, unverifiable;
 };
@@ -178,8 +179,8 @@ walk_chain(struct verify_vm *vv, struct qcow2_reader *r,
         } else {
             label = g_strdup_printf("%s %s %s", vv->repo->vm, lp->id, disk);
             /* Its findings name the layer's file. */
-            verify_layer(&vv->v->ring, r, k - 1, md->sums != NULL, label,
-                         vv->v->o->progress, &vv->v->st, f);
+            verify_layer(vv->v->pool, &vv->v->ring, r, k - 1, md->sums != NULL,
+                         label, vv->v->o->progress, &vv->v->st, f);
         }
         if (below && below->state > f->state) {
             verify_finding_set(f, below->state, below->offset, "%s",
@@ -371,6 +372,7 @@ verify_run(const struct verify_opts *o, GError **errp)
     struct verify v = {.o = o};
     g_autoptr(GPtrArray) names = NULL;
     json_t *vms = NULL, *result = NULL;
+    int busy = 0;
     gint64 start = g_get_monotonic_time();
     int ret;
 
@@ -386,22 +388,35 @@ verify_run(const struct verify_opts *o, GError **errp)
                     "io_uring: %s", g_strerror(-ret));
         return NULL;
     }
+    v.pool = verify_pool_new();
     vms = json_array();
     for (guint i = 0; i < names->len; i++) {
-        json_t *one = verify_vm(&v, names->pdata[i], errp);
+        g_autoptr(GError) err = NULL;
+        json_t *one = verify_vm(&v, names->pdata[i], &err);
+
+        /* Over a whole repository, a VM a backup or prune holds is left
+         * for the next run; the others are still verified. */
+        if (!one && !o->vm &&
+            g_error_matches(err, QBAK_ERROR, QBAK_ERROR_BUSY)) {
+            one = json_pack("{s:s, s:b, s:[]}", "vm", names->pdata[i], "busy",
+                            true, "points");
+            busy++;
+        }
         if (!one) {
+            g_propagate_error(errp, g_steal_pointer(&err));
             goto out;
         }
         json_array_append_new(vms, one);
     }
-    result =
-        json_pack("{s:O, s:i, s:i, s:i, s:I, s:f, s:f}", "vms", vms, "good",
-                  v.good, "damaged", v.damaged, "unverifiable", v.unverifiable,
-                  "bytes_read", (json_int_t)v.st.bytes_read, "duration_s",
-                  (double)(g_get_monotonic_time() - start) / 1e6,
-                  "checksum_cpu_s", v.st.checksum_cpu_s);
+    result = json_pack("{s:O, s:i, s:i, s:i, s:i, s:I, s:f, s:f}", "vms", vms,
+                       "good", v.good, "damaged", v.damaged, "unverifiable",
+                       v.unverifiable, "busy", busy, "bytes_read",
+                       (json_int_t)v.st.bytes_read, "duration_s",
+                       (double)(g_get_monotonic_time() - start) / 1e6,
+                       "checksum_cpu_s", v.st.checksum_cpu_s);
 out:
     json_decref(vms);
     ring_fini(&v.ring);
+    verify_pool_free(v.pool);
     return result;
 }

@@ -27,8 +27,10 @@ struct verify_opts {
 /* The findings, or NULL with errp set when verify could not run (a busy
  * lock, no such VM or point).  {"vms": [{"vm", "points": [{"point",
  * "state", "disks": [{"disk", "state", "offset", "reason", "layer"}]}]}],
- * "good", "damaged", "unverifiable", "bytes_read", "duration_s",
- * "checksum_cpu_s"}; state is "good", "damaged" or "unverifiable". */
+ * "good", "damaged", "unverifiable", "busy", "bytes_read", "duration_s",
+ * "checksum_cpu_s"}; state is "good", "damaged" or "unverifiable".
+ * Without opts->vm, a VM whose lock is busy is listed as {"vm", "busy":
+ * true, "points": []} and counted in "busy"; the others are verified. */
 json_t *verify_run(const struct verify_opts *opts, GError **errp);
 
 #endif

@@ -27,6 +27,13 @@ struct verify_stats {
     double checksum_cpu_s;
 };
 
+/* The read buffers, allocated once per run: fresh pages for every layer
+ * would cost a page fault and zeroing per 4 KiB read, a chain of small
+ * layers mostly that. */
+struct verify_pool;
+struct verify_pool *verify_pool_new(void);
+void verify_pool_free(struct verify_pool *pool);
+
 void verify_finding_set(struct verify_finding *f, enum verify_state state,
                         int64_t offset, const char *fmt, ...)
     G_GNUC_PRINTF(4, 5);
@@ -38,8 +45,9 @@ void verify_finding_set(struct verify_finding *f, enum verify_state state,
  * says the layer has a checksum file (its absence is then damage, not
  * "unverifiable").  label names the layer in progress lines (progress:
  * print them).  The finding goes to *f. */
-void verify_layer(struct ring *ring, struct qcow2_reader *r, unsigned depth,
-                  bool expect_sums, const char *label, bool progress,
-                  struct verify_stats *st, struct verify_finding *f);
+void verify_layer(struct verify_pool *pool, struct ring *ring,
+                  struct qcow2_reader *r, unsigned depth, bool expect_sums,
+                  const char *label, bool progress, struct verify_stats *st,
+                  struct verify_finding *f);
 
 #endif

@@ -38,6 +38,37 @@ struct verify_buf {
     bool busy;
 };
 
+struct verify_pool {
+    uint8_t *data[NBUF];
+    uint64_t *clusters[NBUF];
+};
+
+struct verify_pool *
+verify_pool_new(void)
+{
+    struct verify_pool *pool = g_new0(struct verify_pool, 1);
+
+    for (unsigned i = 0; i < NBUF; i++) {
+        pool->data[i] = g_aligned_alloc(1, BUF_SIZE, FILE_DIRECT_ALIGN);
+        /* room for the smallest clusters */
+        pool->clusters[i] = g_new(uint64_t, BUF_SIZE >> QCOW2_MIN_CLUSTER_BITS);
+    }
+    return pool;
+}
+
+void
+verify_pool_free(struct verify_pool *pool)
+{
+    if (!pool) {
+        return;
+    }
+    for (unsigned i = 0; i < NBUF; i++) {
+        g_aligned_free(pool->data[i]);
+        g_free(pool->clusters[i]);
+    }
+    g_free(pool);
+}
+
 struct layer_check {
     struct ring *ring;
     struct qcow2_reader *r;
@@ -357,9 +388,10 @@ walk_layer(struct layer_check *lc, const struct qcow2_sums *sums, uint64_t size,
 }
 
 void
-verify_layer(struct ring *ring, struct qcow2_reader *r, unsigned depth,
-             bool expect_sums, const char *label, bool show,
-             struct verify_stats *st, struct verify_finding *f)
+verify_layer(struct verify_pool *pool, struct ring *ring,
+             struct qcow2_reader *r, unsigned depth, bool expect_sums,
+             const char *label, bool show, struct verify_stats *st,
+             struct verify_finding *f)
 {
     struct layer_check lc = {
         .ring = ring, .r = r, .depth = depth, .st = st, .f = f};
@@ -370,8 +402,9 @@ verify_layer(struct ring *ring, struct qcow2_reader *r, unsigned depth,
 
     if (!sums) {
         if (expect_sums) {
-            verify_finding_set(f, VERIFY_DAMAGED, -1, "%s: checksum file: %s",
-                               name, why ? why : "missing");
+            verify_finding_set(f, VERIFY_DAMAGED, -1,
+                               "checksums recorded but unusable: %s",
+                               why ? why : name);
         } else {
             verify_finding_set(f, VERIFY_UNVERIFIABLE, -1,
                                "%s has no checksums (written before qbak "
@@ -397,14 +430,10 @@ verify_layer(struct ring *ring, struct qcow2_reader *r, unsigned depth,
     lc.direct_fd = file_reopen_direct(lc.fd, O_RDONLY);
     for (unsigned i = 0; i < NBUF; i++) {
         lc.bufs[i].lc = &lc;
-        lc.bufs[i].data = g_aligned_alloc(1, BUF_SIZE, FILE_DIRECT_ALIGN);
-        lc.bufs[i].clusters = g_new(uint64_t, BUF_SIZE >> lc.bits);
+        lc.bufs[i].data = pool->data[i];
+        lc.bufs[i].clusters = pool->clusters[i];
     }
     walk_layer(&lc, sums, size, label, show);
-    for (unsigned i = 0; i < NBUF; i++) {
-        g_aligned_free(lc.bufs[i].data);
-        g_free(lc.bufs[i].clusters);
-    }
     if (lc.direct_fd >= 0) {
         close(lc.direct_fd);
     }

@@ -17,9 +17,10 @@
  *       24     8  entry count N
  *       32    24  reserved, zero
  *       56     8  XXH3-64 of bytes 0..55
- *       64  16*N  entries, sorted by guest cluster index, no duplicates:
- *                   8  guest cluster index; bit 63 set: a zero cluster
- *                   8  XXH3-64 of the cluster's bytes (0 for zero)
+ *       64  16*N  entries, sorted by guest cluster index, no overlap:
+ *                   8  first guest cluster; bit 63 set: a zero run
+ *                   8  XXH3-64 of the data cluster's bytes, or the
+ *                      zero run's length in clusters
  *   64+16N     8  XXH3-64 of the entries (bytes 64 .. 64+16N-1)
  *
  * A reader accepts nothing else: a wrong magic, version, size, order,

@@ -20,6 +20,10 @@ print_human(json_t *res)
 
     json_array_foreach(json_object_get(res, "vms"), i, v)
     {
+        if (json_is_true(json_object_get(v, "busy"))) {
+            printf("%s  busy: another qbak holds its lock; not verified\n",
+                   json_string_value(json_object_get(v, "vm")));
+        }
         json_array_foreach(json_object_get(v, "points"), k, p)
         {
             const char *state = json_string_value(json_object_get(p, "state"));
@@ -111,6 +115,8 @@ cmd_verify(int argc, char **argv)
     }
     status = json_integer_value(json_object_get(res, "damaged")) > 0
                  ? QBAK_EXIT_FAILED
+             : json_integer_value(json_object_get(res, "busy")) > 0
+                 ? QBAK_EXIT_BUSY
                  : 0;
     json_decref(res);
     return status;

@@ -23,6 +23,7 @@ the offset); list says damaged; the next backup is full with a reason, and
 restores byte-identical.  A chain from before checksums (format 1
 manifests, no .sums) is reported unverifiable, exit 0.
 """
+import fcntl
 import json
 import os
 import random
@@ -194,6 +195,24 @@ try:
     check(p.returncode == 0 and "5 good, 0 damaged" in p.stdout, "human output: %s" % p.stdout)
     for pt in points:
         restore_ok(repo, pt)
+    # A VM another qbak holds (a backup's exclusive lock): busy, exit 75;
+    # over the whole repository the other VMs are still verified.
+    other = os.path.join(w, "repo-two")
+    shutil.copytree(repo, other, symlinks=True)
+    shutil.copytree(os.path.join(other, "vm1"), os.path.join(other, "vm2"), symlinks=True)
+    for p_ in points:
+        mp = os.path.join(other, "vm2", p_, "manifest.json")
+        m = json.load(open(mp))
+        m["vm"] = "vm2"
+        json.dump(m, open(mp, "w"))
+    with open(os.path.join(other, "vm1", ".lock"), "a") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        p = qbak("verify", "--repo", other, "--vm", "vm1", check_rc=False)
+        check(p.returncode == 75 and "busy" in p.stderr, "busy VM: exit %d %s" % (p.returncode, p.stderr))
+        rc, states, _, res = verify(other)
+        check(rc == 75 and res["busy"] == 1 and len(states) == 5
+              and set(states.values()) == {"good"}, "busy VM skipped, the other verified: %s" % res)
+    shutil.rmtree(other)
     listing = qbak_json("list", "--repo", repo, "--vm", "vm1")["points"]
     check(all(x["damaged"] is None and x["checksums"] and x["size_bytes"] > 0
               and x["protected"] is False for x in listing), "list: %s" % listing)
@@ -302,6 +321,11 @@ try:
     listing = qbak_json("list", "--repo", r, "--vm", "vm1")["points"]
     check(all(x["damaged"] is None and x["checksums"] is False for x in listing),
           "old points are listed, without checksums: %s" % listing)
+    p = qbak("list", "--repo", r, "--vm", "vm1")
+    check(p.stdout.count("unverifiable") == 5, "list says unverifiable: %s" % p.stdout)
+    p = qbak("verify", "--repo", r)
+    check(p.returncode == 0 and "0 good, 0 damaged, 5 unverifiable" in p.stdout,
+          "human verify of old points: %s" % p.stdout)
     restore_ok(r, P5)
     # A missing sums file where the manifest promises one is damage.
     r = copy("nosums")

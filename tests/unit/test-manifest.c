@@ -67,7 +67,8 @@ test_damage(void)
     } cases[] = {
         {3, SUMS, "", "format 3"},
         {0, SUMS, "", "format 0"},
-        {2, "", "", "\"sums\" is missing"},
+        {2, ", \"sums\": \"vd0.qcow2.sums\"", "",
+         "\"sums_algorithm\" is missing"},
         {2, ", \"sums\": \"vd0.qcow2.sums\", \"sums_algorithm\": \"md5\"", "",
          "unknown sums_algorithm"},
         {2, ", \"sums\": \"../x\", \"sums_algorithm\": \"xxh3-64\"", "",
