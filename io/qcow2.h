@@ -248,8 +248,8 @@ typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
  * can simply be run again.
  * Every cluster read from the top layer is checked against its checksums
  * before it is written: damage fails the merge (G_FILE_ERROR_INVAL), the
- * header unwritten.  *merged_sums: the parent's checksums with the top's over them,
- * or NULL when either layer has none. */
+ * header unwritten.  *merged_sums: the parent's checksums with the top's over
+ * them, or NULL when either layer has none. */
 bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_sums **merged_sums,
                      struct qcow2_merge_stats *stats,

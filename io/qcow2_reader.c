@@ -18,26 +18,7 @@
 
 #include "io/file.h"
 #include "io/qcow2.h"
-
-/* Format constants (QEMU docs/interop/qcow2.txt); the writer has its own
- * copy of the few it needs. */
-#define QCOW2_MAGIC 0x514649fbU
-#define QCOW2_V2_HEADER_LEN 72
-#define QCOW2_V3_HEADER_LEN 104
-#define QCOW2_EXT_END 0x00000000U
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
-#define QCOW2_MAX_BACKING_NAME 1023
-/* QEMU refuses L1 tables larger than this (QCOW_MAX_L1_SIZE). */
-#define QCOW2_MAX_L1_BYTES (UINT64_C(32) << 20)
-
-#define INCOMPAT_DIRTY (UINT64_C(1) << 0)
-
-#define L1E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
-#define L1E_RESERVED_MASK UINT64_C(0x7f000000000001ff)
-#define L2E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
-#define L2E_RESERVED_MASK UINT64_C(0x3f000000000001fe)
-#define L2E_COMPRESSED (UINT64_C(1) << 62)
-#define L2E_ZERO UINT64_C(1)
+#include "io/qcow2_format.h"
 
 /* L2 tables cached per layer.  A restore walks the disk in order, so one
  * table is hot at a time; a few more absorb a chain whose layers
@@ -86,19 +67,6 @@ struct layer_run {
     uint64_t host_offset;
     uint64_t len;
 };
-
-static uint32_t
-load_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
-           (uint32_t)p[3];
-}
-
-static uint64_t
-load_be64(const uint8_t *p)
-{
-    return (uint64_t)load_be32(p) << 32 | load_be32(p + 4);
-}
 
 /* pread() that reads everything or says why not; a file shorter than its
  * own metadata claims is corrupt, not an I/O error. */
@@ -185,8 +153,8 @@ parse_extensions(struct qcow2_layer *l, const uint8_t *hdr, uint64_t start,
             return corrupt(errp, l, "truncated header extension at %" PRIu64,
                            off);
         }
-        uint32_t type = load_be32(hdr + off);
-        uint32_t len = load_be32(hdr + off + 4);
+        uint32_t type = qcow2_load_be32(hdr + off);
+        uint32_t len = qcow2_load_be32(hdr + off + 4);
         off += 8;
         if (type == QCOW2_EXT_END) {
             break;
@@ -227,20 +195,20 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     if (!read_exact(l->fd, fixed, have, 0, l->name, "header", errp)) {
         return false;
     }
-    if (load_be32(fixed) != QCOW2_MAGIC) {
+    if (qcow2_load_be32(fixed) != QCOW2_MAGIC) {
         return corrupt(errp, l, "not a qcow2 image (bad magic)");
     }
-    uint32_t version = load_be32(fixed + 4);
+    uint32_t version = qcow2_load_be32(fixed + 4);
     if (version != 2 && version != 3) {
         return corrupt(errp, l, "unsupported qcow2 version %u", version);
     }
-    uint64_t backing_offset = load_be64(fixed + 8);
-    uint32_t backing_len = load_be32(fixed + 16);
-    uint32_t cluster_bits = load_be32(fixed + 20);
-    uint64_t virtual_size = load_be64(fixed + 24);
-    uint32_t crypt_method = load_be32(fixed + 32);
-    uint32_t l1_size = load_be32(fixed + 36);
-    uint64_t l1_offset = load_be64(fixed + 40);
+    uint64_t backing_offset = qcow2_load_be64(fixed + QCOW2_HDR_BACKING_OFFSET);
+    uint32_t backing_len = qcow2_load_be32(fixed + QCOW2_HDR_BACKING_LEN);
+    uint32_t cluster_bits = qcow2_load_be32(fixed + QCOW2_HDR_CLUSTER_BITS);
+    uint64_t virtual_size = qcow2_load_be64(fixed + QCOW2_HDR_SIZE);
+    uint32_t crypt_method = qcow2_load_be32(fixed + 32);
+    uint32_t l1_size = qcow2_load_be32(fixed + QCOW2_HDR_L1_SIZE);
+    uint64_t l1_offset = qcow2_load_be64(fixed + QCOW2_HDR_L1_OFFSET);
     uint64_t incompat = 0;
     uint32_t header_len = QCOW2_V2_HEADER_LEN;
 
@@ -248,9 +216,10 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
         if (have < QCOW2_V3_HEADER_LEN) {
             return corrupt(errp, l, "file too short for a qcow2 v3 header");
         }
-        incompat = load_be64(fixed + 72);
-        uint32_t refcount_order = load_be32(fixed + 96);
-        header_len = load_be32(fixed + 100);
+        incompat = qcow2_load_be64(fixed + QCOW2_HDR_INCOMPAT);
+        uint32_t refcount_order =
+            qcow2_load_be32(fixed + QCOW2_HDR_REFCOUNT_ORDER);
+        header_len = qcow2_load_be32(fixed + QCOW2_HDR_HEADER_LEN);
         if (refcount_order > 6) {
             return corrupt(errp, l, "invalid refcount order %u",
                            refcount_order);
@@ -272,12 +241,12 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     }
     /* The dirty bit only says refcounts may be stale; a reader does not
      * use them.  Every other bit changes how data is found. */
-    if (incompat & ~INCOMPAT_DIRTY) {
+    if (incompat & ~QCOW2_INCOMPAT_DIRTY) {
         return corrupt(errp, l,
                        "unsupported incompatible features 0x%" PRIx64
                        " (corrupt, external data file, compression type or "
                        "extended L2)",
-                       incompat & ~INCOMPAT_DIRTY);
+                       incompat & ~QCOW2_INCOMPAT_DIRTY);
     }
     if (crypt_method != 0) {
         return corrupt(errp, l, "encrypted images are not supported");
@@ -599,11 +568,11 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
     uint64_t l1_index = c >> l->l2_bits;
     uint64_t l1e = l->l1[l1_index];
 
-    if (l1e & L1E_RESERVED_MASK) {
+    if (l1e & QCOW2_L1E_RESERVED_MASK) {
         return corrupt(errp, l, "L1 entry %" PRIu64 " has reserved bits set",
                        l1_index);
     }
-    uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
+    uint64_t l2_offset = l1e & QCOW2_L1E_OFFSET_MASK;
     if (l2_offset == 0) {
         *kind = CLUSTER_UNALLOCATED;
         return true;
@@ -613,23 +582,23 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
         return false;
     }
     uint64_t e = l2[c & ((UINT64_C(1) << l->l2_bits) - 1)];
-    if (e & L2E_COMPRESSED) {
+    if (e & QCOW2_OFLAG_COMPRESSED) {
         return corrupt(
             errp, l, "guest cluster %" PRIu64 " is compressed (not supported)",
             c);
     }
-    if (e & L2E_RESERVED_MASK) {
+    if (e & QCOW2_L2E_RESERVED_MASK) {
         return corrupt(
             errp, l,
             "L2 entry for guest cluster %" PRIu64 " has reserved bits set", c);
     }
-    uint64_t off = e & L2E_OFFSET_MASK;
+    uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
     if (off & (l->cluster_size - 1)) {
         return corrupt(
             errp, l, "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64,
             c, off);
     }
-    if (e & L2E_ZERO) {
+    if (e & QCOW2_OFLAG_ZERO) {
         *kind = CLUSTER_ZERO;
     } else if (off == 0) {
         *kind = CLUSTER_UNALLOCATED;

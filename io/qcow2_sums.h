@@ -44,8 +44,7 @@ struct qcow2_sum {
 /* An ordered set of entries, at most one per guest cluster. */
 struct qcow2_sums;
 
-struct qcow2_sums *qcow2_sums_new(unsigned cluster_bits,
-                                  uint64_t virtual_size);
+struct qcow2_sums *qcow2_sums_new(unsigned cluster_bits, uint64_t virtual_size);
 void qcow2_sums_free(struct qcow2_sums *s);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(qcow2_sums, qcow2_sums_free)
 
@@ -63,8 +62,7 @@ size_t qcow2_sums_count(const struct qcow2_sums *s);
 /* Entry i (0 <= i < count), in cluster order.  Borrowed. */
 const struct qcow2_sum *qcow2_sums_at(const struct qcow2_sums *s, size_t i);
 /* The entry for guest cluster c, or NULL (binary search). */
-const struct qcow2_sum *qcow2_sums_find(const struct qcow2_sums *s,
-                                        uint64_t c);
+const struct qcow2_sum *qcow2_sums_find(const struct qcow2_sums *s, uint64_t c);
 
 /* top's entries over base's: what a layer folded into its backing file
  * holds.  Same cluster size and virtual size required (else NULL). */
@@ -77,8 +75,7 @@ bool qcow2_sums_write(int dirfd, const char *name, const struct qcow2_sums *s,
                       GError **errp);
 /* Reads and validates dirfd/name.  A missing file fails with
  * G_FILE_ERROR_NOENT, a damaged one with G_FILE_ERROR_INVAL. */
-struct qcow2_sums *qcow2_sums_read(int dirfd, const char *name,
-                                   GError **errp);
+struct qcow2_sums *qcow2_sums_read(int dirfd, const char *name, GError **errp);
 /* The same from bytes (the fuzz target's entry point). */
 struct qcow2_sums *qcow2_sums_parse(const uint8_t *buf, size_t len,
                                     const char *name, GError **errp);

@@ -25,20 +25,8 @@
 #include <unistd.h>
 
 #include "io/qcow2.h"
+#include "io/qcow2_format.h"
 
-/* Format constants (QEMU docs/interop/qcow2.txt); the reader has its own
- * copy. */
-#define QCOW2_MAGIC 0x514649fbU
-#define QCOW2_V3_HEADER_LEN 104
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
-#define QCOW2_MAX_BACKING_NAME 1023
-#define QCOW2_REFCOUNT_ORDER 4 /* 16-bit refcounts */
-#define QCOW2_OFLAG_COPIED (UINT64_C(1) << 63)
-#define QCOW2_OFLAG_ZERO UINT64_C(1)
-/* QEMU's limits (QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE): an image past
- * them would not open. */
-#define QCOW2_MAX_L1_BYTES (UINT64_C(32) << 20)
-#define QCOW2_MAX_REFTABLE_BYTES (UINT64_C(8) << 20)
 /* Header, backing format extension (8 + "qcow2" padded to 8), end marker. */
 #define HEADER_BYTES_WITH_BACKING (QCOW2_V3_HEADER_LEN + 16 + 8)
 #define HEADER_BYTES_STANDALONE (QCOW2_V3_HEADER_LEN + 8)
@@ -98,29 +86,6 @@ struct qcow2_writer {
     bool finished;
     uint64_t file_size;
 };
-
-static void
-store_be16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void
-store_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static void
-store_be64(uint8_t *p, uint64_t v)
-{
-    store_be32(p, (uint32_t)(v >> 32));
-    store_be32(p + 4, (uint32_t)v);
-}
 
 static bool
 writer_pwrite(struct qcow2_writer *w, const void *buf, size_t len, uint64_t off,
@@ -784,7 +749,7 @@ write_l2_tables(struct qcow2_writer *w, uint8_t *l1_buf, GError **errp)
             } else if (e != ENTRY_UNSET) {
                 v = e | QCOW2_OFLAG_COPIED;
             }
-            store_be64(buf + k * 8, v);
+            qcow2_store_be64(buf + k * 8, v);
             any |= v != 0;
         }
         if (!any) {
@@ -795,7 +760,7 @@ write_l2_tables(struct qcow2_writer *w, uint8_t *l1_buf, GError **errp)
                            errp)) {
             return false;
         }
-        store_be64(l1_buf + i * 8, host | QCOW2_OFLAG_COPIED);
+        qcow2_store_be64(l1_buf + i * 8, host | QCOW2_OFLAG_COPIED);
     }
     return true;
 }
@@ -838,13 +803,13 @@ write_refcounts(struct qcow2_writer *w, uint64_t total, uint64_t first_block,
                 orphans[next_orphan] == cluster) {
                 continue;
             }
-            store_be16(buf + k * 2, 1);
+            qcow2_store_be16(buf + k * 2, 1);
         }
         if (!writer_pwrite(w, buf, (size_t)w->cluster_size, host,
                            "refcount block", errp)) {
             return false;
         }
-        store_be64(table + b * 8, host);
+        qcow2_store_be64(table + b * 8, host);
     }
     return writer_pwrite(w, table, (size_t)(table_clusters * w->cluster_size),
                          (first_block + n_blocks) << w->cluster_bits,
@@ -863,26 +828,28 @@ write_header(struct qcow2_writer *w, uint64_t l1_offset,
     g_autofree uint8_t *h = g_malloc0(len);
     uint8_t *ext = h + QCOW2_V3_HEADER_LEN;
 
-    store_be32(h + 0, QCOW2_MAGIC);
-    store_be32(h + 4, 3);
+    qcow2_store_be32(h + 0, QCOW2_MAGIC);
+    qcow2_store_be32(h + 4, 3);
     if (w->backing_file != NULL) {
-        store_be64(h + 8, HEADER_BYTES_WITH_BACKING);
-        store_be32(h + 16, (uint32_t)name_len);
+        qcow2_store_be64(h + QCOW2_HDR_BACKING_OFFSET,
+                         HEADER_BYTES_WITH_BACKING);
+        qcow2_store_be32(h + QCOW2_HDR_BACKING_LEN, (uint32_t)name_len);
     }
-    store_be32(h + 20, w->cluster_bits);
-    store_be64(h + 24, w->virtual_size);
+    qcow2_store_be32(h + QCOW2_HDR_CLUSTER_BITS, w->cluster_bits);
+    qcow2_store_be64(h + QCOW2_HDR_SIZE, w->virtual_size);
     /* 32: crypt_method 0 */
-    store_be32(h + 36, (uint32_t)w->l1_size);
-    store_be64(h + 40, l1_offset);
-    store_be64(h + 48, reftable_offset);
-    store_be32(h + 56, (uint32_t)reftable_clusters);
+    qcow2_store_be32(h + QCOW2_HDR_L1_SIZE, (uint32_t)w->l1_size);
+    qcow2_store_be64(h + QCOW2_HDR_L1_OFFSET, l1_offset);
+    qcow2_store_be64(h + QCOW2_HDR_REFTABLE_OFFSET, reftable_offset);
+    qcow2_store_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS,
+                     (uint32_t)reftable_clusters);
     /* 60: no snapshots; 72..95: no incompatible, compatible or autoclear
      * features (refcounts are exact, so the image is clean). */
-    store_be32(h + 96, QCOW2_REFCOUNT_ORDER);
-    store_be32(h + 100, QCOW2_V3_HEADER_LEN);
+    qcow2_store_be32(h + QCOW2_HDR_REFCOUNT_ORDER, QCOW2_REFCOUNT_ORDER);
+    qcow2_store_be32(h + QCOW2_HDR_HEADER_LEN, QCOW2_V3_HEADER_LEN);
     if (w->backing_file != NULL) {
-        store_be32(ext, QCOW2_EXT_BACKING_FORMAT);
-        store_be32(ext + 4, 5);
+        qcow2_store_be32(ext, QCOW2_EXT_BACKING_FORMAT);
+        qcow2_store_be32(ext + 4, 5);
         memcpy(ext + 8, "qcow2", 5);
         ext += 16;
     }
