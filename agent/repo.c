@@ -383,6 +383,11 @@ repo_list_points(struct repo_vm *r, GError **errp)
         if (pfd < 0) {
             continue;
         }
+        if (faccessat(pfd, REPO_POINT_PRUNING, F_OK, AT_SYMLINK_NOFOLLOW) ==
+            0) {
+            close(pfd); /* being pruned: no longer a point */
+            continue;
+        }
         m = repo_read_json(pfd, MANIFEST_NAME, NULL);
         close(pfd);
         if (!m || g_strcmp0(json_string_value(json_object_get(m, "point")),

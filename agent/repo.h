@@ -53,8 +53,14 @@ struct repo_vm *repo_vm_open(const char *repo_path, const char *vm, bool create,
                              enum repo_lock lock, int wait_ms, GError **errp);
 void repo_vm_close(struct repo_vm *r);
 
+/* A point being removed by prune holds this marker file (agent/prune.h):
+ * it is no longer listed, though later points may still read through its
+ * files until prune (or recovery) has merged them. */
+#define REPO_POINT_PRUNING "pruning"
+
 /* Committed points, oldest first (a GPtrArray of struct restore_point *).
- * A directory whose manifest is missing or unreadable is not a point. */
+ * A directory whose manifest is missing or unreadable is not a point, nor
+ * one that prune is removing. */
 GPtrArray *repo_list_points(struct repo_vm *r, GError **errp);
 void restore_point_free(struct restore_point *p);
 
