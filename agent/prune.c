@@ -116,21 +116,62 @@ note_failure(GError **first, unsigned *more, GError *err)
     }
 }
 
+/* Whether any disk of p is in a chain of failed (adds them with add). */
+static bool
+in_chains(struct prune_dir *p, GHashTable *chains, bool add)
+{
+    bool found = false;
+    size_t i;
+    json_t *e;
+
+    json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+    {
+        const char *chain = json_string_value(json_object_get(e, "chain"));
+        if (!chain) {
+            continue;
+        }
+        found |= g_hash_table_contains(chains, chain);
+        if (add) {
+            g_hash_table_add(chains, g_strdup(chain));
+        }
+    }
+    return found;
+}
+
+/* A point that cannot be removed stops the removals in its chain (the
+ * chain stays as it is from there on); other chains go on. */
 static bool
 run_removals(struct prune_ctx *c, GPtrArray *order, GError **errp)
 {
+    g_autoptr(GHashTable) failed =
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
     GError *first = NULL;
-    unsigned more = 0;
+    unsigned more = 0, skipped = 0;
 
     for (guint i = 0; i < order->len; i++) {
+        struct prune_dir *p = order->pdata[i];
         GError *err = NULL;
-        if (!prune_remove_point(c, order->pdata[i], &err)) {
+
+        if (in_chains(p, failed, false)) {
+            skipped++;
+            continue;
+        }
+        if (!prune_remove_point(c, p, &err)) {
             note_failure(&first, &more, err);
+            in_chains(p, failed, true);
         }
     }
     if (first) {
         if (more) {
-            g_prefix_error(&first, "%u points not removed; first: ", more + 1);
+            g_prefix_error(&first,
+                           "%u points could not be removed; first: ", more + 1);
+        }
+        if (skipped) {
+            char *msg = g_strdup_printf("%s (%u later points of its chain "
+                                        "left as they are)",
+                                        first->message, skipped);
+            g_free(first->message);
+            first->message = msg;
         }
         g_propagate_error(errp, first);
         return false;

@@ -571,14 +571,6 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
     }
     ok = true;
     if (names_p) {
-        const char *damaged = p->damaged ? p->damaged : ch->damaged;
-        if (damaged) {
-            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
-                        "point %s is damaged (%s): not merging %s into %s",
-                        p->damaged ? p->id : ch->id, damaged, ch->id, p->id);
-            close(cfd);
-            return false;
-        }
         ok = merge_layer(c, p, pfd, pfile, ch, cfd, cfile, disk, errp);
     }
     if (ok && g_strcmp0(entry_str(centry, "backing"), pback) == 0) {
@@ -657,6 +649,25 @@ prune_cleanup_removed(struct repo_vm *r)
     return n;
 }
 
+/* Whether removing p's layer of entry e would merge damaged data into a
+ * point that stays, or a good layer into a damaged point. */
+static bool
+check_damage(struct prune_ctx *c, struct prune_dir *p, json_t *e, GError **errp)
+{
+    const char *disk = entry_str(e, "disk");
+    const char *file = entry_str(e, "file");
+    struct prune_dir *ch = disk && file ? prune_child(c, p, disk, file) : NULL;
+
+    if (!ch || !live(c, ch, disk) || !(p->damaged || ch->damaged)) {
+        return true;
+    }
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                "point %s is damaged (%s): not merging %s into %s",
+                p->damaged ? p->id : ch->id,
+                p->damaged ? p->damaged : ch->damaged, ch->id, p->id);
+    return false;
+}
+
 static bool
 write_journal(struct prune_ctx *c, struct prune_dir *p, GError **errp)
 {
@@ -693,6 +704,14 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
     json_t *e;
     int pfd;
 
+    /* Damage known beforehand refuses the removal before anything
+     * changes (during a merge, checksums find it too late for that). */
+    json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+    {
+        if (!check_damage(c, p, e, errp)) {
+            return false;
+        }
+    }
     if (!p->delisted) {
         if (!write_journal(c, p, errp)) {
             return false;

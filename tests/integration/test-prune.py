@@ -178,7 +178,7 @@ try:
           "a2 deleted: %s" % dec[a[2]])
     verify_all([a[1]] + b)
     m = manifest(a[1])
-    check(all(d["type"] == "full" and "backing" not in d for d in m["disks"])
+    check(all(d["type"] == "full" and d.get("backing") is None for d in m["disks"])
           and m["parent"] is None, "a1 is a full now: %s" % m)
     res = prune("--keep-last", "4", "--json")
     check(res["removed"] == 0, "a second prune has nothing to do: %s" % res)
@@ -200,7 +200,7 @@ try:
     check(res["removed"] == 5 and res["merged_bytes"] > 0, "keep-last 1: %s" % res)
     verify_all([more[-1]])
     m = manifest(more[-1])
-    check(m["parent"] is None and all(d["type"] == "full" and "backing" not in d
+    check(m["parent"] is None and all(d["type"] == "full" and d.get("backing") is None
                                       for d in m["disks"]), "one full left: %s" % m)
 
     # The next backup builds on it: an incremental, restoring right.
