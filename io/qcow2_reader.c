@@ -19,6 +19,7 @@
 #include "io/file.h"
 #include "io/qcow2.h"
 #include "io/qcow2_format.h"
+#include "io/qcow2_sums.h"
 
 /* L2 tables cached per layer.  A restore walks the disk in order, so one
  * table is hot at a time; a few more absorb a chain whose layers
@@ -47,6 +48,9 @@ struct qcow2_layer {
     uint64_t l1_entries;
     uint64_t use_clock;
     struct l2_cache_entry cache[L2_CACHE_SIZE];
+    char *backing_name;      /* as stored in the header, or NULL */
+    struct qcow2_sums *sums; /* loaded when asked and valid, else NULL */
+    char *sums_why;          /* asked but NULL: why */
 };
 
 struct qcow2_reader {
@@ -112,6 +116,9 @@ layer_free(struct qcow2_layer *l)
         g_free(l->cache[i].table);
     }
     g_free(l->l1);
+    g_free(l->backing_name);
+    qcow2_sums_free(l->sums);
+    g_free(l->sums_why);
     if (l->fd >= 0) {
         close(l->fd);
     }
@@ -407,8 +414,33 @@ fail:
     return NULL;
 }
 
-struct qcow2_reader *
-qcow2_reader_open(int dirfd, const char *path, GError **errp)
+/* The checksums beside layer l (opened as dirfd/path): kept when they
+ * describe this image, otherwise the reason is kept. */
+static void
+layer_load_sums(struct qcow2_layer *l, int dirfd, const char *path)
+{
+    g_autofree char *name = g_strconcat(path, QCOW2_SUMS_SUFFIX, NULL);
+    g_autoptr(GError) err = NULL;
+    struct qcow2_sums *s = qcow2_sums_read(dirfd, name, &err);
+
+    if (s == NULL) {
+        l->sums_why = g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_NOENT)
+                          ? g_strdup_printf("%s: no checksum file", l->name)
+                          : g_strdup(err->message);
+        return;
+    }
+    if (qcow2_sums_cluster_bits(s) != l->cluster_bits ||
+        qcow2_sums_virtual_size(s) != l->virtual_size) {
+        l->sums_why = g_strdup_printf(
+            "%s: damaged checksum file: describes another image", name);
+        qcow2_sums_free(s);
+        return;
+    }
+    l->sums = s;
+}
+
+static struct qcow2_reader *
+reader_open(int dirfd, const char *path, bool with_sums, GError **errp)
 {
     struct qcow2_reader *r = g_new0(struct qcow2_reader, 1);
     g_autofree char *cur = g_strdup(path);
@@ -433,11 +465,15 @@ qcow2_reader_open(int dirfd, const char *path, GError **errp)
                 goto fail;
             }
         }
+        if (with_sums) {
+            layer_load_sums(l, cur_dirfd, cur);
+        }
         r->layers = g_renew(struct qcow2_layer *, r->layers, r->n_layers + 1);
         r->layers[r->n_layers++] = l;
         if (r->n_layers == 1 && backing != NULL) {
             r->backing_file = g_strdup(backing);
         }
+        l->backing_name = g_strdup(backing);
         if (backing == NULL) {
             break;
         }
@@ -480,6 +516,18 @@ fail:
     return NULL;
 }
 
+struct qcow2_reader *
+qcow2_reader_open(int dirfd, const char *path, GError **errp)
+{
+    return reader_open(dirfd, path, false, errp);
+}
+
+struct qcow2_reader *
+qcow2_reader_open_with_sums(int dirfd, const char *path, GError **errp)
+{
+    return reader_open(dirfd, path, true, errp);
+}
+
 void
 qcow2_reader_free(struct qcow2_reader *r)
 {
@@ -516,6 +564,54 @@ unsigned
 qcow2_reader_chain_depth(const struct qcow2_reader *r)
 {
     return r->n_layers;
+}
+
+const char *
+qcow2_reader_layer_backing_file(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->backing_name;
+}
+
+const char *
+qcow2_reader_layer_name(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->name;
+}
+
+int
+qcow2_reader_layer_fd(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->fd;
+}
+
+uint64_t
+qcow2_reader_layer_file_size(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->file_size;
+}
+
+uint64_t
+qcow2_reader_layer_virtual_size(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->virtual_size;
+}
+
+unsigned
+qcow2_reader_layer_cluster_bits(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->cluster_bits;
+}
+
+const struct qcow2_sums *
+qcow2_reader_layer_sums(const struct qcow2_reader *r, unsigned depth,
+                        const char **why)
+{
+    const struct qcow2_layer *l = r->layers[depth];
+
+    if (why != NULL) {
+        *why = l->sums_why;
+    }
+    return l->sums;
 }
 
 /* The L2 table at host offset off, from the cache or the file. */
@@ -722,6 +818,56 @@ chain_map_once(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
             break;
         }
     }
+}
+
+bool
+qcow2_reader_layer_map(struct qcow2_reader *r, unsigned depth, uint64_t off,
+                       uint64_t max_len, struct qcow2_layer_run *run,
+                       GError **errp)
+{
+    struct qcow2_layer *l = r->layers[depth];
+    struct layer_run lr;
+
+    if (off >= l->virtual_size || max_len == 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "%s: layer map of %" PRIu64 "+%" PRIu64
+                    " outside virtual size %" PRIu64,
+                    l->name, off, max_len, l->virtual_size);
+        return false;
+    }
+    if (!layer_run(l, off, MIN(max_len, l->virtual_size - off), &lr, errp)) {
+        return false;
+    }
+    run->kind = lr.kind == CLUSTER_DATA   ? QCOW2_LAYER_DATA
+                : lr.kind == CLUSTER_ZERO ? QCOW2_LAYER_ZERO
+                                          : QCOW2_LAYER_UNALLOCATED;
+    run->host_offset = lr.kind == CLUSTER_DATA ? lr.host_offset : 0;
+    run->len = lr.len;
+    return true;
+}
+
+bool
+qcow2_reader_check_cluster(const struct qcow2_reader *r, unsigned depth,
+                           uint64_t c, const void *buf, GError **errp)
+{
+    const struct qcow2_layer *l = r->layers[depth];
+    const struct qcow2_sum *e;
+
+    if (l->sums == NULL) {
+        return true;
+    }
+    e = qcow2_sums_find(l->sums, c);
+    if (e == NULL || e->zero) {
+        return corrupt(errp, l,
+                       "guest offset %" PRIu64
+                       ": data cluster the checksums do not list as data",
+                       c << l->cluster_bits);
+    }
+    if (qcow2_sums_hash(buf, l->cluster_size) != e->hash) {
+        return corrupt(errp, l, "guest offset %" PRIu64 ": checksum mismatch",
+                       c << l->cluster_bits);
+    }
+    return true;
 }
 
 bool
