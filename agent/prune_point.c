@@ -12,9 +12,6 @@
 #include "agent/error.h"
 #include "agent/recover.h"
 #include "io/qcow2.h"
-/* io/qcow2_sums.h's autoptr cleanup needs this typedef (C11 allows it
- * twice, should the header gain it). */
-typedef struct qcow2_sums qcow2_sums;
 #include "io/qcow2_sums.h"
 
 #define FILE_MODE 0640
