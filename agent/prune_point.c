@@ -371,6 +371,19 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
                     "%s: its backing file is not %s/%s", cpath, p->id, pfile);
         return false;
     }
+    /* A merge of layers of different geometry is not damage: refuse it
+     * before io/ would fail it as a bad image. */
+    if (qcow2_reader_layer_cluster_bits(chain, 0) !=
+            qcow2_reader_layer_cluster_bits(chain, 1) ||
+        qcow2_reader_layer_virtual_size(chain, 0) !=
+            qcow2_reader_layer_virtual_size(chain, 1)) {
+        qcow2_reader_free(chain);
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
+                    "point %s, disk %s: cannot merge into point %s: the "
+                    "layers differ in cluster size or disk size",
+                    ch->id, disk, p->id);
+        return false;
+    }
     target = openat(pfd, pfile, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
     if (target < 0) {
         qcow2_reader_free(chain);
