@@ -405,9 +405,8 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
                         ch->id, disk, p->id, err->message);
             g_error_free(err);
         } else {
-            g_propagate_prefixed_error(
-                errp, err, "merging point %s into %s, disk %s: ", ch->id, p->id,
-                disk);
+            g_propagate_prefixed_error(errp, err, "point %s, disk %s: ", p->id,
+                                       disk);
         }
         qcow2_sums_free(merged);
         return false;
