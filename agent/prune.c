@@ -9,6 +9,7 @@
 
 #include "agent/error.h"
 #include "agent/prune_int.h"
+#include "agent/recover.h"
 
 /* When the point was taken: its manifest's time, else its id's. */
 static time_t
@@ -206,58 +207,52 @@ browse_lock(struct repo_vm *r, GError **errp)
     return fd;
 }
 
+static void
+note_cleanup(struct repo_vm *r, GPtrArray *done)
+{
+    unsigned n = prune_cleanup_removed(r);
+
+    if (n) {
+        g_ptr_array_add(done, g_strdup_printf("removed %u directories of "
+                                              "pruned points",
+                                              n));
+    }
+}
+
+/* The points a prune delisted are the work left: each is completed from
+ * the state of its files (prune_remove_point).  Points of the journal not
+ * delisted yet are untouched and stay. */
 bool
 prune_recover(struct repo_vm *r, GPtrArray *done, GError **errp)
 {
     struct prune_ctx c = {.r = r};
     g_autoptr(GPtrArray) order = g_ptr_array_new();
-    json_t *journal = NULL;
-    const char *jpoint;
-    bool work, ok = true;
-    unsigned n;
+    bool journal, ok = true;
     int lock;
 
     c.dirs = prune_scan(r, errp);
     if (!c.dirs) {
         return false;
     }
-    if (faccessat(r->vm_fd, PRUNE_JOURNAL, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
-        journal = repo_read_json(r->vm_fd, PRUNE_JOURNAL, NULL);
-    }
-    jpoint = json_string_value(json_object_get(journal, "point"));
-    work = faccessat(r->vm_fd, PRUNE_JOURNAL, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+    journal =
+        faccessat(r->vm_fd, PRUNE_JOURNAL, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
     for (guint i = 0; i < c.dirs->len; i++) {
         struct prune_dir *p = c.dirs->pdata[i];
-        /* The journal's point was chosen for removal: carry that out even
-         * if the crash came before it was delisted. */
-        if (p->delisted || g_strcmp0(p->id, jpoint) == 0) {
+        if (p->delisted) {
             g_ptr_array_add(order, p);
-            work = true;
         }
     }
-    if (!work) {
-        n = prune_cleanup_removed(r);
-        if (n) {
-            g_ptr_array_add(done, g_strdup_printf("removed %u directories of "
-                                                  "pruned points",
-                                                  n));
-        }
-        json_decref(journal);
+    if (!journal && !order->len) {
+        note_cleanup(r, done);
         g_ptr_array_free(c.dirs, true);
         return true;
     }
     lock = browse_lock(r, errp);
     if (lock == -1) {
-        json_decref(journal);
         g_ptr_array_free(c.dirs, true);
         return false;
     }
-    n = prune_cleanup_removed(r);
-    if (n) {
-        g_ptr_array_add(done, g_strdup_printf("removed %u directories of "
-                                              "pruned points",
-                                              n));
-    }
+    note_cleanup(r, done);
     if (order->len) {
         ok = run_removals(&c, order, errp);
         for (guint i = 0; i < order->len; i++) {
@@ -270,14 +265,16 @@ prune_recover(struct repo_vm *r, GPtrArray *done, GError **errp)
                                                 p->id));
             }
         }
+    } else {
+        g_ptr_array_add(done, g_strdup("an interrupted prune had changed "
+                                       "nothing yet: its plan is dropped"));
     }
-    if (ok && unlinkat(r->vm_fd, PRUNE_JOURNAL, 0) == 0) {
-        fsync(r->vm_fd);
+    if (ok) {
+        ok = prune_journal_remove(r, errp);
     }
     if (lock >= 0) {
         close(lock);
     }
-    json_decref(journal);
     g_ptr_array_free(c.dirs, true);
     return ok;
 }
@@ -390,12 +387,29 @@ prune_run(const struct prune_opts *o, GError **errp)
         goto out;
     }
     points = plan(&c, o, order, &n_kept);
-    if (!o->dry_run) {
+    if (!o->dry_run && order->len) {
         GError *err = NULL;
+        bool left = false;
+
+        if (!prune_journal_write(&c, order, &err)) {
+            note_failure(&first, &more, err);
+            goto failed;
+        }
+        recover_crash_point("prune-journal");
         if (!run_removals(&c, order, &err)) {
             note_failure(&first, &more, err);
         }
+        /* Delisted points left by a failure keep the journal for the
+         * recovery that completes them. */
+        for (guint i = 0; i < order->len; i++) {
+            struct prune_dir *p = order->pdata[i];
+            left |= p->delisted && !p->gone;
+        }
+        if (!left && !prune_journal_remove(c.r, &err)) {
+            note_failure(&first, &more, err);
+        }
     }
+failed:
     if (first) {
         json_decref(points);
         if (more) {

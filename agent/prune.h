@@ -12,15 +12,20 @@
  *
  * Every step is durable before the next, and a crash at any step leaves
  * state the next prune or backup completes (prune_recover):
- *   1. .prune.json in the VM directory names the point (the intent);
- *   2. <point>/pruning delists the point (list and restore skip it; the
- *      chains of later points still read through its files);
+ *   1. .prune.json in the VM directory lists the points to remove, in
+ *      order, and where each disk's layer goes (the intent);
+ *   then for each point P:
+ *   2. <P>/pruning delists it (list and restore skip it; the chains of
+ *      later points still read through its files); what recovery does is
+ *      complete every delisted point, from the state of its files;
  *   3. per disk: merge into P's file (C reads the same at every instant),
  *      C's checksums replaced by the merged ones, P's file renamed over
  *      C's layer (whether C's layer still names P's file as its backing
  *      tells whether this happened), C's manifest replaced;
- *   4. the point directory renamed to .pruned-<point>, then deleted;
- *   5. .prune.json removed.
+ *   4. the point directory renamed to .pruned-<P>, then deleted;
+ *   and at the end:
+ *   5. .prune.json removed.  Points of it not delisted yet when a crash
+ *      came are untouched, and left to the next prune.
  */
 #ifndef QBAK_AGENT_PRUNE_H
 #define QBAK_AGENT_PRUNE_H

@@ -36,9 +36,15 @@ json_t *prune_manifest_disk(json_t *manifest, const char *disk);
 struct prune_dir *prune_child(struct prune_ctx *c, const struct prune_dir *p,
                               const char *disk, const char *file);
 
-/* Removes point p (listed or already delisted): journal, delist, merge or
- * delete each disk's layer, remove the directory.  Idempotent: run again
- * after a crash at any step, it completes the work. */
+/* The intent log: the points about to be removed, in order, with the
+ * point each disk's layer goes into.  Written durably before the first
+ * change; removed once all are gone. */
+bool prune_journal_write(struct prune_ctx *c, GPtrArray *order, GError **errp);
+bool prune_journal_remove(struct repo_vm *r, GError **errp);
+
+/* Removes point p (listed or already delisted): delist, merge or delete
+ * each disk's layer, remove the directory.  Idempotent: run again after a
+ * crash at any step, it completes the work. */
 bool prune_remove_point(struct prune_ctx *c, struct prune_dir *p,
                         GError **errp);
 

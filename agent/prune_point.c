@@ -121,7 +121,8 @@ prune_marker_set(int dirfd, const char *name, bool present, GError **errp)
     return create_marker(dirfd, name, errp);
 }
 
-/* An empty marker file, durable with its directory entry. */
+/* An empty marker file: its directory entry is all it holds, made
+ * durable by the directory's fsync. */
 static bool
 create_marker(int dirfd, const char *name, GError **errp)
 {
@@ -130,11 +131,6 @@ create_marker(int dirfd, const char *name, GError **errp)
 
     if (fd < 0) {
         return set_errno_error(errp, errno, "%s: create", name);
-    }
-    if (fsync(fd) < 0) {
-        int err = errno;
-        close(fd);
-        return set_errno_error(errp, err, "%s: fsync", name);
     }
     close(fd);
     return fsync_dir(dirfd, name, errp);
@@ -392,10 +388,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     ok = qcow2_merge_top(chain, target, &merged, &stats, merge_progress, c,
                          &err);
     qcow2_reader_free(chain);
-    if (ok && fsync(target) < 0) {
-        ok = set_errno_error(&err, errno, "%s/%s: fsync", p->id, pfile);
-    }
-    close(target);
+    close(target); /* the merge made it durable */
     if (!ok) {
         if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
             record_damage(cfd, disk, err->message);
@@ -428,18 +421,25 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
         if (renameat(cfd, sums_tmp, cfd, sums) < 0) {
             return set_errno_error(errp, errno, "%s/%s: rename", ch->id, sums);
         }
-    } else if (unlinkat(cfd, sums, 0) < 0 && errno != ENOENT) {
+        if (!fsync_dir(cfd, ch->id, errp)) {
+            return false;
+        }
+    } else if (unlinkat(cfd, sums, 0) == 0) {
+        if (!fsync_dir(cfd, ch->id, errp)) {
+            return false;
+        }
+    } else if (errno != ENOENT) {
         return set_errno_error(errp, errno, "%s/%s: unlink", ch->id, sums);
-    }
-    if (!fsync_dir(cfd, ch->id, errp)) {
-        return false;
     }
     recover_crash_point("prune-renaming");
     if (renameat(pfd, pfile, cfd, cfile) < 0) {
         return set_errno_error(errp, errno, "%s/%s: rename to %s", p->id, pfile,
                                cpath);
     }
-    if (!fsync_dir(cfd, ch->id, errp) || !fsync_dir(pfd, p->id, errp)) {
+    /* C's directory only: should P's old entry survive a power loss
+     * too, it is a second name of the merged file, which recovery finds
+     * renamed already and the directory's removal unlinks. */
+    if (!fsync_dir(cfd, ch->id, errp)) {
         return false;
     }
     recover_crash_point("prune-renamed");
@@ -677,32 +677,52 @@ check_damage(struct prune_ctx *c, struct prune_dir *p, json_t *e, GError **errp)
     return false;
 }
 
-static bool
-write_journal(struct prune_ctx *c, struct prune_dir *p, GError **errp)
+bool
+prune_journal_write(struct prune_ctx *c, GPtrArray *order, GError **errp)
 {
     g_autofree char *now = repo_time_now();
-    json_t *disks = json_array();
-    size_t i;
-    json_t *e;
+    json_t *points = json_array();
+    json_t *j;
     bool ok;
 
-    json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
-    {
-        const char *file = entry_str(e, "file");
-        struct prune_dir *ch =
-            file ? prune_child(c, p, entry_str(e, "disk"), file) : NULL;
+    for (guint k = 0; k < order->len; k++) {
+        struct prune_dir *p = order->pdata[k];
+        json_t *disks = json_array();
+        size_t i;
+        json_t *e;
 
-        json_array_append_new(disks,
-                              json_pack("{s:O?, s:O?, s:s?}", "disk",
-                                        json_object_get(e, "disk"), "file",
-                                        json_object_get(e, "file"), "into",
-                                        ch ? ch->id : NULL));
+        json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+        {
+            const char *file = entry_str(e, "file");
+            struct prune_dir *ch =
+                file ? prune_child(c, p, entry_str(e, "disk"), file) : NULL;
+
+            json_array_append_new(disks,
+                                  json_pack("{s:O?, s:O?, s:s?}", "disk",
+                                            json_object_get(e, "disk"), "file",
+                                            json_object_get(e, "file"), "into",
+                                            ch ? ch->id : NULL));
+        }
+        json_array_append_new(
+            points, json_pack("{s:s, s:o}", "point", p->id, "disks", disks));
     }
-    json_t *j = json_pack("{s:i, s:s, s:s, s:o}", "format", 1, "point", p->id,
-                          "time", now, "disks", disks);
+    j = json_pack("{s:i, s:s, s:o}", "format", 1, "time", now, "remove",
+                  points);
     ok = write_json_durable(c->r->vm_fd, PRUNE_JOURNAL, j, errp);
     json_decref(j);
     return ok;
+}
+
+bool
+prune_journal_remove(struct repo_vm *r, GError **errp)
+{
+    if (unlinkat(r->vm_fd, PRUNE_JOURNAL, 0) < 0) {
+        if (errno == ENOENT) {
+            return true;
+        }
+        return set_errno_error(errp, errno, "%s", PRUNE_JOURNAL);
+    }
+    return fsync_dir(r->vm_fd, r->vm, errp);
 }
 
 bool
@@ -720,12 +740,6 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
         if (!check_damage(c, p, e, errp)) {
             return false;
         }
-    }
-    if (!p->delisted) {
-        if (!write_journal(c, p, errp)) {
-            return false;
-        }
-        recover_crash_point("prune-journal");
     }
     pfd = open_dir(c->r->vm_fd, p->id, errp);
     if (pfd < 0) {
@@ -758,12 +772,11 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
         return false;
     }
     p->gone = true;
+    /* What is left is a leftover (prune_cleanup_removed): its removal
+     * need not be durable. */
     if (!remove_pruned_dir(c->r, pruned, errp)) {
         return false;
     }
     recover_crash_point("prune-removed");
-    if (unlinkat(c->r->vm_fd, PRUNE_JOURNAL, 0) < 0 && errno != ENOENT) {
-        return set_errno_error(errp, errno, "%s", PRUNE_JOURNAL);
-    }
-    return fsync_dir(c->r->vm_fd, c->r->vm, errp);
+    return true;
 }
