@@ -14,7 +14,6 @@ policy's points listed and nothing else left (no delisted directory, no
 .pruned-*, no .prune.json), all restoring right; a backup says what it
 recovered.  Two disks, so a kill between the disks of one point is a
 state too."""
-import json
 import os
 import random
 import shutil
