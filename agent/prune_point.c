@@ -768,9 +768,9 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
     if (renameat(c->r->vm_fd, p->id, c->r->vm_fd, pruned) < 0) {
         return set_errno_error(errp, errno, "%s: rename", p->id);
     }
-    if (!fsync_dir(c->r->vm_fd, c->r->vm, errp)) {
-        return false;
-    }
+    /* Not fsynced here (the journal's removal is): should the rename be
+     * lost, P comes back delisted with nothing building on it, and
+     * recovery removes it again. */
     p->gone = true;
     /* What is left is a leftover (prune_cleanup_removed): its removal
      * need not be durable. */
