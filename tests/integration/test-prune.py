@@ -14,7 +14,10 @@ disks (one of an odd size): two chains (a full and incrementals, then a
   restores byte-identical to its reference (qbak restore and qemu-img
   compare through the chain), qemu-img check passes on every file, and
   --keep-last 1 leaves one full point whose content is the newest's;
-- the next backup after a prune is still an incremental and restores right.
+- the next backup after a prune is still an incremental and restores right;
+- a point whose disks are on different chains (one lost its bitmap, so
+  its layer is a full): per disk, layers a kept point reads are merged,
+  the others deleted.
 """
 import json
 import os
@@ -208,6 +211,31 @@ try:
     check(all(d["type"] == "incremental" for d in nxt["disks"]),
           "next backup is an incremental: %s" % nxt["disks"])
     verify_all([more[-1], nxt["point"]])
+
+    # Disks of one point on different chains: vd1 loses its bitmap, so
+    # the next point has vd0 incremental and vd1 full.  Pruning to that
+    # point merges the older point's vd0 into it and deletes its vd1.
+    mid = backup()["point"]
+    for bm in vm.bitmaps("drive1"):
+        vm.qmp.cmd("block-dirty-bitmap-remove", node="drive1", name=bm["name"])
+    mixed = backup()
+    types = {d["disk"]: d["type"] for d in mixed["disks"]}
+    check(types == {"vd0": "incremental", "vd1": "full"}, "mixed point: %s" % types)
+    res = prune("--keep-last", "2", "--dry-run", "--json")
+    dec = {x["point"]: x for x in res["points"]}
+    check({d["disk"]: d["action"] for d in dec[more[-1]]["disks"]} == {"vd0": "merge", "vd1": "merge"}
+          and {d["disk"]: d["action"] for d in dec[nxt["point"]]["disks"]} == {"vd0": "merge", "vd1": "merge"},
+          "older points merge both disks into what mid reads: %s" % res["points"])
+    res = prune("--keep-last", "1", "--json")
+    check(res["removed"] == 3 and [d["action"] for x in res["points"] if not x["keep"]
+                                    for d in x["disks"] if d["disk"] == "vd1"] == ["delete"] * 3,
+          "keep-last 1 with a mixed newest point: vd1 layers deleted: %s" % res)
+    verify_all([mixed["point"]])
+    m = manifest(mixed["point"])
+    check(all(d["type"] == "full" and d.get("backing") is None for d in m["disks"])
+          and m["parent"] is None, "the mixed point is a full on both disks: %s" % m)
+    check(all(d["type"] == "incremental" for d in backup()["disks"]),
+          "and the next backup is an incremental on both")
 finally:
     vm.stop()
 shutil.rmtree(w, ignore_errors=True)
