@@ -19,6 +19,7 @@
 
 #include "agent/backup_int.h"
 #include "agent/damage.h"
+#include "agent/prune.h"
 #include "agent/recover.h"
 #include "io/qcow2_sums.h"
 
@@ -697,6 +698,16 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (repo_partial_cleanup(b.repo) > 0) {
         g_ptr_array_add(recovered, g_strdup("removed unfinished point "
                                             "directories (.partial-*)"));
+    }
+    /* A prune that was killed is completed first: the points listed
+     * below, and the one this backup builds on, are then final.  A
+     * failure leaves every listed point readable, so the backup goes on. */
+    {
+        GError *perr = NULL;
+        if (!prune_recover(b.repo, recovered, &perr)) {
+            g_ptr_array_add(warnings, g_strdup(perr->message));
+            g_error_free(perr);
+        }
     }
     /* A guest a killed run left frozen is thawed before anything else. */
     if (!quiesce_recover(&b.ring, b.repo, qga_timeout_ms, recovered, errp)) {

@@ -54,14 +54,17 @@ void
 cli_usage_error(const char *cmd, const char *fmt, ...)
 {
     va_list ap;
-    g_autofree char *msg = NULL;
-    g_autofree char *line = NULL;
+    char *msg, *line;
 
     va_start(ap, fmt);
     msg = g_strdup_vprintf(fmt, ap);
     va_end(ap);
     line = qmp_parser_printable(msg);
     fprintf(stderr, "qbak %s: %s\n", cmd, line);
+    /* exit() runs no g_autofree: freed by hand, or LeakSanitizer
+     * reports every usage error. */
+    g_free(line);
+    g_free(msg);
     exit(QBAK_EXIT_USAGE);
 }
 

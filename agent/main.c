@@ -13,6 +13,11 @@ static const struct cli_command commands[] = {
     {"list", cmd_list, "list committed restore points"},
     {"restore", cmd_restore, "write one disk at one point as an image"},
     {"verify", cmd_verify, "check every stored cluster against its checksums"},
+    {"prune", cmd_prune,
+     "keep what a retention policy selects, remove the "
+     "rest"},
+    {"protect", cmd_protect, "protect a restore point from prune"},
+    {"unprotect", cmd_unprotect, "let prune remove a restore point again"},
 };
 
 static void

@@ -405,6 +405,11 @@ scan_points(struct repo_vm *r, bool damaged_too, GError **errp)
         if (pfd < 0) {
             continue;
         }
+        if (faccessat(pfd, REPO_POINT_PRUNING, F_OK, AT_SYMLINK_NOFOLLOW) ==
+            0) {
+            close(pfd); /* being pruned: no longer a point */
+            continue;
+        }
         m = manifest_read(pfd, r->vm, de->d_name, &err);
         close(pfd);
         if (!m && !damaged_too) {

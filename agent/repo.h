@@ -57,9 +57,14 @@ struct repo_vm *repo_vm_open(const char *repo_path, const char *vm, bool create,
                              enum repo_lock lock, int wait_ms, GError **errp);
 void repo_vm_close(struct repo_vm *r);
 
+/* A point being removed by prune holds this marker file (agent/prune.h):
+ * it is no longer listed, though later points may still read through its
+ * files until prune (or recovery) has merged them. */
+#define REPO_POINT_PRUNING "pruning"
+
 /* Committed points, oldest first (a GPtrArray of struct restore_point *),
- * those whose manifest validates.  Use repo_scan_points where a damaged
- * point must not vanish silently. */
+ * those whose manifest validates, none that prune is removing.  Use
+ * repo_scan_points where a damaged point must not vanish silently. */
 GPtrArray *repo_list_points(struct repo_vm *r, GError **errp);
 /* Every point directory (a name as repo_new_point_id makes them), oldest
  * first, damaged ones included (see struct restore_point). */

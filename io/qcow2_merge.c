@@ -13,6 +13,7 @@
  * the top layer's place. */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -63,12 +64,39 @@ pread_full(int fd, uint8_t *buf, size_t len, uint64_t off, const char *name,
     return true;
 }
 
+/* Test-only fault injection, in io/ring.c's manner:
+ * QBAK_FAULT_MERGE_WRITE=N[:err] makes the Nth data write of the merges of
+ * this process fail with err (EIO (default), ENOSPC or a number). */
+static int
+fault_merge_write(void)
+{
+    static long nth = -1, count;
+    static int err;
+
+    if (nth < 0) {
+        const char *s = getenv("QBAK_FAULT_MERGE_WRITE");
+        char *end = NULL;
+
+        nth = s && *s ? strtol(s, &end, 10) : 0;
+        err = EIO;
+        if (end && *end == ':') {
+            err = strcmp(end + 1, "ENOSPC") == 0 ? ENOSPC
+                  : strcmp(end + 1, "EIO") == 0  ? EIO
+                                                 : atoi(end + 1);
+        }
+    }
+    return nth > 0 && ++count == nth ? err : 0;
+}
+
 static bool
 pwrite_full(int fd, const uint8_t *buf, size_t len, uint64_t off,
             const char *name, GError **errp)
 {
+    int fault = fault_merge_write();
+
     while (len > 0) {
-        ssize_t n = pwrite(fd, buf, len, (off_t)off);
+        ssize_t n =
+            fault ? (errno = fault, -1) : pwrite(fd, buf, len, (off_t)off);
 
         if (n < 0 && errno == EINTR) {
             continue;

@@ -37,6 +37,7 @@ from qbaktest import QBAK, QEMU, QEMU_IMG, VM  # noqa: E402
 import bench_virtnbd  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_integrity  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_prune  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -747,7 +748,8 @@ def report(args, lay, res, meta):
     for key in ["full.qbak", "full.native", "full.nbd", "full.virtnbd", "full.limit", "inc1%.qbak",
                 "inc1%.native", "inc1%.nbd", "inc1%.virtnbd", "inc10%.qbak", "inc10%.native",
                 "inc10%.nbd", "inc10%.virtnbd", "inc0.1%.qbak",
-                "restore.qbak", "restore.convert", "bigfull.64G", "bigfull.1G", "zero.64G", "zero.1G"]:
+                "restore.qbak", "restore.convert", "bigfull.64G", "bigfull.1G", "zero.64G",
+                "zero.1G"] + bench_prune.STEP_KEYS:
         if key not in res.steps:
             continue
         b = res.vals(key, "bytes")
@@ -765,6 +767,8 @@ def report(args, lay, res, meta):
     for line in bench_guest.report_lines(res.guest):
         P(line)
     for line in bench_integrity.report_lines(res, sys.modules[__name__]):
+        P(line)
+    for line in bench_prune.report_lines(res):
         P(line)
     P("")
     P("targets (issue 5), from the medians above")
@@ -804,6 +808,7 @@ def report(args, lay, res, meta):
     v = max(rss) / 1024 if rss else None
     target("peak RSS of qbak, full of the %s disk (MiB)" % human(size), v,
            v is not None and v < 64, "< 64", "%.1f")
+    bench_prune.targets(res, target, ratio)
     P("")
     P("for comparison (no target)")
     for name, a, b in (("full: QEMU -> nbdkit null / qbak (x)", "full.nbd", "full.qbak"),
@@ -932,8 +937,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
-    ap.add_argument("--skip", default="", help="comma list of: native,nbd,limit,restore,"
-                    "bigdisk,guest,virtnbdbackup,integrity")
+    ap.add_argument("--skip", default="", help="comma list of: main (the backup runs),"
+                    "native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -964,9 +969,12 @@ def main():
     res = Results()
     t0 = time.monotonic()
     try:
-        for r in range(args.runs):
+        for r in range(args.runs if "main" not in args.skip else 0):
             say("run %d of %d ..." % (r + 1, args.runs))
             one_run(r, args, ref, lay, work, res)
+        if "prune" not in args.skip:
+            say("prune of a full and %d incrementals ..." % bench_prune.INCREMENTALS)
+            bench_prune.prune_step(args, ref, lay, work, res, sys.modules[__name__])
         if "bigdisk" not in args.skip:
             say("0-dirty incrementals, 64 GiB vs 1 GiB disk ...")
             bigdisk_step(args, work, res)

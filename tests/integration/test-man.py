@@ -71,6 +71,8 @@ for cmd in commands():
     checked += 1
 
 for name in sorted(os.listdir(MAN)):
+    if open(os.path.join(MAN, name)).read().startswith(".so "):
+        continue  # a stub naming its page as installed (man1/...): rendered there
     w = groff_warnings(os.path.join(MAN, name))
     check(not w, "%s renders without warnings: %s" % (name, w))
 

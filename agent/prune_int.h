@@ -1,0 +1,57 @@
+/* Inside prune: the point directories and the removal of one point
+ * (prune_point.c), used by the policy side (prune.c). */
+#ifndef QBAK_AGENT_PRUNE_INT_H
+#define QBAK_AGENT_PRUNE_INT_H
+
+#include "agent/prune.h"
+
+#include <stdint.h>
+
+/* A point directory, listed or delisted. */
+struct prune_dir {
+    char *id;
+    json_t *manifest; /* owned */
+    bool delisted;    /* <id>/pruning exists */
+    bool protected;
+    char *damaged; /* why, from damaged.json, or NULL */
+    bool gone;     /* removed by this run */
+};
+
+struct prune_ctx {
+    struct repo_vm *r;
+    GPtrArray *dirs; /* struct prune_dir *, oldest first */
+    uint64_t merged_bytes;
+    unsigned progress_calls;
+};
+
+/* Every directory with a readable manifest naming it, oldest first. */
+GPtrArray *prune_scan(struct repo_vm *r, GError **errp);
+void prune_dir_free(struct prune_dir *d);
+
+/* The disk's entry of a manifest, or NULL (borrowed). */
+json_t *prune_manifest_disk(json_t *manifest, const char *disk);
+
+/* The point whose layer of disk names p's layer file as its backing in
+ * its manifest ("../<p>/<file>"), or NULL. */
+struct prune_dir *prune_child(struct prune_ctx *c, const struct prune_dir *p,
+                              const char *disk, const char *file);
+
+/* The intent log: the points about to be removed, in order, with the
+ * point each disk's layer goes into.  Written durably before the first
+ * change; removed once all are gone. */
+bool prune_journal_write(struct prune_ctx *c, GPtrArray *order, GError **errp);
+bool prune_journal_remove(struct repo_vm *r, GError **errp);
+
+/* Removes point p (listed or already delisted): delist, merge or delete
+ * each disk's layer, remove the directory.  Idempotent: run again after a
+ * crash at any step, it completes the work. */
+bool prune_remove_point(struct prune_ctx *c, struct prune_dir *p,
+                        GError **errp);
+
+/* Creates (an empty file) or removes dirfd/name, durably. */
+bool prune_marker_set(int dirfd, const char *name, bool present, GError **errp);
+
+/* Removes leftover .pruned-* directories; returns how many. */
+unsigned prune_cleanup_removed(struct repo_vm *r);
+
+#endif

@@ -1,0 +1,782 @@
+/* Removing one restore point, merging its layers into the points that
+ * build on them: see prune.h for the steps and why each is safe. */
+#include "agent/prune_int.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "agent/error.h"
+#include "agent/recover.h"
+#include "io/qcow2.h"
+#include "io/qcow2_sums.h"
+
+#define FILE_MODE 0640
+#define PRUNED_PREFIX ".pruned-"
+
+static bool set_errno_error(GError **errp, int err, const char *fmt, ...)
+    G_GNUC_PRINTF(3, 4);
+static bool create_marker(int dirfd, const char *name, GError **errp);
+
+static bool
+set_errno_error(GError **errp, int err, const char *fmt, ...)
+{
+    va_list ap;
+    g_autofree char *what = NULL;
+
+    va_start(ap, fmt);
+    what = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s",
+                what, g_strerror(err));
+    return false;
+}
+
+static int
+open_dir(int dirfd, const char *name, GError **errp)
+{
+    int fd =
+        openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+    if (fd < 0) {
+        set_errno_error(errp, errno, "%s", name);
+    }
+    return fd;
+}
+
+static bool
+fsync_dir(int fd, const char *what, GError **errp)
+{
+    if (fsync(fd) < 0) {
+        return set_errno_error(errp, errno, "%s: fsync", what);
+    }
+    return true;
+}
+
+static bool
+write_all(int fd, const char *buf, size_t len)
+{
+    size_t off = 0;
+
+    while (off < len) {
+        ssize_t n = write(fd, buf + off, len - off);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            if (n == 0) {
+                errno = EIO;
+            }
+            return false;
+        }
+        off += (size_t)n;
+    }
+    return true;
+}
+
+/* dirfd/name replaced by j as a whole: a temporary file, fsynced, renamed
+ * over it, the directory fsynced. */
+static bool
+write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
+{
+    g_autofree char *text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
+    g_autofree char *tmp = g_strdup_printf("%s.tmp", name);
+    int fd;
+
+    unlinkat(dirfd, tmp, 0);
+    fd =
+        openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+               FILE_MODE);
+    if (fd < 0) {
+        return set_errno_error(errp, errno, "%s: create", tmp);
+    }
+    if (!write_all(fd, text, strlen(text)) || !write_all(fd, "\n", 1) ||
+        fsync(fd) < 0) {
+        int err = errno;
+        close(fd);
+        unlinkat(dirfd, tmp, 0);
+        return set_errno_error(errp, err, "%s: write", tmp);
+    }
+    close(fd);
+    if (renameat(dirfd, tmp, dirfd, name) < 0) {
+        int err = errno;
+        unlinkat(dirfd, tmp, 0);
+        return set_errno_error(errp, err, "%s: rename", name);
+    }
+    return fsync_dir(dirfd, name, errp);
+}
+
+bool
+prune_marker_set(int dirfd, const char *name, bool present, GError **errp)
+{
+    if (!present) {
+        if (unlinkat(dirfd, name, 0) < 0 && errno != ENOENT) {
+            return set_errno_error(errp, errno, "%s: unlink", name);
+        }
+        return fsync_dir(dirfd, name, errp);
+    }
+    return create_marker(dirfd, name, errp);
+}
+
+/* An empty marker file: its directory entry is all it holds, made
+ * durable by the directory's fsync. */
+static bool
+create_marker(int dirfd, const char *name, GError **errp)
+{
+    int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+                    FILE_MODE);
+
+    if (fd < 0) {
+        return set_errno_error(errp, errno, "%s: create", name);
+    }
+    close(fd);
+    return fsync_dir(dirfd, name, errp);
+}
+
+void
+prune_dir_free(struct prune_dir *d)
+{
+    if (d) {
+        g_free(d->id);
+        json_decref(d->manifest);
+        g_free(d->damaged);
+        g_free(d);
+    }
+}
+
+static gint
+dir_cmp(gconstpointer a, gconstpointer b)
+{
+    return strcmp((*(struct prune_dir *const *)a)->id,
+                  (*(struct prune_dir *const *)b)->id);
+}
+
+/* Why damaged.json says the point is damaged. */
+static char *
+read_damage(int pfd)
+{
+    g_autoptr(GError) err = NULL;
+    json_t *j;
+    char *why;
+
+    if (faccessat(pfd, PRUNE_DAMAGED, F_OK, AT_SYMLINK_NOFOLLOW) < 0) {
+        return NULL;
+    }
+    j = repo_read_json(pfd, PRUNE_DAMAGED, &err);
+    if (!j) {
+        return g_strdup_printf("%s: %s", PRUNE_DAMAGED, err->message);
+    }
+    why = g_strdup_printf("%s%s%s",
+                          json_string_value(json_object_get(j, "disk"))
+                              ? json_string_value(json_object_get(j, "disk"))
+                              : "",
+                          json_string_value(json_object_get(j, "disk")) ? ": "
+                                                                        : "",
+                          json_string_value(json_object_get(j, "reason"))
+                              ? json_string_value(json_object_get(j, "reason"))
+                              : "damaged");
+    json_decref(j);
+    return why;
+}
+
+GPtrArray *
+prune_scan(struct repo_vm *r, GError **errp)
+{
+    GPtrArray *dirs =
+        g_ptr_array_new_with_free_func((GDestroyNotify)prune_dir_free);
+    int fd = dup(r->vm_fd);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+
+    if (!d) {
+        set_errno_error(errp, errno, "%s/%s", r->repo_path, r->vm);
+        if (fd >= 0) {
+            close(fd);
+        }
+        g_ptr_array_free(dirs, true);
+        return NULL;
+    }
+    rewinddir(d);
+    while ((de = readdir(d))) {
+        struct prune_dir *p;
+        json_t *m;
+        int pfd;
+
+        if (de->d_name[0] == '.' ||
+            (de->d_type != DT_DIR && de->d_type != DT_UNKNOWN)) {
+            continue;
+        }
+        pfd = openat(r->vm_fd, de->d_name,
+                     O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (pfd < 0) {
+            continue;
+        }
+        m = repo_read_json(pfd, MANIFEST_NAME, NULL);
+        if (!m || g_strcmp0(json_string_value(json_object_get(m, "point")),
+                            de->d_name) != 0) {
+            json_decref(m);
+            close(pfd);
+            continue;
+        }
+        p = g_new0(struct prune_dir, 1);
+        p->id = g_strdup(de->d_name);
+        p->manifest = m;
+        p->delisted =
+            faccessat(pfd, REPO_POINT_PRUNING, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+        p->protected =
+            faccessat(pfd, PRUNE_PROTECTED, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+        p->damaged = read_damage(pfd);
+        close(pfd);
+        g_ptr_array_add(dirs, p);
+    }
+    closedir(d);
+    g_ptr_array_sort(dirs, dir_cmp);
+    return dirs;
+}
+
+json_t *
+prune_manifest_disk(json_t *manifest, const char *disk)
+{
+    size_t i;
+    json_t *d;
+
+    json_array_foreach(json_object_get(manifest, "disks"), i, d)
+    {
+        if (g_strcmp0(json_string_value(json_object_get(d, "disk")), disk) ==
+            0) {
+            return d;
+        }
+    }
+    return NULL;
+}
+
+static const char *
+entry_str(json_t *entry, const char *key)
+{
+    return json_string_value(json_object_get(entry, key));
+}
+
+struct prune_dir *
+prune_child(struct prune_ctx *c, const struct prune_dir *p, const char *disk,
+            const char *file)
+{
+    g_autofree char *want = g_strdup_printf("../%s/%s", p->id, file);
+
+    for (guint i = 0; i < c->dirs->len; i++) {
+        struct prune_dir *q = c->dirs->pdata[i];
+        json_t *e;
+
+        if (q->gone || strcmp(q->id, p->id) <= 0) {
+            continue;
+        }
+        e = prune_manifest_disk(q->manifest, disk);
+        if (e && g_strcmp0(entry_str(e, "backing"), want) == 0) {
+            return q;
+        }
+    }
+    return NULL;
+}
+
+/* Whether a point that stays (not delisted) reads disk through x's
+ * layer: x itself or a point further up its chain. */
+static bool
+live(struct prune_ctx *c, struct prune_dir *x, const char *disk)
+{
+    unsigned steps = 0;
+
+    while (x && steps++ <= c->dirs->len) {
+        json_t *e = prune_manifest_disk(x->manifest, disk);
+
+        if (!x->delisted && !x->gone) {
+            return true;
+        }
+        if (!e || !entry_str(e, "file")) {
+            return false;
+        }
+        x = prune_child(c, x, disk, entry_str(e, "file"));
+    }
+    return false;
+}
+
+/* The damage record for a point whose stored data failed its checksums
+ * during a merge; an existing record is kept. */
+static void
+record_damage(int pfd, const char *disk, const char *reason)
+{
+    g_autofree char *now = repo_time_now();
+    json_t *j;
+
+    if (faccessat(pfd, PRUNE_DAMAGED, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+        return;
+    }
+    j = json_pack("{s:s, s:n, s:s, s:s, s:s}", "disk", disk, "offset", "reason",
+                  reason, "found_by", "prune", "time", now);
+    write_json_durable(pfd, PRUNE_DAMAGED, j, NULL);
+    json_decref(j);
+}
+
+static void
+merge_progress(void *opaque, uint64_t done)
+{
+    struct prune_ctx *c = opaque;
+
+    if (++c->progress_calls == 1) {
+        recover_crash_point("prune-merging");
+    }
+}
+
+/* Whether fd and dirfd/name are the same file. */
+static bool
+same_file(int fd, int dirfd, const char *name)
+{
+    struct stat a, b;
+
+    return fstat(fd, &a) == 0 &&
+           fstatat(dirfd, name, &b, AT_SYMLINK_NOFOLLOW) == 0 &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+/* Step 3 for one disk: C's layer folded into P's file, the merged
+ * checksums made C's, P's file renamed over C's layer. */
+static bool
+merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
+            const char *pfile, struct prune_dir *ch, int cfd, const char *cfile,
+            const char *disk, GError **errp)
+{
+    g_autofree char *cpath = g_strdup_printf("%s/%s", ch->id, cfile);
+    g_autofree char *sums = g_strdup_printf("%s%s", cfile, QCOW2_SUMS_SUFFIX);
+    g_autofree char *sums_tmp = g_strdup_printf("%s.prune", sums);
+    struct qcow2_sums *merged = NULL;
+    struct qcow2_merge_stats stats = {0};
+    struct qcow2_reader *chain;
+    GError *err = NULL;
+    int target;
+    bool ok;
+
+    chain = qcow2_reader_open_with_sums(c->r->vm_fd, cpath, errp);
+    if (!chain) {
+        return false;
+    }
+    if (qcow2_reader_chain_depth(chain) < 2 ||
+        !same_file(qcow2_reader_layer_fd(chain, 1), pfd, pfile)) {
+        qcow2_reader_free(chain);
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
+                    "%s: its backing file is not %s/%s", cpath, p->id, pfile);
+        return false;
+    }
+    /* A merge of layers of different geometry is not damage: refuse it
+     * before io/ would fail it as a bad image. */
+    if (qcow2_reader_layer_cluster_bits(chain, 0) !=
+            qcow2_reader_layer_cluster_bits(chain, 1) ||
+        qcow2_reader_layer_virtual_size(chain, 0) !=
+            qcow2_reader_layer_virtual_size(chain, 1)) {
+        qcow2_reader_free(chain);
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
+                    "point %s, disk %s: cannot merge into point %s: the "
+                    "layers differ in cluster size or disk size",
+                    ch->id, disk, p->id);
+        return false;
+    }
+    target = openat(pfd, pfile, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (target < 0) {
+        qcow2_reader_free(chain);
+        return set_errno_error(errp, errno, "%s/%s", p->id, pfile);
+    }
+    ok = qcow2_merge_top(chain, target, &merged, &stats, merge_progress, c,
+                         &err);
+    qcow2_reader_free(chain);
+    close(target); /* the merge made it durable */
+    if (!ok) {
+        if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
+            record_damage(cfd, disk, err->message);
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                        "point %s, disk %s: damaged, not merged into point "
+                        "%s: %s",
+                        ch->id, disk, p->id, err->message);
+            g_error_free(err);
+        } else {
+            g_propagate_prefixed_error(errp, err, "point %s, disk %s: ", p->id,
+                                       disk);
+        }
+        qcow2_sums_free(merged);
+        return false;
+    }
+    c->merged_bytes += stats.data_bytes;
+    recover_crash_point("prune-merged");
+
+    /* The merged checksums cover C's clusters with C's own hashes, so
+     * they hold for C's layer as much as for the merged file: they go
+     * first, and a reader between the two renames checks C right. */
+    unlinkat(cfd, sums_tmp, 0);
+    if (merged) {
+        ok = qcow2_sums_write(cfd, sums_tmp, merged, errp);
+        qcow2_sums_free(merged);
+        if (!ok) {
+            unlinkat(cfd, sums_tmp, 0);
+            return false;
+        }
+        if (renameat(cfd, sums_tmp, cfd, sums) < 0) {
+            return set_errno_error(errp, errno, "%s/%s: rename", ch->id, sums);
+        }
+        if (!fsync_dir(cfd, ch->id, errp)) {
+            return false;
+        }
+    } else if (unlinkat(cfd, sums, 0) == 0) {
+        if (!fsync_dir(cfd, ch->id, errp)) {
+            return false;
+        }
+    } else if (errno != ENOENT) {
+        return set_errno_error(errp, errno, "%s/%s: unlink", ch->id, sums);
+    }
+    recover_crash_point("prune-renaming");
+    if (renameat(pfd, pfile, cfd, cfile) < 0) {
+        return set_errno_error(errp, errno, "%s/%s: rename to %s", p->id, pfile,
+                               cpath);
+    }
+    /* C's directory only: should P's old entry survive a power loss
+     * too, it is a second name of the merged file, which recovery finds
+     * renamed already and the directory's removal unlinks. */
+    if (!fsync_dir(cfd, ch->id, errp)) {
+        return false;
+    }
+    recover_crash_point("prune-renamed");
+    return true;
+}
+
+/* The point id a backing name "../<id>/<file>" names, or NULL. */
+static char *
+backing_point(const char *backing)
+{
+    const char *slash;
+
+    if (!backing || !g_str_has_prefix(backing, "../")) {
+        return NULL;
+    }
+    slash = strchr(backing + 3, '/');
+    return slash ? g_strndup(backing + 3, (gsize)(slash - backing - 3)) : NULL;
+}
+
+/* C's manifest after P's layer of disk became C's: C holds what it held,
+ * built on what P was built on. */
+static bool
+update_manifest(struct prune_dir *p, json_t *pentry, struct prune_dir *ch,
+                int cfd, const char *disk, GError **errp)
+{
+    json_t *m = json_deep_copy(ch->manifest);
+    json_t *e = prune_manifest_disk(m, disk);
+    const char *cfile = entry_str(e, "file");
+    g_autofree char *sums = g_strdup_printf("%s%s", cfile, QCOW2_SUMS_SUFFIX);
+    g_autofree char *parent = NULL;
+    struct stat st;
+    size_t i;
+    json_t *d;
+
+    if (json_object_get(pentry, "backing")) {
+        json_object_set(e, "backing", json_object_get(pentry, "backing"));
+    } else {
+        json_object_del(e, "backing");
+    }
+    if (g_strcmp0(entry_str(pentry, "type"), "full") == 0) {
+        json_object_set_new(e, "type", json_string("full"));
+    }
+    if (json_object_get(pentry, "cluster_size")) {
+        json_object_set(e, "cluster_size",
+                        json_object_get(pentry, "cluster_size"));
+    }
+    if (fstatat(cfd, cfile, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+        json_object_set_new(e, "bytes_written", json_integer(st.st_size));
+    }
+    if (faccessat(cfd, sums, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+        json_object_set_new(e, "sums", json_string(sums));
+        json_object_set_new(e, "sums_algorithm", json_string("xxh3-64"));
+    } else {
+        json_object_del(e, "sums");
+        json_object_del(e, "sums_algorithm");
+    }
+    /* The parent is the point an incremental disk builds on, if any. */
+    json_array_foreach(json_object_get(m, "disks"), i, d)
+    {
+        if (!parent) {
+            parent = backing_point(entry_str(d, "backing"));
+        }
+    }
+    json_object_set_new(m, "parent",
+                        parent ? json_string(parent) : json_null());
+    if (!write_json_durable(cfd, MANIFEST_NAME, m, errp)) {
+        json_decref(m);
+        g_prefix_error(errp, "%s/", ch->id);
+        return false;
+    }
+    json_decref(ch->manifest);
+    ch->manifest = m;
+    recover_crash_point("prune-manifest");
+    return true;
+}
+
+/* Step 3 for one disk of P, from whatever state a crash left. */
+static bool
+remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
+             GError **errp)
+{
+    const char *disk = entry_str(pentry, "disk");
+    const char *pfile = entry_str(pentry, "file");
+    g_autofree char *pback = NULL;
+    struct prune_dir *ch;
+    json_t *centry;
+    const char *cfile, *named;
+    g_autofree char *cpath = NULL;
+    g_autoptr(GError) err = NULL;
+    struct qcow2_reader *rd;
+    bool names_p, ok;
+    int cfd;
+
+    if (!disk || !pfile || !repo_name_valid(pfile, "layer file", errp)) {
+        g_prefix_error(errp, "point %s: ", p->id);
+        return false;
+    }
+    ch = prune_child(c, p, disk, pfile);
+    if (!ch) {
+        return true; /* nothing builds on this layer: it goes with P */
+    }
+    centry = prune_manifest_disk(ch->manifest, disk);
+    cfile = entry_str(centry, "file");
+    if (!cfile || !repo_name_valid(cfile, "layer file", errp)) {
+        g_prefix_error(errp, "point %s: ", ch->id);
+        return false;
+    }
+    cpath = g_strdup_printf("%s/%s", ch->id, cfile);
+    pback = g_strdup_printf("../%s/%s", p->id, pfile);
+    /* C's header says whether P's file has become C's layer yet. */
+    rd = qcow2_reader_open(c->r->vm_fd, cpath, &err);
+    if (!rd) {
+        if (!live(c, ch, disk)) {
+            return true; /* both go; C is delisted already */
+        }
+        g_propagate_prefixed_error(errp, g_steal_pointer(&err),
+                                   "point %s: ", ch->id);
+        return false;
+    }
+    named = qcow2_reader_backing_file(rd);
+    names_p = g_strcmp0(named, pback) == 0;
+    if (!names_p && g_strcmp0(named, entry_str(pentry, "backing")) != 0) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
+                    "%s: backing file %s is neither %s nor %s", cpath,
+                    named ? named : "(none)", pback,
+                    entry_str(pentry, "backing") ? entry_str(pentry, "backing")
+                                                 : "(none)");
+        qcow2_reader_free(rd);
+        return false;
+    }
+    qcow2_reader_free(rd);
+    if (names_p && !live(c, ch, disk)) {
+        return true; /* nothing kept reads through P's layer */
+    }
+    cfd = open_dir(c->r->vm_fd, ch->id, errp);
+    if (cfd < 0) {
+        return false;
+    }
+    ok = true;
+    if (names_p) {
+        ok = merge_layer(c, p, pfd, pfile, ch, cfd, cfile, disk, errp);
+    }
+    if (ok && g_strcmp0(entry_str(centry, "backing"), pback) == 0) {
+        ok = update_manifest(p, pentry, ch, cfd, disk, errp);
+    }
+    close(cfd);
+    return ok;
+}
+
+static void
+remove_dir_contents(int fd)
+{
+    int dfd = dup(fd);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    struct dirent *de;
+
+    if (!d) {
+        if (dfd >= 0) {
+            close(dfd);
+        }
+        return;
+    }
+    rewinddir(d);
+    while ((de = readdir(d))) {
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
+            unlinkat(fd, de->d_name, 0);
+        }
+    }
+    closedir(d);
+}
+
+static bool
+remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
+{
+    int fd = open_dir(r->vm_fd, name, errp);
+
+    if (fd < 0) {
+        return false;
+    }
+    remove_dir_contents(fd);
+    close(fd);
+    if (unlinkat(r->vm_fd, name, AT_REMOVEDIR) < 0) {
+        return set_errno_error(errp, errno, "%s: rmdir", name);
+    }
+    return true;
+}
+
+unsigned
+prune_cleanup_removed(struct repo_vm *r)
+{
+    int fd = dup(r->vm_fd);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+    struct dirent *de;
+    unsigned n = 0;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return 0;
+    }
+    rewinddir(d);
+    while ((de = readdir(d))) {
+        if (g_str_has_prefix(de->d_name, PRUNED_PREFIX)) {
+            g_ptr_array_add(names, g_strdup(de->d_name));
+        }
+    }
+    closedir(d);
+    for (guint i = 0; i < names->len; i++) {
+        n += remove_pruned_dir(r, names->pdata[i], NULL);
+    }
+    if (names->len) {
+        fsync(r->vm_fd);
+    }
+    return n;
+}
+
+/* Whether removing p's layer of entry e would merge damaged data into a
+ * point that stays, or a good layer into a damaged point. */
+static bool
+check_damage(struct prune_ctx *c, struct prune_dir *p, json_t *e, GError **errp)
+{
+    const char *disk = entry_str(e, "disk");
+    const char *file = entry_str(e, "file");
+    struct prune_dir *ch = disk && file ? prune_child(c, p, disk, file) : NULL;
+
+    if (!ch || !live(c, ch, disk) || !(p->damaged || ch->damaged)) {
+        return true;
+    }
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                "point %s is damaged (%s): not merging %s into %s",
+                p->damaged ? p->id : ch->id,
+                p->damaged ? p->damaged : ch->damaged, ch->id, p->id);
+    return false;
+}
+
+bool
+prune_journal_write(struct prune_ctx *c, GPtrArray *order, GError **errp)
+{
+    g_autofree char *now = repo_time_now();
+    json_t *points = json_array();
+    json_t *j;
+    bool ok;
+
+    for (guint k = 0; k < order->len; k++) {
+        struct prune_dir *p = order->pdata[k];
+        json_t *disks = json_array();
+        size_t i;
+        json_t *e;
+
+        json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+        {
+            const char *file = entry_str(e, "file");
+            struct prune_dir *ch =
+                file ? prune_child(c, p, entry_str(e, "disk"), file) : NULL;
+
+            json_array_append_new(disks,
+                                  json_pack("{s:O?, s:O?, s:s?}", "disk",
+                                            json_object_get(e, "disk"), "file",
+                                            json_object_get(e, "file"), "into",
+                                            ch ? ch->id : NULL));
+        }
+        json_array_append_new(
+            points, json_pack("{s:s, s:o}", "point", p->id, "disks", disks));
+    }
+    j = json_pack("{s:i, s:s, s:o}", "format", 1, "time", now, "remove",
+                  points);
+    ok = write_json_durable(c->r->vm_fd, PRUNE_JOURNAL, j, errp);
+    json_decref(j);
+    return ok;
+}
+
+bool
+prune_journal_remove(struct repo_vm *r, GError **errp)
+{
+    if (unlinkat(r->vm_fd, PRUNE_JOURNAL, 0) < 0) {
+        if (errno == ENOENT) {
+            return true;
+        }
+        return set_errno_error(errp, errno, "%s", PRUNE_JOURNAL);
+    }
+    return fsync_dir(r->vm_fd, r->vm, errp);
+}
+
+bool
+prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
+{
+    g_autofree char *pruned = g_strdup_printf(PRUNED_PREFIX "%s", p->id);
+    size_t i;
+    json_t *e;
+    int pfd;
+
+    /* Damage known beforehand refuses the removal before anything
+     * changes (during a merge, checksums find it too late for that). */
+    json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+    {
+        if (!check_damage(c, p, e, errp)) {
+            return false;
+        }
+    }
+    pfd = open_dir(c->r->vm_fd, p->id, errp);
+    if (pfd < 0) {
+        return false;
+    }
+    if (!p->delisted) {
+        if (!create_marker(pfd, REPO_POINT_PRUNING, errp)) {
+            close(pfd);
+            return false;
+        }
+        p->delisted = true;
+        recover_crash_point("prune-delisted");
+    }
+    json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+    {
+        if (!remove_layer(c, p, pfd, e, errp)) {
+            close(pfd);
+            return false;
+        }
+    }
+    close(pfd);
+    recover_crash_point("prune-removing");
+    /* Nothing reads through P's files any more: one rename takes the
+     * whole point away, and what is left of it is a leftover anyone may
+     * delete. */
+    if (renameat(c->r->vm_fd, p->id, c->r->vm_fd, pruned) < 0) {
+        return set_errno_error(errp, errno, "%s: rename", p->id);
+    }
+    /* Not fsynced here (the journal's removal is): should the rename be
+     * lost, P comes back delisted with nothing building on it, and
+     * recovery removes it again. */
+    p->gone = true;
+    /* What is left is a leftover (prune_cleanup_removed): its removal
+     * need not be durable. */
+    if (!remove_pruned_dir(c->r, pruned, errp)) {
+        return false;
+    }
+    recover_crash_point("prune-removed");
+    return true;
+}
