@@ -2,11 +2,12 @@
 # CFLAGS is the user's; what must hold goes through `override`.
 
 CC      ?= cc
+VERSION  = 0.1.0
 CFLAGS  ?= -O2 -g
 PKGS     = jansson glib-2.0 liburing libxxhash
 WARN     = -Wall -Wextra -Wshadow -Wvla -Wformat=2 -Wstrict-prototypes \
            -Wwrite-strings -Wno-unused-parameter
-override CFLAGS += -std=gnu11 -D_GNU_SOURCE $(WARN) -I. $(shell pkg-config --cflags $(PKGS))
+override CFLAGS += -std=gnu11 -D_GNU_SOURCE -DQBAK_VERSION='"$(VERSION)"' $(WARN) -I. $(shell pkg-config --cflags $(PKGS))
 ifeq ($(CI),true)
 override CFLAGS += -Werror
 endif

@@ -1,0 +1,480 @@
+/* qbak run: see run.h.
+ *
+ * Each VM's backup, then its prune, is a child process running this same
+ * binary (`qbak backup --json`, `qbak prune --json`): a VM whose QEMU
+ * misbehaves, or a bug that crashes qbak on one VM, costs that VM only.
+ * The parent waits in ppoll() with SIGCHLD, SIGINT, SIGTERM and SIGHUP
+ * blocked outside it, so no child's exit and no signal is missed; a
+ * signal is forwarded to every child (backup then cancels its jobs and
+ * thaws the guest, committing nothing) and no new child starts. */
+#include "agent/host/run.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "agent/backup.h"
+#include "agent/cli.h"
+#include "agent/host/state.h"
+#include "qmp/parser.h"
+
+/* The timer that calls `run` fires every minute: a VM whose RPO would
+ * pass before the next run is due now. */
+#define TIMER_PERIOD_S 60
+#define MAX_CHILD_OUTPUT (1 << 20)
+
+enum phase { PHASE_BACKUP, PHASE_PRUNE };
+
+struct vm_run {
+    struct host_vm *vm;
+    json_t *out; /* this VM's entry in the result (owned by the result) */
+    enum phase phase;
+    pid_t pid;
+    int out_fd, err_fd; /* memfds: the child's stdout and stderr */
+    gint64 start_us;
+    char *start_time;
+    char *point;
+    int64_t bytes;
+};
+
+static volatile sig_atomic_t child_exited;
+
+static void
+on_sigchld(int sig)
+{
+    child_exited = 1;
+}
+
+int
+host_run_default_jobs(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    return (int)CLAMP(n, 2, 16);
+}
+
+/* Whether vm is due: its newest point is older than its RPO less one
+ * timer period and the last backup's duration (at most half the RPO
+ * early), so the point after next lands within the RPO. */
+static bool
+is_due(struct host_vm *vm, json_t *entry)
+{
+    g_autofree char *point = NULL;
+    g_autoptr(GError) err = NULL;
+    int64_t t, slack;
+    unsigned count;
+    json_t *rec;
+
+    if (!host_newest_point(vm->repo, vm->name, &point, &t, &count, &err) ||
+        !point || t < 0) {
+        return true; /* never backed up, or unreadable: backup will say */
+    }
+    json_object_set_new(entry, "newest_point", json_string(point));
+    rec = host_record_read(vm->repo, vm->name);
+    slack = TIMER_PERIOD_S +
+            (int64_t)json_number_value(json_object_get(rec, "duration_s"));
+    json_decref(rec);
+    slack = MIN(slack, vm->rpo_s / 2);
+    return g_get_real_time() / G_USEC_PER_SEC - t >= vm->rpo_s - slack;
+}
+
+static GPtrArray *
+backup_argv(const struct host_run_opts *o, struct host_vm *vm)
+{
+    GPtrArray *a = g_ptr_array_new_with_free_func(g_free);
+
+    g_ptr_array_add(a, g_strdup(o->self));
+    g_ptr_array_add(a, g_strdup("backup"));
+    g_ptr_array_add(a, g_strdup_printf("--qmp=%s", vm->qmp));
+    g_ptr_array_add(a, g_strdup_printf("--repo=%s", vm->repo));
+    g_ptr_array_add(a, g_strdup_printf("--vm=%s", vm->name));
+    if (vm->qga) {
+        g_ptr_array_add(a, g_strdup_printf("--qga=%s", vm->qga));
+    }
+    if (vm->quiesce) {
+        g_ptr_array_add(a, g_strdup_printf("--quiesce=%s", vm->quiesce));
+    }
+    for (char **d = vm->disks; d && *d; d++) {
+        g_ptr_array_add(a, g_strdup_printf("--disk=%s", *d));
+    }
+    if (vm->speed) {
+        g_ptr_array_add(
+            a, g_strdup_printf("--speed=%" G_GINT64_FORMAT, vm->speed));
+    }
+    if (vm->timeout_s) {
+        g_ptr_array_add(
+            a, g_strdup_printf("--timeout=%" G_GINT64_FORMAT, vm->timeout_s));
+    }
+    if (vm->stall_s) {
+        g_ptr_array_add(a, g_strdup_printf("--stall-timeout=%" G_GINT64_FORMAT,
+                                           vm->stall_s));
+    }
+    if (vm->wait_s) {
+        g_ptr_array_add(
+            a, g_strdup_printf("--wait=%" G_GINT64_FORMAT, vm->wait_s));
+    }
+    g_ptr_array_add(a, g_strdup("--json"));
+    g_ptr_array_add(a, NULL);
+    return a;
+}
+
+static GPtrArray *
+prune_argv(const struct host_run_opts *o, struct host_vm *vm)
+{
+    GPtrArray *a = g_ptr_array_new_with_free_func(g_free);
+
+    g_ptr_array_add(a, g_strdup(o->self));
+    g_ptr_array_add(a, g_strdup("prune"));
+    g_ptr_array_add(a, g_strdup_printf("--repo=%s", vm->repo));
+    g_ptr_array_add(a, g_strdup_printf("--vm=%s", vm->name));
+    for (int k = 0; k < HOST_KEEP_N; k++) {
+        if (vm->keep[k] >= 0) {
+            g_ptr_array_add(a,
+                            g_strdup_printf("--%s=%" G_GINT64_FORMAT,
+                                            host_keep_names[k], vm->keep[k]));
+        }
+    }
+    if (vm->wait_s) {
+        g_ptr_array_add(
+            a, g_strdup_printf("--wait=%" G_GINT64_FORMAT, vm->wait_s));
+    }
+    g_ptr_array_add(a, g_strdup("--json"));
+    g_ptr_array_add(a, NULL);
+    return a;
+}
+
+static bool
+spawn(struct vm_run *v, GPtrArray *argv, const sigset_t *orig_mask,
+      GError **errp)
+{
+    v->out_fd = memfd_create("qbak-run-out", MFD_CLOEXEC);
+    v->err_fd = memfd_create("qbak-run-err", MFD_CLOEXEC);
+    if (v->out_fd < 0 || v->err_fd < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "memfd_create: %s", g_strerror(errno));
+        return false;
+    }
+    v->pid = fork();
+    if (v->pid < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "fork: %s", g_strerror(errno));
+        return false;
+    }
+    if (v->pid == 0) {
+        int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+
+        /* Its own process group: a Ctrl-C reaches the parent, which
+         * forwards it once, rather than every child twice. */
+        setpgid(0, 0);
+        sigprocmask(SIG_SETMASK, orig_mask, NULL);
+        if (null < 0 || dup2(null, 0) < 0 || dup2(v->out_fd, 1) < 0 ||
+            dup2(v->err_fd, 2) < 0) {
+            _exit(127);
+        }
+        execv(argv->pdata[0], (char **)argv->pdata);
+        dprintf(2, "qbak: exec %s: %s\n", (char *)argv->pdata[0],
+                g_strerror(errno));
+        _exit(127);
+    }
+    return true;
+}
+
+/* What the child wrote on fd (at most MAX_CHILD_OUTPUT), closing fd. */
+static char *
+slurp(int *fd)
+{
+    off_t n = lseek(*fd, 0, SEEK_END);
+    char *buf;
+    ssize_t got;
+
+    if (n < 0) {
+        n = 0;
+    }
+    n = MIN(n, MAX_CHILD_OUTPUT);
+    buf = g_malloc(n + 1);
+    got = pread(*fd, buf, n, 0);
+    buf[got > 0 ? got : 0] = '\0';
+    close(*fd);
+    *fd = -1;
+    return buf;
+}
+
+/* The child's error: its last line on stderr without "qbak ", or how it
+ * died. */
+static char *
+child_error(const char *what, int status, const char *err)
+{
+    g_auto(GStrv) lines = g_strsplit(err, "\n", -1);
+    const char *last = NULL;
+
+    for (char **l = lines; *l; l++) {
+        if (**l) {
+            last = *l;
+        }
+    }
+    if (WIFSIGNALED(status)) {
+        return g_strdup_printf("%s: killed by signal %d%s%s", what,
+                               WTERMSIG(status), last ? ": " : "",
+                               last ? last : "");
+    }
+    if (last) {
+        g_autofree char *p = qmp_parser_printable(last);
+        return g_strdup(g_str_has_prefix(p, "qbak ") ? p + 5 : p);
+    }
+    return g_strdup_printf("%s: exit status %d", what, WEXITSTATUS(status));
+}
+
+static void
+finish(struct vm_run *v, const char *outcome, const char *error,
+       int exit_status)
+{
+    double secs = (double)(g_get_monotonic_time() - v->start_us) / 1e6;
+    json_auto_t *rec =
+        json_pack("{s:s, s:s, s:s?, s:s?, s:f, s:I, s:i}", "time",
+                  v->start_time, "outcome", outcome, "error", error, "point",
+                  v->point, "duration_s", secs, "bytes_written",
+                  (json_int_t)v->bytes, "exit_status", exit_status);
+    g_autoptr(GError) err = NULL;
+
+    json_object_update(v->out, rec);
+    if (!host_record_write(v->vm->repo, v->vm->name, rec, &err)) {
+        /* The outcome stands; status will show the older record. */
+        json_object_set_new(v->out, "record_error", json_string(err->message));
+    }
+    v->pid = 0;
+}
+
+/* A child of v ended with status; returns whether v has another phase. */
+static bool
+child_done(const struct host_run_opts *o, struct vm_run *v, int status)
+{
+    g_autofree char *out = slurp(&v->out_fd);
+    g_autofree char *errtext = slurp(&v->err_fd);
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    const char *what = v->phase == PHASE_BACKUP ? "backup" : "prune";
+
+    if (code != 0) {
+        g_autofree char *msg = child_error(what, status, errtext);
+        finish(v, code == QBAK_EXIT_BUSY ? "busy" : "failed", msg, code);
+        return false;
+    }
+    if (v->phase == PHASE_BACKUP) {
+        json_auto_t *res = json_loads(out, 0, NULL);
+        size_t i;
+        json_t *d;
+
+        v->point = g_strdup(json_string_value(json_object_get(res, "point")));
+        json_array_foreach(json_object_get(res, "disks"), i, d)
+        {
+            v->bytes += json_integer_value(json_object_get(d, "bytes_written"));
+        }
+        if (!v->point) {
+            finish(v, "failed", "backup: printed no point", 1);
+            return false;
+        }
+        if (host_vm_has_retention(v->vm) && !backup_interrupted) {
+            v->phase = PHASE_PRUNE;
+            return true;
+        }
+    } else {
+        json_auto_t *res = json_loads(out, 0, NULL);
+        json_object_set(v->out, "prune", res ? res : json_null());
+    }
+    finish(v, "ok", NULL, 0);
+    return false;
+}
+
+static void
+show_progress(const struct host_run_opts *o, guint done, guint total,
+              guint running, guint failed)
+{
+    if (o->progress) {
+        fprintf(stderr,
+                "\r\033[Kqbak run: %u of %u VMs done, %u running, "
+                "%u failed",
+                done, total, running, failed);
+    }
+}
+
+static bool
+start_phase(const struct host_run_opts *o, struct vm_run *v,
+            const sigset_t *orig_mask)
+{
+    g_autoptr(GPtrArray) argv =
+        v->phase == PHASE_BACKUP ? backup_argv(o, v->vm) : prune_argv(o, v->vm);
+    g_autoptr(GError) err = NULL;
+
+    if (!spawn(v, argv, orig_mask, &err)) {
+        g_autofree char *msg = g_strdup_printf("start: %s", err->message);
+        if (v->out_fd >= 0) {
+            close(v->out_fd);
+        }
+        if (v->err_fd >= 0) {
+            close(v->err_fd);
+        }
+        finish(v, "failed", msg, 1);
+        return false;
+    }
+    return true;
+}
+
+static GPtrArray *
+select_vms(const struct host_run_opts *o, GError **errp)
+{
+    GPtrArray *sel = g_ptr_array_new();
+
+    if (!o->vms) {
+        for (guint i = 0; i < o->config->vms->len; i++) {
+            g_ptr_array_add(sel, o->config->vms->pdata[i]);
+        }
+        return sel;
+    }
+    for (char **n = o->vms; *n; n++) {
+        struct host_vm *vm = host_config_find(o->config, *n);
+        if (!vm) {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                        "%s: no [vm %s] in %s", *n, *n, o->config->path);
+            g_ptr_array_free(sel, true);
+            return NULL;
+        }
+        if (!g_ptr_array_find(sel, vm, NULL)) {
+            g_ptr_array_add(sel, vm);
+        }
+    }
+    return sel;
+}
+
+json_t *
+host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
+{
+    g_autoptr(GPtrArray) sel = select_vms(o, errp);
+    g_autofree struct vm_run *runs = NULL;
+    json_t *res, *list;
+    sigset_t block, orig;
+    struct sigaction sa = {.sa_handler = on_sigchld}, old_sa;
+    guint n = 0, next = 0, running = 0, done = 0, failed = 0;
+    int forwarded = 0;
+
+    if (!sel) {
+        return NULL;
+    }
+    list = json_array();
+    runs = g_new0(struct vm_run, sel->len);
+    for (guint i = 0; i < sel->len; i++) {
+        struct host_vm *vm = sel->pdata[i];
+        json_t *e = json_pack("{s:s, s:I}", "vm", vm->name, "rpo_s",
+                              (json_int_t)vm->rpo_s);
+        bool due = o->all || is_due(vm, e);
+
+        json_object_set_new(e, "due", json_boolean(due));
+        json_array_append_new(list, e);
+        if (due) {
+            runs[n].vm = vm;
+            runs[n].out = e;
+            runs[n].out_fd = runs[n].err_fd = -1;
+            n++;
+        } else {
+            json_object_set_new(e, "outcome", json_string("not-due"));
+        }
+    }
+
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_NOCLDSTOP;
+    sigaction(SIGCHLD, &sa, &old_sa);
+    sigemptyset(&block);
+    sigaddset(&block, SIGCHLD);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGHUP);
+    sigprocmask(SIG_BLOCK, &block, &orig);
+
+    while (done < n) {
+        int status;
+        pid_t pid;
+
+        while (!backup_interrupted && running < (guint)o->jobs && next < n) {
+            struct vm_run *v = &runs[next++];
+
+            v->start_us = g_get_monotonic_time();
+            v->start_time = repo_time_now();
+            v->phase = PHASE_BACKUP;
+            if (start_phase(o, v, &orig)) {
+                running++;
+            } else {
+                done++;
+                failed++;
+            }
+        }
+        if (backup_interrupted && !forwarded) {
+            forwarded = backup_interrupted;
+            for (guint i = 0; i < n; i++) {
+                if (runs[i].pid > 0) {
+                    kill(runs[i].pid, forwarded);
+                }
+            }
+            /* VMs not started yet are not attempted: no record. */
+            for (; next < n; next++) {
+                json_object_set_new(runs[next].out, "outcome",
+                                    json_string("interrupted"));
+                done++;
+                failed++;
+            }
+        }
+        show_progress(o, done, n, running, failed);
+        if (done == n) {
+            break;
+        }
+        child_exited = 0;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+            for (guint i = 0; i < n; i++) {
+                struct vm_run *v = &runs[i];
+
+                if (v->pid != pid) {
+                    continue;
+                }
+                if (child_done(o, v, status) && start_phase(o, v, &orig)) {
+                    break; /* still running: its prune */
+                }
+                running--;
+                done++;
+                if (g_strcmp0(
+                        json_string_value(json_object_get(v->out, "outcome")),
+                        "ok") != 0) {
+                    failed++;
+                }
+                if (o->progress) {
+                    const char *e =
+                        json_string_value(json_object_get(v->out, "error"));
+                    fprintf(
+                        stderr, "\r\033[K%s: %s%s%s\n", v->vm->name,
+                        json_string_value(json_object_get(v->out, "outcome")),
+                        e ? ": " : "", e ? e : "");
+                }
+                break;
+            }
+        }
+        if (pid == 0 && !child_exited && !(backup_interrupted && !forwarded)) {
+            ppoll(NULL, 0, NULL, &orig);
+        }
+    }
+    if (o->progress) {
+        fputs("\r\033[K", stderr);
+    }
+    sigprocmask(SIG_SETMASK, &orig, NULL);
+    sigaction(SIGCHLD, &old_sa, NULL);
+    for (guint i = 0; i < n; i++) {
+        g_free(runs[i].start_time);
+        g_free(runs[i].point);
+    }
+    *all_ok = failed == 0;
+    res = json_pack("{s:o, s:i, s:i, s:i, s:b}", "vms", list, "due", n, "ok",
+                    n - failed, "failed", failed, "interrupted",
+                    backup_interrupted != 0);
+    return res;
+}
