@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "agent/progress.h"
 #include "agent/repo.h"
 #include "io/file.h"
 #include "io/qcow2.h"
@@ -176,11 +177,10 @@ buf_seal(struct restore_buf **bp)
 
 static bool
 copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
-           bool progress, GError **errp)
+           const char *disk, struct progress *progress, GError **errp)
 {
     uint64_t size = qcow2_reader_virtual_size(src);
     uint64_t off = 0;
-    gint64 last_report = 0;
     struct restore_buf *b = NULL; /* the buffer gathering runs */
 
     while (off < size && !r->err) {
@@ -234,11 +234,8 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
         if (b->len == BUF_SIZE || b->nreads == MAX_READS) {
             buf_seal(&b);
         }
-        if (progress && g_get_monotonic_time() - last_report > 500000) {
-            last_report = g_get_monotonic_time();
-            fprintf(stderr, "\rqbak: restore %3.0f%%",
-                    100.0 * (double)off / (double)size);
-        }
+        progress_set(progress, disk, off, size);
+        progress_show(progress);
     }
     if (b && b->len == 0) {
         b->busy = false;
@@ -246,9 +243,7 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
     }
     buf_seal(&b);
     ring_drain(&r->ring);
-    if (progress) {
-        fprintf(stderr, "\rqbak: restore 100%%\n");
-    }
+    progress_set(progress, disk, off, size);
     if (r->err) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-r->err),
                     "restore I/O: %s", g_strerror(-r->err));
@@ -364,8 +359,16 @@ restore_run(const struct restore_opts *o, GError **errp)
     }
     /* A new or truncated regular file reads zero where nothing is written;
      * a block device must get its zeroes written. */
-    if (!copy_chain(&r, src, S_ISREG(st.st_mode), o->progress, errp)) {
-        goto out;
+    {
+        g_autofree char *label = g_strdup_printf("qbak: restore %s", o->vm);
+        struct progress *prog = progress_new(label, o->progress);
+        bool copied =
+            copy_chain(&r, src, S_ISREG(st.st_mode), o->disk, prog, errp);
+
+        progress_end(prog, copied);
+        if (!copied) {
+            goto out;
+        }
     }
     if (r.out_qcow2 && !qcow2_writer_finish(r.out_qcow2, errp)) {
         goto out;

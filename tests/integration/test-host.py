@@ -9,7 +9,9 @@ point, and the next run completes everything."""
 import fcntl
 import json
 import os
+import pty
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -83,6 +85,25 @@ def dirty(rng, n_writes=6):
 def references(tag):
     return {n: vm.reference("vd0", os.path.join(vm.dir, "ref-%s.raw" % tag))
             for n, vm in vms.items()}
+
+
+def on_terminal(cmd):
+    """Runs cmd with stderr on a pseudo-terminal; returns what it drew."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's last writer closed it
+            break
+        if not chunk:
+            break
+        text += chunk
+    os.close(master)
+    check(p.wait(timeout=300) == 0, "%s exited %d: %r" % (cmd, p.returncode, text))
+    return text.decode(errors="replace")
 
 
 vms = {}
@@ -199,6 +220,24 @@ try:
     check(res["ok"] == N, "all ok: %s" % res)
     verify_restores(NAMES, refs)
     no_leftovers()
+
+    # Progress on a terminal (per disk: done of total, rate, time left);
+    # none with --json.
+    vm = vms["vm00"]
+    vm.io("vd0", "write -P 0x77 0 %d" % (4 << 20))
+    text = on_terminal([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
+                        "--vm", "vm00", "--speed", str(2 << 20)])
+    check(re.search(r"qbak: vm00: vd0 [0-9.]+ MiB of 4.0 MiB.*MiB/s.*left", text),
+          "backup progress: %r" % text)
+    out = os.path.join(w, "restore-tty.raw")
+    text = on_terminal([QBAK, "restore", "--repo", repo, "--vm", "vm00", "--disk", "vd0",
+                        "--output", out])
+    check("qbak: restore vm00: vd0 16.0 MiB of 16.0 MiB" in text, "restore progress: %r" % text)
+    text = on_terminal([QBAK, "run", "--config", main, "--all", "--vm", "vm01"])
+    check("qbak run: 0 of 1 VMs done, 1 running" in text and "vm01: ok" in text,
+          "run progress: %r" % text)
+    text = on_terminal([QBAK, "run", "--config", main, "--all", "--vm", "vm01", "--json"])
+    check("VMs done" not in text, "no progress with --json: %r" % text)
 finally:
     with ThreadPoolExecutor(max_workers=N) as ex:
         list(ex.map(lambda vm: vm.stop(), vms.values()))
