@@ -146,7 +146,9 @@ bool
 backup_jobs_wait_pending(struct backup *b, GError **errp)
 {
     g_autofree char *label = g_strdup_printf("qbak: %s", b->opts->vm);
-    struct progress *p = progress_new(label, b->opts->progress);
+    struct progress *p = b->opts->progress_fd > 0
+                             ? progress_new_fd(b->opts->progress_fd)
+                             : progress_new(label, b->opts->progress);
     bool ok = wait_pending(b, p, errp);
 
     progress_end(p, ok);

@@ -22,6 +22,7 @@
 #include "agent/backup.h"
 #include "agent/cli.h"
 #include "agent/host/state.h"
+#include "agent/progress.h"
 #include "qmp/parser.h"
 
 /* The timer that calls `run` fires every minute: a VM whose RPO would
@@ -36,7 +37,10 @@ struct vm_run {
     json_t *out; /* this VM's entry in the result (owned by the result) */
     enum phase phase;
     pid_t pid;
-    int out_fd, err_fd; /* memfds: the child's stdout and stderr */
+    int out_fd, err_fd;    /* memfds: the child's stdout and stderr */
+    int prog_fd;           /* the backup's progress reports (a pipe), or -1 */
+    GString *prog_buf;     /* a partial line read from it */
+    GPtrArray *prog_items; /* "vm/disk" items it put on the run's line */
     gint64 start_us;
     char *start_time;
     char *point;
@@ -119,6 +123,9 @@ backup_argv(const struct host_run_opts *o, struct host_vm *vm)
         g_ptr_array_add(
             a, g_strdup_printf("--wait=%" G_GINT64_FORMAT, vm->wait_s));
     }
+    if (o->progress) {
+        g_ptr_array_add(a, g_strdup("--progress-fd=3"));
+    }
     g_ptr_array_add(a, g_strdup("--json"));
     g_ptr_array_add(a, NULL);
     return a;
@@ -150,8 +157,8 @@ prune_argv(const struct host_run_opts *o, struct host_vm *vm)
 }
 
 static bool
-spawn(struct vm_run *v, GPtrArray *argv, const sigset_t *orig_mask,
-      GError **errp)
+spawn(struct vm_run *v, GPtrArray *argv, int prog_wfd,
+      const sigset_t *orig_mask, GError **errp)
 {
     v->out_fd = memfd_create("qbak-run-out", MFD_CLOEXEC);
     v->err_fd = memfd_create("qbak-run-err", MFD_CLOEXEC);
@@ -175,6 +182,11 @@ spawn(struct vm_run *v, GPtrArray *argv, const sigset_t *orig_mask,
         sigprocmask(SIG_SETMASK, orig_mask, NULL);
         if (null < 0 || dup2(null, 0) < 0 || dup2(v->out_fd, 1) < 0 ||
             dup2(v->err_fd, 2) < 0) {
+            _exit(127);
+        }
+        /* The progress pipe is fd 3 (backup --progress-fd=3). */
+        if (prog_wfd == 3 ? fcntl(3, F_SETFD, 0) < 0
+                          : prog_wfd >= 0 && dup2(prog_wfd, 3) < 0) {
             _exit(127);
         }
         execv(argv->pdata[0], (char **)argv->pdata);
@@ -291,14 +303,17 @@ child_done(const struct host_run_opts *o, struct vm_run *v, int status)
 }
 
 static void
-show_progress(const struct host_run_opts *o, guint done, guint total,
-              guint running, guint failed)
+show_progress(struct progress *prog, guint done, guint total, guint running,
+              guint failed)
 {
-    if (o->progress) {
-        fprintf(stderr,
-                "\r\033[Kqbak run: %u of %u VMs done, %u running, "
-                "%u failed",
-                done, total, running, failed);
+    g_autofree char *label = NULL;
+
+    if (prog) {
+        label = g_strdup_printf("qbak run: %u of %u VMs done, %u running, "
+                                "%u failed",
+                                done, total, running, failed);
+        progress_set_label(prog, label);
+        progress_show(prog);
     }
 }
 
@@ -309,8 +324,13 @@ start_phase(const struct host_run_opts *o, struct vm_run *v,
     g_autoptr(GPtrArray) argv =
         v->phase == PHASE_BACKUP ? backup_argv(o, v->vm) : prune_argv(o, v->vm);
     g_autoptr(GError) err = NULL;
+    int pfd[2] = {-1, -1};
 
-    if (!spawn(v, argv, orig_mask, &err)) {
+    if (o->progress && v->phase == PHASE_BACKUP &&
+        pipe2(pfd, O_CLOEXEC | O_NONBLOCK) < 0) {
+        pfd[0] = pfd[1] = -1; /* no progress for this VM, that is all */
+    }
+    if (!spawn(v, argv, pfd[1], orig_mask, &err)) {
         g_autofree char *msg = g_strdup_printf("start: %s", err->message);
         if (v->out_fd >= 0) {
             close(v->out_fd);
@@ -318,10 +338,70 @@ start_phase(const struct host_run_opts *o, struct vm_run *v,
         if (v->err_fd >= 0) {
             close(v->err_fd);
         }
+        if (pfd[0] >= 0) {
+            close(pfd[0]);
+            close(pfd[1]);
+        }
         finish(v, "failed", msg, 1);
         return false;
     }
+    if (pfd[1] >= 0) {
+        close(pfd[1]);
+    }
+    v->prog_fd = pfd[0];
     return true;
+}
+
+/* Reads v's progress reports onto the run's line. */
+static void
+read_progress(struct progress *prog, struct vm_run *v)
+{
+    char buf[4096];
+    ssize_t n;
+
+    while ((n = read(v->prog_fd, buf, sizeof(buf))) > 0) {
+        char *nl;
+
+        g_string_append_len(v->prog_buf, buf, n);
+        while ((nl = strchr(v->prog_buf->str, '\n'))) {
+            char item[128];
+            uint64_t done, total;
+
+            *nl = '\0';
+            if (progress_parse_line(v->prog_buf->str, item, &done, &total)) {
+                g_autofree char *name =
+                    g_strdup_printf("%s/%s", v->vm->name, item);
+
+                if (!g_ptr_array_find_with_equal_func(v->prog_items, name,
+                                                      g_str_equal, NULL)) {
+                    g_ptr_array_add(v->prog_items, g_strdup(name));
+                }
+                progress_set(prog, name, done, total);
+            }
+            g_string_erase(v->prog_buf, 0, nl - v->prog_buf->str + 1);
+        }
+        if (v->prog_buf->len > 4096) {
+            g_string_truncate(v->prog_buf, 0); /* no line: not ours */
+        }
+    }
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        close(v->prog_fd);
+        v->prog_fd = -1;
+    }
+}
+
+/* v is done: its items leave the line. */
+static void
+drop_progress(struct progress *prog, struct vm_run *v)
+{
+    if (v->prog_fd >= 0) {
+        close(v->prog_fd);
+        v->prog_fd = -1;
+    }
+    for (guint i = 0; i < v->prog_items->len; i++) {
+        progress_remove(prog, v->prog_items->pdata[i]);
+    }
+    g_ptr_array_set_size(v->prog_items, 0);
 }
 
 static GPtrArray *
@@ -350,22 +430,116 @@ select_vms(const struct host_run_opts *o, GError **errp)
     return sel;
 }
 
-json_t *
-host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
-{
-    g_autoptr(GPtrArray) sel = select_vms(o, errp);
-    g_autofree struct vm_run *runs = NULL;
-    json_t *res, *list;
-    sigset_t block, orig;
-    struct sigaction sa = {.sa_handler = on_sigchld}, old_sa;
-    guint n = 0, next = 0, running = 0, done = 0, failed = 0;
-    int forwarded = 0;
+/* The state of one run: its VMs and counters. */
+struct run {
+    const struct host_run_opts *o;
+    struct vm_run *vms;
+    guint n, next, running, done, failed;
+    struct progress *prog;
+    struct pollfd *pollfds; /* one per VM: the progress pipes */
+    struct vm_run **pollers;
+    sigset_t orig; /* the signal mask outside ppoll() */
+};
 
-    if (!sel) {
-        return NULL;
+static void
+start_more(struct run *r)
+{
+    while (!backup_interrupted && r->running < (guint)r->o->jobs &&
+           r->next < r->n) {
+        struct vm_run *v = &r->vms[r->next++];
+
+        v->start_us = g_get_monotonic_time();
+        v->start_time = repo_time_now();
+        v->phase = PHASE_BACKUP;
+        if (start_phase(r->o, v, &r->orig)) {
+            r->running++;
+        } else {
+            r->done++;
+            r->failed++;
+        }
     }
-    list = json_array();
-    runs = g_new0(struct vm_run, sel->len);
+}
+
+/* A signal: forwarded once to every child; no VM starts after it. */
+static void
+forward_signal(struct run *r, int sig)
+{
+    for (guint i = 0; i < r->n; i++) {
+        if (r->vms[i].pid > 0) {
+            kill(r->vms[i].pid, sig);
+        }
+    }
+    /* VMs not started yet are not attempted: no record. */
+    for (; r->next < r->n; r->next++) {
+        json_object_set_new(r->vms[r->next].out, "outcome",
+                            json_string("interrupted"));
+        r->done++;
+        r->failed++;
+    }
+}
+
+static void
+reap(struct run *r, pid_t pid, int status)
+{
+    for (guint i = 0; i < r->n; i++) {
+        struct vm_run *v = &r->vms[i];
+        const char *outcome, *e;
+
+        if (v->pid != pid) {
+            continue;
+        }
+        drop_progress(r->prog, v);
+        if (child_done(r->o, v, status) && start_phase(r->o, v, &r->orig)) {
+            return; /* still running: its prune */
+        }
+        r->running--;
+        r->done++;
+        outcome = json_string_value(json_object_get(v->out, "outcome"));
+        if (g_strcmp0(outcome, "ok") != 0) {
+            r->failed++;
+        }
+        if (r->prog) {
+            e = json_string_value(json_object_get(v->out, "error"));
+            fprintf(stderr, "\r\033[K%s: %s%s%s\n", v->vm->name, outcome,
+                    e ? ": " : "", e ? e : "");
+        }
+        return;
+    }
+}
+
+/* Sleeps until a child ends, a signal comes, or a backup reports
+ * progress (then at most 0.5 s, so the line's rate stays current). */
+static void
+wait_for_news(struct run *r)
+{
+    struct pollfd *fds = r->pollfds;
+    struct vm_run **owner = r->pollers;
+    struct timespec tick = {0, 500000000};
+    nfds_t nfds = 0;
+
+    for (guint i = 0; i < r->n; i++) {
+        if (r->vms[i].pid > 0 && r->vms[i].prog_fd >= 0) {
+            fds[nfds] = (struct pollfd){r->vms[i].prog_fd, POLLIN, 0};
+            owner[nfds++] = &r->vms[i];
+        }
+    }
+    if (ppoll(fds, nfds, r->prog ? &tick : NULL, &r->orig) > 0) {
+        for (nfds_t k = 0; k < nfds; k++) {
+            if (fds[k].revents) {
+                read_progress(r->prog, owner[k]);
+            }
+        }
+    }
+}
+
+static json_t *
+plan(const struct host_run_opts *o, GPtrArray *sel, struct run *r)
+{
+    json_t *list = json_array();
+
+    r->vms = g_new0(struct vm_run, sel->len);
+    r->pollfds = g_new0(struct pollfd, sel->len + 1);
+    r->pollers = g_new0(struct vm_run *, sel->len + 1);
     for (guint i = 0; i < sel->len; i++) {
         struct host_vm *vm = sel->pdata[i];
         json_t *e = json_pack("{s:s, s:I}", "vm", vm->name, "rpo_s",
@@ -375,15 +549,37 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
         json_object_set_new(e, "due", json_boolean(due));
         json_array_append_new(list, e);
         if (due) {
-            runs[n].vm = vm;
-            runs[n].out = e;
-            runs[n].out_fd = runs[n].err_fd = -1;
-            n++;
+            struct vm_run *v = &r->vms[r->n++];
+
+            v->vm = vm;
+            v->out = e;
+            v->out_fd = v->err_fd = v->prog_fd = -1;
+            v->prog_buf = g_string_new(NULL);
+            v->prog_items = g_ptr_array_new_with_free_func(g_free);
         } else {
             json_object_set_new(e, "outcome", json_string("not-due"));
         }
     }
+    return list;
+}
 
+json_t *
+host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
+{
+    g_autoptr(GPtrArray) sel = select_vms(o, errp);
+    struct run r = {.o = o};
+    json_t *list;
+    sigset_t block;
+    struct sigaction sa = {.sa_handler = on_sigchld}, old_sa;
+    int forwarded = 0;
+
+    if (!sel) {
+        return NULL;
+    }
+    list = plan(o, sel, &r);
+    r.prog = progress_new("qbak run", o->progress);
+    /* Signals and child exits are blocked but in ppoll(): none is lost
+     * between a check and the sleep. */
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = SA_NOCLDSTOP;
     sigaction(SIGCHLD, &sa, &old_sa);
@@ -392,89 +588,43 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
     sigaddset(&block, SIGINT);
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGHUP);
-    sigprocmask(SIG_BLOCK, &block, &orig);
+    sigprocmask(SIG_BLOCK, &block, &r.orig);
 
-    while (done < n) {
+    while (r.done < r.n) {
         int status;
         pid_t pid;
 
-        while (!backup_interrupted && running < (guint)o->jobs && next < n) {
-            struct vm_run *v = &runs[next++];
-
-            v->start_us = g_get_monotonic_time();
-            v->start_time = repo_time_now();
-            v->phase = PHASE_BACKUP;
-            if (start_phase(o, v, &orig)) {
-                running++;
-            } else {
-                done++;
-                failed++;
-            }
-        }
+        start_more(&r);
         if (backup_interrupted && !forwarded) {
             forwarded = backup_interrupted;
-            for (guint i = 0; i < n; i++) {
-                if (runs[i].pid > 0) {
-                    kill(runs[i].pid, forwarded);
-                }
-            }
-            /* VMs not started yet are not attempted: no record. */
-            for (; next < n; next++) {
-                json_object_set_new(runs[next].out, "outcome",
-                                    json_string("interrupted"));
-                done++;
-                failed++;
-            }
+            forward_signal(&r, forwarded);
         }
-        show_progress(o, done, n, running, failed);
-        if (done == n) {
+        show_progress(r.prog, r.done, r.n, r.running, r.failed);
+        if (r.done == r.n) {
             break;
         }
         child_exited = 0;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-            for (guint i = 0; i < n; i++) {
-                struct vm_run *v = &runs[i];
-
-                if (v->pid != pid) {
-                    continue;
-                }
-                if (child_done(o, v, status) && start_phase(o, v, &orig)) {
-                    break; /* still running: its prune */
-                }
-                running--;
-                done++;
-                if (g_strcmp0(
-                        json_string_value(json_object_get(v->out, "outcome")),
-                        "ok") != 0) {
-                    failed++;
-                }
-                if (o->progress) {
-                    const char *e =
-                        json_string_value(json_object_get(v->out, "error"));
-                    fprintf(
-                        stderr, "\r\033[K%s: %s%s%s\n", v->vm->name,
-                        json_string_value(json_object_get(v->out, "outcome")),
-                        e ? ": " : "", e ? e : "");
-                }
-                break;
-            }
+            reap(&r, pid, status);
         }
-        if (pid == 0 && !child_exited && !(backup_interrupted && !forwarded)) {
-            ppoll(NULL, 0, NULL, &orig);
+        if (pid == 0 && !(backup_interrupted && !forwarded)) {
+            wait_for_news(&r);
         }
     }
-    if (o->progress) {
-        fputs("\r\033[K", stderr);
-    }
-    sigprocmask(SIG_SETMASK, &orig, NULL);
+    progress_end(r.prog, false);
+    sigprocmask(SIG_SETMASK, &r.orig, NULL);
     sigaction(SIGCHLD, &old_sa, NULL);
-    for (guint i = 0; i < n; i++) {
-        g_free(runs[i].start_time);
-        g_free(runs[i].point);
+    for (guint i = 0; i < r.n; i++) {
+        g_free(r.vms[i].start_time);
+        g_free(r.vms[i].point);
+        g_string_free(r.vms[i].prog_buf, TRUE);
+        g_ptr_array_unref(r.vms[i].prog_items);
     }
-    *all_ok = failed == 0;
-    res = json_pack("{s:o, s:i, s:i, s:i, s:b}", "vms", list, "due", n, "ok",
-                    n - failed, "failed", failed, "interrupted",
-                    backup_interrupted != 0);
-    return res;
+    g_free(r.vms);
+    g_free(r.pollfds);
+    g_free(r.pollers);
+    *all_ok = r.failed == 0;
+    return json_pack("{s:o, s:i, s:i, s:i, s:b}", "vms", list, "due", r.n, "ok",
+                     r.n - r.failed, "failed", r.failed, "interrupted",
+                     backup_interrupted != 0);
 }

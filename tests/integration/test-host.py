@@ -233,8 +233,10 @@ try:
     text = on_terminal([QBAK, "restore", "--repo", repo, "--vm", "vm00", "--disk", "vd0",
                         "--output", out])
     check("qbak: restore vm00: vd0 16.0 MiB of 16.0 MiB" in text, "restore progress: %r" % text)
-    text = on_terminal([QBAK, "run", "--config", main, "--all", "--vm", "vm01"])
-    check("qbak run: 0 of 1 VMs done, 1 running" in text and "vm01: ok" in text,
+    vms["vm01"].io("vd0", "write -P 0x78 0 %d" % (3 << 20))
+    text = on_terminal([QBAK, "run", "--config", slow, "--all", "--vm", "vm01"])
+    check(re.search(r"qbak run: 0 of 1 VMs done, 1 running, 0 failed: vm01/vd0 [0-9.]+ MiB "
+                    r"of 3.0 MiB.*MiB/s", text) and "vm01: ok" in text,
           "run progress: %r" % text)
     text = on_terminal([QBAK, "run", "--config", main, "--all", "--vm", "vm01", "--json"])
     check("VMs done" not in text, "no progress with --json: %r" % text)
