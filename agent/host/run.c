@@ -32,8 +32,23 @@
 
 enum phase { PHASE_BACKUP, PHASE_PRUNE };
 
+/* Where a VM is in this run.  A run lasts while any of its backups does,
+ * and VMs that fall due meanwhile start too: a long backup of one VM must
+ * not hold back the others' RPOs (the timer cannot start a second run
+ * while one is active). */
+enum vm_state {
+    VM_WAITING,     /* not due (yet) */
+    VM_PENDING,     /* due, waiting for a slot */
+    VM_RUNNING,     /* its backup or prune runs */
+    VM_OK,          /* its last attempt succeeded; may fall due again */
+    VM_FAILED,      /* failed or busy: retried by the next run, not this */
+    VM_INTERRUPTED, /* a signal came before it started */
+};
+
 struct vm_run {
     struct host_vm *vm;
+    enum vm_state state;
+    unsigned attempts;
     json_t *out; /* this VM's entry in the result (owned by the result) */
     enum phase phase;
     pid_t pid;
@@ -434,7 +449,10 @@ select_vms(const struct host_run_opts *o, GError **errp)
 struct run {
     const struct host_run_opts *o;
     struct vm_run *vms;
-    guint n, next, running, done, failed;
+    guint n;
+    guint count[VM_INTERRUPTED + 1]; /* VMs in each state */
+    gint64 recheck_us;               /* when WAITING and OK VMs are next
+                                        checked for being due */
     struct progress *prog;
     struct pollfd *pollfds; /* one per VM: the progress pipes */
     struct vm_run **pollers;
@@ -442,22 +460,60 @@ struct run {
 };
 
 static void
+set_state(struct run *r, struct vm_run *v, enum vm_state st)
+{
+    r->count[v->state]--;
+    r->count[st]++;
+    v->state = st;
+}
+
+static void
 start_more(struct run *r)
 {
-    while (!backup_interrupted && r->running < (guint)r->o->jobs &&
-           r->next < r->n) {
-        struct vm_run *v = &r->vms[r->next++];
+    for (guint i = 0; i < r->n && !backup_interrupted &&
+                      r->count[VM_RUNNING] < (guint)r->o->jobs;
+         i++) {
+        struct vm_run *v = &r->vms[i];
 
+        if (v->state != VM_PENDING) {
+            continue;
+        }
+        g_clear_pointer(&v->start_time, g_free);
+        g_clear_pointer(&v->point, g_free);
+        v->bytes = 0;
         v->start_us = g_get_monotonic_time();
         v->start_time = repo_time_now();
         v->phase = PHASE_BACKUP;
-        if (start_phase(r->o, v, &r->orig)) {
-            r->running++;
-        } else {
-            r->done++;
-            r->failed++;
+        v->attempts++;
+        json_object_set_new(v->out, "attempts", json_integer(v->attempts));
+        set_state(r, v,
+                  start_phase(r->o, v, &r->orig) ? VM_RUNNING : VM_FAILED);
+    }
+}
+
+/* While backups run, VMs that fall due start too; checked every quarter
+ * of the shortest RPO among them, 1 to 30 s. */
+static void
+recheck_due(struct run *r)
+{
+    int64_t min_rpo = 120;
+
+    if (g_get_monotonic_time() < r->recheck_us) {
+        return;
+    }
+    for (guint i = 0; i < r->n; i++) {
+        struct vm_run *v = &r->vms[i];
+
+        if (v->state == VM_WAITING || v->state == VM_OK) {
+            min_rpo = MIN(min_rpo, v->vm->rpo_s);
+            if (is_due(v->vm, v->out)) {
+                json_object_set_new(v->out, "due", json_true());
+                set_state(r, v, VM_PENDING);
+            }
         }
     }
+    r->recheck_us =
+        g_get_monotonic_time() + CLAMP(min_rpo / 4, 1, 30) * G_USEC_PER_SEC;
 }
 
 /* A signal: forwarded once to every child; no VM starts after it. */
@@ -465,16 +521,16 @@ static void
 forward_signal(struct run *r, int sig)
 {
     for (guint i = 0; i < r->n; i++) {
-        if (r->vms[i].pid > 0) {
-            kill(r->vms[i].pid, sig);
+        struct vm_run *v = &r->vms[i];
+
+        if (v->pid > 0) {
+            kill(v->pid, sig);
         }
-    }
-    /* VMs not started yet are not attempted: no record. */
-    for (; r->next < r->n; r->next++) {
-        json_object_set_new(r->vms[r->next].out, "outcome",
-                            json_string("interrupted"));
-        r->done++;
-        r->failed++;
+        if (v->state == VM_PENDING) {
+            /* Not attempted: no record. */
+            json_object_set_new(v->out, "outcome", json_string("interrupted"));
+            set_state(r, v, VM_INTERRUPTED);
+        }
     }
 }
 
@@ -492,12 +548,8 @@ reap(struct run *r, pid_t pid, int status)
         if (child_done(r->o, v, status) && start_phase(r->o, v, &r->orig)) {
             return; /* still running: its prune */
         }
-        r->running--;
-        r->done++;
         outcome = json_string_value(json_object_get(v->out, "outcome"));
-        if (g_strcmp0(outcome, "ok") != 0) {
-            r->failed++;
-        }
+        set_state(r, v, g_strcmp0(outcome, "ok") == 0 ? VM_OK : VM_FAILED);
         if (r->prog) {
             e = json_string_value(json_object_get(v->out, "error"));
             fprintf(stderr, "\r\033[K%s: %s%s%s\n", v->vm->name, outcome,
@@ -507,15 +559,23 @@ reap(struct run *r, pid_t pid, int status)
     }
 }
 
-/* Sleeps until a child ends, a signal comes, or a backup reports
- * progress (then at most 0.5 s, so the line's rate stays current). */
+/* Sleeps until a child ends, a signal comes, a backup reports progress,
+ * or it is time to check which VMs are due. */
 static void
 wait_for_news(struct run *r)
 {
     struct pollfd *fds = r->pollfds;
     struct vm_run **owner = r->pollers;
-    struct timespec tick = {0, 500000000};
+    gint64 wait_us = r->recheck_us - g_get_monotonic_time();
+    struct timespec tick;
     nfds_t nfds = 0;
+
+    if (r->prog) {
+        wait_us = MIN(wait_us, 500000); /* the line's rate stays current */
+    }
+    wait_us = MAX(wait_us, 1000);
+    tick.tv_sec = wait_us / G_USEC_PER_SEC;
+    tick.tv_nsec = wait_us % G_USEC_PER_SEC * 1000;
 
     for (guint i = 0; i < r->n; i++) {
         if (r->vms[i].pid > 0 && r->vms[i].prog_fd >= 0) {
@@ -523,7 +583,7 @@ wait_for_news(struct run *r)
             owner[nfds++] = &r->vms[i];
         }
     }
-    if (ppoll(fds, nfds, r->prog ? &tick : NULL, &r->orig) > 0) {
+    if (ppoll(fds, nfds, &tick, &r->orig) > 0) {
         for (nfds_t k = 0; k < nfds; k++) {
             if (fds[k].revents) {
                 read_progress(r->prog, owner[k]);
@@ -537,28 +597,31 @@ plan(const struct host_run_opts *o, GPtrArray *sel, struct run *r)
 {
     json_t *list = json_array();
 
-    r->vms = g_new0(struct vm_run, sel->len);
-    r->pollfds = g_new0(struct pollfd, sel->len + 1);
-    r->pollers = g_new0(struct vm_run *, sel->len + 1);
-    for (guint i = 0; i < sel->len; i++) {
-        struct host_vm *vm = sel->pdata[i];
-        json_t *e = json_pack("{s:s, s:I}", "vm", vm->name, "rpo_s",
-                              (json_int_t)vm->rpo_s);
-        bool due = o->all || is_due(vm, e);
+    r->n = sel->len;
+    r->vms = g_new0(struct vm_run, r->n);
+    r->pollfds = g_new0(struct pollfd, r->n + 1);
+    r->pollers = g_new0(struct vm_run *, r->n + 1);
+    for (guint i = 0; i < r->n; i++) {
+        struct vm_run *v = &r->vms[i];
+        json_t *e = json_pack(
+            "{s:s, s:I}", "vm", ((struct host_vm *)sel->pdata[i])->name,
+            "rpo_s", (json_int_t)((struct host_vm *)sel->pdata[i])->rpo_s);
+        bool due;
 
+        v->vm = sel->pdata[i];
+        v->out = e;
+        v->out_fd = v->err_fd = v->prog_fd = -1;
+        v->prog_buf = g_string_new(NULL);
+        v->prog_items = g_ptr_array_new_with_free_func(g_free);
+        due = o->all || is_due(v->vm, e);
         json_object_set_new(e, "due", json_boolean(due));
-        json_array_append_new(list, e);
-        if (due) {
-            struct vm_run *v = &r->vms[r->n++];
-
-            v->vm = vm;
-            v->out = e;
-            v->out_fd = v->err_fd = v->prog_fd = -1;
-            v->prog_buf = g_string_new(NULL);
-            v->prog_items = g_ptr_array_new_with_free_func(g_free);
-        } else {
+        json_object_set_new(e, "attempts", json_integer(0));
+        if (!due) {
             json_object_set_new(e, "outcome", json_string("not-due"));
         }
+        v->state = due ? VM_PENDING : VM_WAITING;
+        r->count[v->state]++;
+        json_array_append_new(list, e);
     }
     return list;
 }
@@ -572,6 +635,7 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
     sigset_t block;
     struct sigaction sa = {.sa_handler = on_sigchld}, old_sa;
     int forwarded = 0;
+    guint failed;
 
     if (!sel) {
         return NULL;
@@ -590,7 +654,10 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
     sigaddset(&block, SIGHUP);
     sigprocmask(SIG_BLOCK, &block, &r.orig);
 
-    while (r.done < r.n) {
+    r.recheck_us = g_get_monotonic_time() + G_USEC_PER_SEC;
+    for (;;) {
+        guint done =
+            r.count[VM_OK] + r.count[VM_FAILED] + r.count[VM_INTERRUPTED];
         int status;
         pid_t pid;
 
@@ -599,8 +666,10 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
             forwarded = backup_interrupted;
             forward_signal(&r, forwarded);
         }
-        show_progress(r.prog, r.done, r.n, r.running, r.failed);
-        if (r.done == r.n) {
+        show_progress(
+            r.prog, done, done + r.count[VM_PENDING] + r.count[VM_RUNNING],
+            r.count[VM_RUNNING], r.count[VM_FAILED] + r.count[VM_INTERRUPTED]);
+        if (!r.count[VM_PENDING] && !r.count[VM_RUNNING]) {
             break;
         }
         child_exited = 0;
@@ -609,6 +678,9 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
         }
         if (pid == 0 && !(backup_interrupted && !forwarded)) {
             wait_for_news(&r);
+        }
+        if (!backup_interrupted && r.count[VM_RUNNING]) {
+            recheck_due(&r);
         }
     }
     progress_end(r.prog, false);
@@ -623,8 +695,9 @@ host_run(const struct host_run_opts *o, bool *all_ok, GError **errp)
     g_free(r.vms);
     g_free(r.pollfds);
     g_free(r.pollers);
-    *all_ok = r.failed == 0;
-    return json_pack("{s:o, s:i, s:i, s:i, s:b}", "vms", list, "due", r.n, "ok",
-                     r.n - r.failed, "failed", r.failed, "interrupted",
-                     backup_interrupted != 0);
+    failed = r.count[VM_FAILED] + r.count[VM_INTERRUPTED];
+    *all_ok = failed == 0;
+    return json_pack("{s:o, s:i, s:i, s:i, s:b}", "vms", list, "due",
+                     r.count[VM_OK] + failed, "ok", r.count[VM_OK], "failed",
+                     failed, "interrupted", backup_interrupted != 0);
 }

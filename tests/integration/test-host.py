@@ -187,6 +187,21 @@ try:
     check(s["vm03"]["state"] == "LATE" and s["vm03"]["age_s"] > 1, "vm03: %s" % s["vm03"])
     check(all(s[n]["state"] == "OK" for n in NAMES if n != "vm03"), "others OK: %s" % st)
 
+    # A run lasts while a backup does, and VMs that fall due meanwhile start
+    # too: vm02 (RPO 4 s) is backed up again while vm00's slow one runs.
+    vms["vm00"].io("vd0", "write -P 0x79 0 %d" % (6 << 20))
+    longrun = write_config(os.path.join(w, "long.conf"), NAMES,
+                           per_vm={"vm00": "speed = 1M", "vm02": "rpo = 4s"})
+    before = len(list_points(repo, "vm02"))
+    res = run_json("run", "--config", longrun, "--all", "--vm", "vm00", "--vm", "vm02",
+                   expect=0)
+    v = by_vm(res)
+    check(v["vm00"]["attempts"] == 1 and v["vm00"]["outcome"] == "ok", "vm00: %s" % v["vm00"])
+    check(v["vm02"]["attempts"] >= 2 and v["vm02"]["outcome"] == "ok", "vm02: %s" % v["vm02"])
+    check(len(list_points(repo, "vm02")) == before + v["vm02"]["attempts"],
+          "vm02: one point per attempt")
+    check(res["ok"] == 2 and res["failed"] == 0, "counts: %s" % res)
+
     # SIGTERM mid-way: slow jobs (--speed), four at once; signal once some
     # job runs in QEMU.
     # 12 MiB each: at 1 MiB/s a job runs for seconds.
