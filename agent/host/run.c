@@ -48,6 +48,7 @@ enum vm_state {
 struct vm_run {
     struct host_vm *vm;
     enum vm_state state;
+    bool first; /* due when the run started */
     unsigned attempts;
     json_t *out; /* this VM's entry in the result (owned by the result) */
     enum phase phase;
@@ -491,14 +492,20 @@ start_more(struct run *r)
     }
 }
 
-/* While backups run, VMs that fall due start too; checked every quarter
- * of the shortest RPO among them, 1 to 30 s. */
+/* While a backup of those due at the start runs, VMs that fall due start
+ * too; checked every quarter of the shortest RPO among them, 1 to 30 s.
+ * Only while one of the first runs: VMs that keep falling due cannot keep
+ * a run going for ever. */
 static void
 recheck_due(struct run *r)
 {
     int64_t min_rpo = 120;
+    bool first_running = false;
 
-    if (g_get_monotonic_time() < r->recheck_us) {
+    for (guint i = 0; i < r->n; i++) {
+        first_running |= r->vms[i].first && r->vms[i].state == VM_RUNNING;
+    }
+    if (!first_running || g_get_monotonic_time() < r->recheck_us) {
         return;
     }
     for (guint i = 0; i < r->n; i++) {
@@ -620,6 +627,7 @@ plan(const struct host_run_opts *o, GPtrArray *sel, struct run *r)
             json_object_set_new(e, "outcome", json_string("not-due"));
         }
         v->state = due ? VM_PENDING : VM_WAITING;
+        v->first = due;
         r->count[v->state]++;
         json_array_append_new(list, e);
     }
