@@ -79,7 +79,8 @@ host_run_default_jobs(void)
     return (int)CLAMP(n, 2, 16);
 }
 
-/* Whether vm is due: its newest point is older than its RPO less one
+/* Whether vm is due: its last attempt failed (it is retried at every run
+ * until it succeeds), or its newest point is older than its RPO less one
  * timer period and the last backup's duration (at most half the RPO
  * early), so the point after next lands within the RPO. */
 static bool
@@ -97,6 +98,11 @@ is_due(struct host_vm *vm, json_t *entry)
     }
     json_object_set_new(entry, "newest_point", json_string(point));
     rec = host_record_read(vm->repo, vm->name);
+    if (rec && g_strcmp0(json_string_value(json_object_get(rec, "outcome")),
+                         "ok") != 0) {
+        json_decref(rec);
+        return true;
+    }
     slack = TIMER_PERIOD_S +
             (int64_t)json_number_value(json_object_get(rec, "duration_s"));
     json_decref(rec);

@@ -69,7 +69,8 @@ try:
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not stopped(p.pid):
-        check(p.poll() is None, "the prune ended: %s" % (p.communicate(),))
+        if p.poll() is not None:
+            fail("the prune ended: %s" % (p.communicate(),))
         check(time.time() < deadline, "the prune never reached prune-merging")
         time.sleep(0.05)
     v = run_json("run", "--config", conf, "--all", expect=1)
