@@ -222,6 +222,17 @@ try:
     check(p.returncode == 1, "interrupted run exits 1, not %d: %s" % (p.returncode, err))
     res = json.loads(out)
     check(res["interrupted"], "result says interrupted: %s" % res)
+    # The run waited for its children: no qbak of this repository is left.
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(repo.encode() in a for a in cmd) and b"backup" in cmd:
+            left.append(cmd)
+    check(not left, "qbak processes outlived the run: %s" % left)
     outcomes = [x["outcome"] for x in res["vms"]]
     check(outcomes.count("interrupted") >= N - 4 - 1, "most VMs not started: %s" % outcomes)
     no_leftovers()
