@@ -33,6 +33,7 @@ vm_json(const struct host_vm *vm)
         }
     }
     json_object_set_new(j, "keep", keep);
+    json_object_set_new(j, "full", json_boolean(vm->full));
     return j;
 }
 

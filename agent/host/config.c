@@ -20,10 +20,10 @@ const char *const host_keep_names[HOST_KEEP_N] = {
 };
 
 static const char *const known_keys[] = {
-    "repo",          "qmp",         "qga",          "quiesce",
-    "disks",         "rpo",         "speed",        "timeout",
-    "stall-timeout", "wait",        "keep-last",    "keep-hourly",
-    "keep-daily",    "keep-weekly", "keep-monthly", "keep-yearly",
+    "repo",        "qmp",         "qga",        "quiesce",       "disks",
+    "rpo",         "speed",       "timeout",    "stall-timeout", "wait",
+    "keep-last",   "keep-hourly", "keep-daily", "keep-weekly",   "keep-monthly",
+    "keep-yearly", "full",
 };
 
 #define VM_PREFIX "vm "
@@ -352,6 +352,17 @@ apply_key(struct scan *s, GKeyFile *kf, const char *group, const char *key,
     if (strcmp(key, "wait") == 0) {
         return duration_key(s, group, key, v, 0, 86400, &vm->wait_s, errp);
     }
+    if (strcmp(key, "full") == 0) {
+        if (!strcmp(v, "true") || !strcmp(v, "yes")) {
+            vm->full = true;
+        } else if (!strcmp(v, "false") || !strcmp(v, "no")) {
+            vm->full = false;
+        } else {
+            return fail_at(s, errp, group, key, "'%s': must be true or false",
+                           v);
+        }
+        return true;
+    }
     if (strcmp(key, "speed") == 0) {
         if (!host_parse_size(v, &vm->speed)) {
             return fail_at(s, errp, group, key,
@@ -424,6 +435,7 @@ vm_from(struct scan *s, GKeyFile *kf, const struct host_vm *defaults,
     vm->disks = g_strdupv(defaults->disks);
     vm->rpo_s = defaults->rpo_s;
     vm->speed = defaults->speed;
+    vm->full = defaults->full;
     vm->timeout_s = defaults->timeout_s;
     vm->stall_s = defaults->stall_s;
     vm->wait_s = defaults->wait_s;

@@ -36,6 +36,7 @@ struct host_vm {
     char *quiesce; /* auto, require or off */
     char **disks;  /* NULL: every disk */
     int64_t rpo_s;
+    bool full;         /* every backup full (backup --full) */
     int64_t speed;     /* bytes/s, 0: unlimited */
     int64_t timeout_s; /* 0: backup's default */
     int64_t stall_s;   /* 0: backup's default */

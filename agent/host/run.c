@@ -129,6 +129,9 @@ backup_argv(const struct host_run_opts *o, struct host_vm *vm)
     for (char **d = vm->disks; d && *d; d++) {
         g_ptr_array_add(a, g_strdup_printf("--disk=%s", *d));
     }
+    if (vm->full) {
+        g_ptr_array_add(a, g_strdup("--full"));
+    }
     if (vm->speed) {
         g_ptr_array_add(
             a, g_strdup_printf("--speed=%" G_GINT64_FORMAT, vm->speed));

@@ -35,6 +35,7 @@ stall-timeout = 1m
 wait = 0
 keep-last = 3
 rpo = 1d
+full = yes
 """ % repo
 
 
@@ -58,7 +59,8 @@ try:
     check(vms["db1"]["rpo_s"] == 86400 and vms["db1"]["speed"] == 200 << 20
           and vms["db1"]["disks"] == ["vd0", "vd1"]
           and vms["db1"]["keep"] == {"keep-last": 3, "keep-daily": 7}
-          and vms["db1"]["quiesce"] == "auto",
+          and vms["db1"]["quiesce"] == "auto" and vms["db1"]["full"] is True
+          and vms["web1"]["full"] is False,
           "db1 overrides: %s" % vms["db1"])
 
     # (what is changed, the file:line: [group] key the error must name)
@@ -68,7 +70,7 @@ try:
         (GOOD.replace("speed = 200M", "sped = 200M"), ":17: [vm db1] sped: unknown key"),
         (GOOD.replace("speed = 200M", "speed = fast"), ":17: [vm db1] speed:"),
         (GOOD.replace("qmp = /run/qbak/db1.qmp\n", ""), ":14: [vm db1] qmp: not set"),
-        (GOOD + "[vm web1]\nqmp = /x\n", ":23: [vm web1]: duplicate section (first on line 9)"),
+        (GOOD + "[vm web1]\nqmp = /x\n", ":24: [vm web1]: duplicate section (first on line 9)"),
         (GOOD.replace("keep-daily = 7", "keep-daily = 7\nkeep-daily = 8"),
          ":7: [defaults] keep-daily: set twice (first on line 6)"),
         (GOOD.replace("keep-last = 8", "keep-last = -1"), ":5: [defaults] keep-last:"),
@@ -80,6 +82,7 @@ try:
         (GOOD.replace("# a host", "a host"), ":1: not KEY = VALUE"),
         (GOOD.replace("[defaults]\nrepo = %s" % repo, "[defaults]"), ":8: [vm web1] repo: not set"),
         (GOOD.replace("timeout = 90s", "timeout = 2d"), ":18: [vm db1] timeout: must be"),
+        (GOOD.replace("full = yes", "full = maybe"), ":23: [vm db1] full: 'maybe'"),
     ]
     for i, (text, want) in enumerate(bad):
         path = write("bad%d.conf" % i, text)
