@@ -217,6 +217,15 @@ try:
             fail("run ended before any job was seen: %s" % (p.communicate(),))
         check(time.time() < deadline, "no job started")
         time.sleep(0.05)
+    # --jobs 4: four backups at once, never more.
+    most = 0
+    while most < 4:
+        now = sum(1 for x in vms.values() if x.jobs())
+        check(now <= 4, "%d backups at once with --jobs 4" % now)
+        most = max(most, now)
+        if p.poll() is not None:
+            fail("run ended before four backups ran at once: %s" % (p.communicate(),))
+        check(time.time() < deadline, "never four backups at once (at most %d)" % most)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     check(p.returncode == 1, "interrupted run exits 1, not %d: %s" % (p.returncode, err))
