@@ -2,11 +2,12 @@
 # CFLAGS is the user's; what must hold goes through `override`.
 
 CC      ?= cc
+VERSION  = 0.1.0
 CFLAGS  ?= -O2 -g
 PKGS     = jansson glib-2.0 liburing libxxhash
 WARN     = -Wall -Wextra -Wshadow -Wvla -Wformat=2 -Wstrict-prototypes \
            -Wwrite-strings -Wno-unused-parameter
-override CFLAGS += -std=gnu11 -D_GNU_SOURCE $(WARN) -I. $(shell pkg-config --cflags $(PKGS))
+override CFLAGS += -std=gnu11 -D_GNU_SOURCE -DQBAK_VERSION='"$(VERSION)"' $(WARN) -I. $(shell pkg-config --cflags $(PKGS))
 ifeq ($(CI),true)
 override CFLAGS += -Werror
 endif
@@ -60,10 +61,45 @@ $(B)/fuzz/%: tests/fuzz/%.c $(LIB_SRCS) $(shell find qmp io agent -name '*.h')
 	@mkdir -p $(dir $@)
 	clang $(FUZZ_CFLAGS) -o $@ $< $(LIB_SRCS) $(LDLIBS)
 
+# make install: PREFIX and DESTDIR as usual; the units' paths follow.
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+INSTALL    ?= install
+
+install: $(QBAK_BIN)
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 \
+		$(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(SYSCONFDIR)/qbak $(DESTDIR)$(UNITDIR)
+	$(INSTALL) -m 755 $(QBAK_BIN) $(DESTDIR)$(BINDIR)/qbak
+	$(INSTALL) -m 644 $(wildcard man/*.1) $(DESTDIR)$(MANDIR)/man1
+	$(INSTALL) -m 644 $(wildcard man/*.5) $(DESTDIR)$(MANDIR)/man5
+	$(INSTALL) -m 644 scripts/qbak.conf.example $(DESTDIR)$(SYSCONFDIR)/qbak/qbak.conf.example
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+		scripts/systemd/qbak.service.in >$(DESTDIR)$(UNITDIR)/qbak.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/qbak.service
+	$(INSTALL) -m 644 scripts/systemd/qbak.timer $(DESTDIR)$(UNITDIR)/qbak.timer
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/qbak $(DESTDIR)$(UNITDIR)/qbak.service \
+		$(DESTDIR)$(UNITDIR)/qbak.timer $(DESTDIR)$(SYSCONFDIR)/qbak/qbak.conf.example \
+		$(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(wildcard man/*.1))) \
+		$(addprefix $(DESTDIR)$(MANDIR)/man5/,$(notdir $(wildcard man/*.5)))
+
+# A Debian package built by debhelper from a copy of the tree, into build/.
+DEB_DIR = $(B)/deb/qbak-$(VERSION)
+deb:
+	rm -rf $(B)/deb && mkdir -p $(DEB_DIR)
+	tar -c Makefile README.md agent io qmp man scripts | tar -x -C $(DEB_DIR)
+	cp -r scripts/debian $(DEB_DIR)/debian
+	cd $(DEB_DIR) && dpkg-buildpackage -b -us -uc
+	mv $(B)/deb/qbak_$(VERSION)_*.deb $(B)/
+
 bench: qbak
 	scripts/bench.sh
 
 clean:
 	rm -rf $(B) qbak
 
-.PHONY: all check check-asan fuzz bench clean
+.PHONY: all check check-asan fuzz bench clean install uninstall deb

@@ -20,11 +20,12 @@ struct backup_opts {
     bool full;
     uint64_t speed; /* bytes/s per job, 0: unlimited */
     unsigned cluster_bits;
-    int timeout_ms; /* per QMP call */
-    int stall_ms;   /* a repository write older than this fails the backup */
-    int wait_ms;    /* how long to wait for a busy VM lock (0: fail at once) */
-    bool progress;  /* progress lines on stderr */
-    bool verbose;   /* each phase with its time on stderr */
+    int timeout_ms;  /* per QMP call */
+    int stall_ms;    /* a repository write older than this fails the backup */
+    int wait_ms;     /* how long to wait for a busy VM lock (0: fail at once) */
+    bool progress;   /* progress lines on stderr */
+    int progress_fd; /* > 0: progress reports to this fd instead (run) */
+    bool verbose;    /* each phase with its time on stderr */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

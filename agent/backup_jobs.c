@@ -2,6 +2,7 @@
  * received), check them before the commit, finalize after it, cancel on
  * failure, dismiss. */
 #include "agent/backup_int.h"
+#include "agent/progress.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -35,21 +36,19 @@ drop_events(struct backup *b)
 }
 
 static void
-show_progress(struct backup *b, json_t *jobs)
+show_progress(struct backup *b, struct progress *p, json_t *jobs)
 {
-    uint64_t cur = 0, total = 0;
-
     for (guint k = 0; k < b->disks->len; k++) {
-        json_t *j = find_job(jobs, ((struct disk *)b->disks->pdata[k])->job_id);
-        cur += (uint64_t)json_integer_value(
-            json_object_get(j, "current-progress"));
-        total +=
-            (uint64_t)json_integer_value(json_object_get(j, "total-progress"));
+        struct disk *d = b->disks->pdata[k];
+        json_t *j = find_job(jobs, d->job_id);
+
+        progress_set(
+            p, d->name,
+            (uint64_t)json_integer_value(
+                json_object_get(j, "current-progress")),
+            (uint64_t)json_integer_value(json_object_get(j, "total-progress")));
     }
-    if (total) {
-        fprintf(stderr, "\rqbak: %s: %3.0f%% of %.1f MiB", b->opts->vm,
-                100.0 * (double)cur / (double)total, (double)total / 1048576.0);
-    }
+    progress_show(p);
 }
 
 static bool
@@ -58,9 +57,8 @@ msg_is_cancel(const char *msg)
     return !msg || strstr(msg, "cancel") || strstr(msg, "Cancel");
 }
 
-/* Wait until every job is pending (all data received), or one failed. */
-bool
-backup_jobs_wait_pending(struct backup *b, GError **errp)
+static bool
+wait_pending(struct backup *b, struct progress *p, GError **errp)
 {
     for (;;) {
         g_autoptr(GError) err = NULL;
@@ -128,14 +126,9 @@ backup_jobs_wait_pending(struct backup *b, GError **errp)
             json_decref(jobs);
             return false;
         }
-        if (b->opts->progress) {
-            show_progress(b, jobs);
-        }
+        show_progress(b, p, jobs);
         json_decref(jobs);
         if (pending == b->disks->len) {
-            if (b->opts->progress) {
-                fputc('\n', stderr);
-            }
             recover_crash_point("pending");
             return true;
         }
@@ -146,6 +139,20 @@ backup_jobs_wait_pending(struct backup *b, GError **errp)
         }
         drop_events(b);
     }
+}
+
+/* Wait until every job is pending (all data received), or one failed. */
+bool
+backup_jobs_wait_pending(struct backup *b, GError **errp)
+{
+    g_autofree char *label = g_strdup_printf("qbak: %s", b->opts->vm);
+    struct progress *p = b->opts->progress_fd > 0
+                             ? progress_new_fd(b->opts->progress_fd)
+                             : progress_new(label, b->opts->progress);
+    bool ok = wait_pending(b, p, errp);
+
+    progress_end(p, ok);
+    return ok;
 }
 
 /* Every job still pending in a live QEMU: a point whose jobs can no longer

@@ -8,8 +8,13 @@
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
 
+#ifndef QBAK_VERSION
+#define QBAK_VERSION "unknown"
+#endif
+
 static const struct cli_command commands[] = {
     {"backup", cmd_backup, "back up a running VM's disks into a repository"},
+    {"config", cmd_config, "check the host's configuration file"},
     {"list", cmd_list, "list committed restore points"},
     {"restore", cmd_restore, "write one disk at one point as an image"},
     {"verify", cmd_verify, "check every stored cluster against its checksums"},
@@ -18,6 +23,8 @@ static const struct cli_command commands[] = {
      "rest"},
     {"protect", cmd_protect, "protect a restore point from prune"},
     {"unprotect", cmd_unprotect, "let prune remove a restore point again"},
+    {"run", cmd_run, "back up (and prune) every VM of the host that is due"},
+    {"status", cmd_status, "each VM's newest point against its RPO"},
 };
 
 static void
@@ -55,6 +62,10 @@ main(int argc, char **argv)
         strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? QBAK_EXIT_USAGE : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("qbak %s\n", QBAK_VERSION);
+        return 0;
     }
     for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
         if (strcmp(argv[1], commands[i].name) == 0) {

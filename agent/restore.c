@@ -19,6 +19,7 @@
 
 #include "agent/damage.h"
 #include "agent/error.h"
+#include "agent/progress.h"
 #include "agent/repo.h"
 #include "io/file.h"
 #include "io/qcow2.h"
@@ -235,11 +236,10 @@ buf_seal(struct restore_buf **bp)
 
 static bool
 copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
-           bool progress, GError **errp)
+           const char *disk, struct progress *progress, GError **errp)
 {
     uint64_t size = qcow2_reader_virtual_size(src);
     uint64_t off = 0;
-    gint64 last_report = 0;
     struct restore_buf *b = NULL; /* the buffer gathering runs */
 
     while (off < size && !r->err) {
@@ -295,11 +295,8 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
         if (b->len == BUF_SIZE || b->nreads == MAX_READS) {
             buf_seal(&b);
         }
-        if (progress && g_get_monotonic_time() - last_report > 500000) {
-            last_report = g_get_monotonic_time();
-            fprintf(stderr, "\rqbak: restore %3.0f%%",
-                    100.0 * (double)off / (double)size);
-        }
+        progress_set(progress, disk, off, size);
+        progress_show(progress);
     }
     if (b && b->len == 0) {
         b->busy = false;
@@ -307,9 +304,7 @@ copy_chain(struct restore *r, struct qcow2_reader *src, bool sparse,
     }
     buf_seal(&b);
     ring_drain(&r->ring);
-    if (progress) {
-        fprintf(stderr, "\rqbak: restore 100%%\n");
-    }
+    progress_set(progress, disk, off, size);
     if (r->err) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-r->err),
                     "restore I/O: %s", g_strerror(-r->err));
@@ -492,20 +487,28 @@ restore_run(const struct restore_opts *o, GError **errp)
     }
     /* A new or truncated regular file reads zero where nothing is written;
      * a block device must get its zeroes written. */
-    if (!copy_chain(&r, src, S_ISREG(st.st_mode), o->progress, errp)) {
-        if (r.damage) {
-            g_autofree char *where = layer_point(src, r.damage_depth);
-            /* Durable, so that the next backup of this disk is full. */
-            damage_mark(repo, where, o->disk, (int64_t)r.damage_off,
-                        r.damage->message, "restore", NULL);
-            g_clear_error(errp);
-            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
-                        "%s/%s: %s: damaged at guest offset %" PRIu64
-                        " (in point %s): %s",
-                        o->vm, p->id, o->disk, r.damage_off, where,
-                        r.damage->message);
+    {
+        g_autofree char *label = g_strdup_printf("qbak: restore %s", o->vm);
+        struct progress *prog = progress_new(label, o->progress);
+        bool copied =
+            copy_chain(&r, src, S_ISREG(st.st_mode), o->disk, prog, errp);
+
+        progress_end(prog, copied);
+        if (!copied) {
+            if (r.damage) {
+                g_autofree char *where = layer_point(src, r.damage_depth);
+                /* Durable, so that the next backup of this disk is full. */
+                damage_mark(repo, where, o->disk, (int64_t)r.damage_off,
+                            r.damage->message, "restore", NULL);
+                g_clear_error(errp);
+                g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                            "%s/%s: %s: damaged at guest offset %" PRIu64
+                            " (in point %s): %s",
+                            o->vm, p->id, o->disk, r.damage_off, where,
+                            r.damage->message);
+            }
+            goto out;
         }
-        goto out;
     }
     if (r.out_qcow2 && !qcow2_writer_finish(r.out_qcow2, errp)) {
         goto out;

@@ -38,6 +38,7 @@ import bench_virtnbd  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_integrity  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_prune  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_host  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -667,6 +668,7 @@ class Results:
         self.steps = {}
         self.guest = None
         self.virtnbdbackup = None
+        self.host = None
 
     def add(self, key, sample):
         sample.pop("json", None)
@@ -769,6 +771,8 @@ def report(args, lay, res, meta):
     for line in bench_integrity.report_lines(res, sys.modules[__name__]):
         P(line)
     for line in bench_prune.report_lines(res):
+        P(line)
+    for line in bench_host.report_lines(res.host):
         P(line)
     P("")
     P("targets (issue 5), from the medians above")
@@ -937,8 +941,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
-    ap.add_argument("--skip", default="", help="comma list of: main (the backup runs),"
-                    "native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune")
+    ap.add_argument("--skip", default="", help="comma list of: "
+                    "main,native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune,host")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -984,6 +988,10 @@ def main():
         if "guest" not in args.skip:
             say("guest write latency, idle and during a qbak full ...")
             guest_step(args, ref, lay, work, res)
+        if "host" not in args.skip:
+            say("host: qbak run --all over %s VMs ..."
+                % ", ".join(map(str, bench_host.QUICK_COUNTS if args.quick else bench_host.COUNTS)))
+            bench_host.host_step(args, work, res, sys.modules[__name__])
         if "virtnbdbackup" not in args.skip:
             virtnbdbackup_step(args, res)
         else:
@@ -1003,7 +1011,8 @@ def main():
     out = {"meta": meta, "layout": {k: lay[k] for k in ("seed", "size", "cluster", "clusters",
                                                          "counts")},
            "summary": summary, "steps": res.steps, "targets": targets,
-           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "table": text}
+           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "host": res.host,
+           "table": text}
     jpath = os.path.join(OUT, "results.json")
     with open(jpath + ".tmp", "w") as f:
         json.dump(out, f, indent=1)

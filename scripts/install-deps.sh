@@ -9,6 +9,9 @@ pkgs=(
     python3 groff-base                      # integration tests (stdlib only; groff checks the man pages)
     clang                                   # make fuzz (libFuzzer)
     e2fsprogs cpio xz-utils gzip            # test guest (scripts/build-test-guest.sh)
+    systemd                                 # systemd-analyze verify (tests/integration/test-install.py)
+    debhelper dpkg-dev fakeroot lintian man-db  # make deb, lintian
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # the libvirt recipe's test
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -70,6 +70,7 @@ cmd_backup(int argc, char **argv)
     g_autofree gchar *qga = NULL;
     g_autofree gchar *quiesce = NULL;
     gint wait = 0;
+    gint progress_fd = -1;
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
@@ -106,6 +107,9 @@ cmd_backup(int argc, char **argv)
          "print the result as one JSON object", NULL},
         {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
          "print each phase and its time on stderr", NULL},
+        /* qbak run's: progress as lines on this fd (progress.h). */
+        {"progress-fd", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &progress_fd,
+         NULL, NULL},
         {NULL}};
 
     cli_parse("backup", "Back up a running VM's disks at one point in time.",
@@ -151,6 +155,7 @@ cmd_backup(int argc, char **argv)
     o.speed = (uint64_t)speed;
     o.wait_ms = cli_wait_ms("backup", wait);
     o.progress = cli_progress_wanted(json);
+    o.progress_fd = progress_fd > 0 ? progress_fd : 0;
     o.verbose = verbose;
     res = backup_run(&o, &err);
     if (!res) {

@@ -5,11 +5,14 @@
 #define QBAK_AGENT_CMD_CMD_H
 
 int cmd_backup(int argc, char **argv);
+int cmd_config(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_protect(int argc, char **argv);
 int cmd_prune(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_unprotect(int argc, char **argv);
+int cmd_run(int argc, char **argv);
+int cmd_status(int argc, char **argv);
 
 #endif
