@@ -12,6 +12,12 @@ static const struct cli_command commands[] = {
     {"backup", cmd_backup, "back up a running VM's disks into a repository"},
     {"list", cmd_list, "list committed restore points"},
     {"restore", cmd_restore, "write one disk at one point as an image"},
+    {"ls", cmd_ls, "list a directory of a restore point"},
+    {"find", cmd_find, "find files across restore points"},
+    {"get", cmd_get, "copy files out of a restore point"},
+    {"mount", cmd_mount, "show a restore point as a read-only directory"},
+    {"umount", cmd_umount, "end a qbak mount"},
+    {"index", cmd_index, "write the file catalogs of restore points"},
 };
 
 static void

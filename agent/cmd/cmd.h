@@ -7,5 +7,11 @@
 int cmd_backup(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
+int cmd_ls(int argc, char **argv);
+int cmd_find(int argc, char **argv);
+int cmd_get(int argc, char **argv);
+int cmd_mount(int argc, char **argv);
+int cmd_umount(int argc, char **argv);
+int cmd_index(int argc, char **argv);
 
 #endif
