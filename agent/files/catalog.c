@@ -10,6 +10,7 @@
 #include <xxhash.h>
 
 #include "agent/error.h"
+#include "agent/files/names.h"
 
 #define MAGIC "QBAKCAT1"
 #define MAGIC_LEN 8
@@ -136,6 +137,12 @@ put_le(GByteArray *b, uint64_t v, unsigned n)
     }
 }
 
+static char *
+utf8(const char *s)
+{
+    return s ? files_name_utf8(s, strlen(s)) : g_strdup("");
+}
+
 static json_t *
 header_json(const struct files_catalog *c)
 {
@@ -146,13 +153,17 @@ header_json(const struct files_catalog *c)
     now = g_date_time_format(t, "%Y-%m-%dT%H:%M:%SZ");
     for (guint i = 0; i < c->fss->len; i++) {
         struct files_fs *fs = c->fss->pdata[i];
+        /* names, labels and errors come from the guest: valid UTF-8 */
+        g_autofree char *name = utf8(fs->name);
+        g_autofree char *type = utf8(fs->type);
+        g_autofree char *label = utf8(fs->label);
         json_t *j =
-            json_pack("{s:s, s:s, s:I, s:s, s:I}", "fs", fs->name, "type",
-                      fs->type ? fs->type : "", "size", (json_int_t)fs->size,
-                      "label", fs->label ? fs->label : "", "entries",
+            json_pack("{s:s, s:s, s:I, s:s, s:I}", "fs", name, "type", type,
+                      "size", (json_int_t)fs->size, "label", label, "entries",
                       (json_int_t)(fs->entries ? fs->entries->len : 0));
         if (fs->error) {
-            json_object_set_new(j, "error", json_string(fs->error));
+            g_autofree char *e = utf8(fs->error);
+            json_object_set_new(j, "error", json_string(e));
         }
         json_array_append_new(fss, j);
     }
