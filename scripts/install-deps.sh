@@ -9,6 +9,10 @@ pkgs=(
     python3                                 # integration tests (stdlib only)
     clang                                   # make fuzz (libFuzzer)
     e2fsprogs cpio xz-utils gzip            # test guest (scripts/build-test-guest.sh)
+    libguestfs-dev libguestfs0              # ls, find, get, mount, index: libguestfs
+    libguestfs-xfs linux-image-amd64        #   xfs in its appliance; the appliance's kernel
+    fuse3                                   #   fusermount for qbak umount
+    libguestfs-tools fdisk                  #   tests: guestfish builds disks, sfdisk reads them
 )
 missing=()
 for p in "${pkgs[@]}"; do

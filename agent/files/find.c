@@ -214,8 +214,9 @@ files_index(const struct files_opts *o, GError **errp)
         }
     }
     if (index_targets(s, todo, NULL, report, errp)) {
-        res = json_pack("{s:s, s:o, s:i, s:f}", "vm", o->vm, "points", report,
-                        "launches", (int)s->launches, "duration_s",
+        res = json_pack("{s:s, s:o, s:i, s:f, s:f}", "vm", o->vm, "points",
+                        report, "launches", (int)s->launches, "launch_s",
+                        s->launch_s, "duration_s",
                         (g_get_monotonic_time() - t0) / 1e6);
         report = NULL;
     }
@@ -414,11 +415,11 @@ files_find(const struct files_opts *o, const char *name_glob,
         {
             json_array_append(indexed, json_object_get(r, "point"));
         }
-        res =
-            json_pack("{s:s, s:s, s:s, s:O, s:o, s:i, s:o}", "vm", o->vm,
-                      "disk", s->disk, "fs", fs_name, "points", ids, "indexed",
-                      indexed, "launches", (int)s->launches, "matches",
-                      compare_points(cats, fs_name, name_glob, path_glob));
+        res = json_pack("{s:s, s:s, s:s, s:O, s:o, s:i, s:f, s:o}", "vm", o->vm,
+                        "disk", s->disk, "fs", fs_name, "points", ids,
+                        "indexed", indexed, "launches", (int)s->launches,
+                        "launch_s", s->launch_s, "matches",
+                        compare_points(cats, fs_name, name_glob, path_glob));
     }
 out:
     json_decref(report);

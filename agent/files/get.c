@@ -431,11 +431,12 @@ files_get(const struct files_opts *o, const struct files_get_opts *go,
     }
     if (ok) {
         res = json_pack(
-            "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:O}", "point",
+            "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:O, s:f}", "point",
             ((struct restore_point *)g.s->sel->pdata[0])->id, "disk", g.s->disk,
             "fs", fs->name, "output", go->output, "files", (json_int_t)g.files,
             "dirs", (json_int_t)g.dirs, "symlinks", (json_int_t)g.symlinks,
-            "bytes", (json_int_t)g.bytes, "skipped", g.skipped);
+            "bytes", (json_int_t)g.bytes, "skipped", g.skipped, "launch_s",
+            g.s->launch_s);
     } else {
         g_prefix_error(errp, "%s/%s: ", o->vm,
                        ((struct restore_point *)g.s->sel->pdata[0])->id);

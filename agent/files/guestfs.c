@@ -312,8 +312,12 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
             return files_gerror(s, path, errp);
         }
     }
-    if (guestfs_launch(s->g) < 0) {
-        return files_gerror(s, "libguestfs: launch", errp);
+    {
+        gint64 t0 = g_get_monotonic_time();
+        if (guestfs_launch(s->g) < 0) {
+            return files_gerror(s, "libguestfs: launch", errp);
+        }
+        s->launch_s += (g_get_monotonic_time() - t0) / 1e6;
     }
     s->launches++;
     {

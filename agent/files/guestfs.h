@@ -42,6 +42,7 @@ struct files_session {
     char *lvm_filter;   /* PVs the LVM filter selects now, or NULL */
     bool btrfs_mounted; /* a btrfs was mounted in this launch */
     unsigned launches;
+    double launch_s; /* time spent in appliance launches */
 };
 
 /* A disk at a point: what one drive shows. */

@@ -205,9 +205,9 @@ files_ls(const struct files_opts *o, const char *path, GError **errp)
     }
     if (entries) {
         g_autofree char *pu = files_name_utf8(rpath, strlen(rpath));
-        res =
-            json_pack("{s:s, s:s, s:s, s:s, s:o}", "point", p->id, "disk",
-                      s->disk, "fs", fs->name, "path", pu, "entries", entries);
+        res = json_pack("{s:s, s:s, s:s, s:s, s:o, s:f}", "point", p->id,
+                        "disk", s->disk, "fs", fs->name, "path", pu, "entries",
+                        entries, "launch_s", s->launch_s);
     }
 out:
     if (!res) {

@@ -77,7 +77,6 @@ check_entries(r["entries"], truths[1], "/docs")
 log("PASS ls --point P2 /docs matches state B (a.txt changed, gone.txt gone, new.txt added)")
 
 
-after = tree_hashes(repo)
-check(after == before, "repository files changed or added by ls")
+check_repo_unchanged(before, tree_hashes(repo), new_ok=())
 log("PASS repository byte-identical")
 shutil.rmtree(w, ignore_errors=True)

@@ -97,5 +97,6 @@ log("PASS get --output - writes the file to standard output")
 after = tree_hashes(repo)
 for f, h in before.items():
     check(after.get(f) == h, "repository file changed: %s" % f)
+# (new files: the backup's point and the lock files)
 log("PASS repository byte-identical (a new point was added by the backup)")
 shutil.rmtree(w, ignore_errors=True)

@@ -641,3 +641,14 @@ def files_points(w, vm_name="vm1"):
     for r in raws:
         os.unlink(r)
     return repo, points, truths, parts
+
+
+def check_repo_unchanged(before, after, new_ok=(".catalog",)):
+    """Every file of before is byte-identical in after; new files are only
+    lock files (.browse, .lock) and names ending in new_ok."""
+    for f, h in before.items():
+        check(after.get(f) == h, "repository file changed: %s" % f)
+    new = [f for f in after if f not in before
+           and os.path.basename(f) not in (".browse", ".lock")
+           and not f.endswith(tuple(new_ok))]
+    check(not new, "repository files added: %s" % new)
