@@ -36,6 +36,7 @@ import qbaktest  # noqa: E402
 from qbaktest import QBAK, QEMU, QEMU_IMG, VM  # noqa: E402
 import bench_virtnbd  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_files  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -665,6 +666,7 @@ class Results:
         self.steps = {}
         self.guest = None
         self.virtnbdbackup = None
+        self.files = None
 
     def add(self, key, sample):
         sample.pop("json", None)
@@ -763,6 +765,8 @@ def report(args, lay, res, meta):
           % (statistics.median(lim), min(lim), max(lim)))
     for line in bench_guest.report_lines(res.guest):
         P(line)
+    for line in bench_files.report_lines(res.files):
+        P(line)
     P("")
     P("targets (issue 5), from the medians above")
     targets = []
@@ -795,6 +799,8 @@ def report(args, lay, res, meta):
     v = ratio(res.med("zero.64G"), res.med("zero.1G"))
     target("0-dirty incremental: 64 GiB disk / 1 GiB disk (x)", v, v is not None and v <= 1.5,
            "<= 1.5")
+    for row in bench_files.targets(res.files):
+        target(*row)
     rss = res.vals("full.qbak", "rss_kib")
     v = max(rss) / 1024 if rss else None
     target("peak RSS of qbak, full of the %s disk (MiB)" % human(size), v,
@@ -928,7 +934,7 @@ def main():
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
     ap.add_argument("--skip", default="", help="comma list of: native,nbd,limit,restore,"
-                    "bigdisk,guest,virtnbdbackup")
+                    "bigdisk,guest,virtnbdbackup,files")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -968,6 +974,12 @@ def main():
         if "guest" not in args.skip:
             say("guest write latency, idle and during a qbak full ...")
             guest_step(args, ref, lay, work, res)
+        if "files" not in args.skip:
+            say("file-level access: index, find, ls, get ...")
+            try:
+                bench_files.files_step(args, work, res, sys.modules[__name__])
+            except (BenchError, RuntimeError, OSError) as e:
+                res.files = "failed: %s" % e
         if "virtnbdbackup" not in args.skip:
             virtnbdbackup_step(args, res)
         else:
@@ -987,7 +999,8 @@ def main():
     out = {"meta": meta, "layout": {k: lay[k] for k in ("seed", "size", "cluster", "clusters",
                                                          "counts")},
            "summary": summary, "steps": res.steps, "targets": targets,
-           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "table": text}
+           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "files": res.files,
+           "table": text}
     jpath = os.path.join(OUT, "results.json")
     with open(jpath + ".tmp", "w") as f:
         json.dump(out, f, indent=1)

@@ -286,6 +286,15 @@ compare_points(GPtrArray *cats, const char *fs_name, const char *name_glob,
         g_autoptr(GPtrArray) lines =
             g_ptr_array_new_with_free_func((GDestroyNotify)json_decref);
 
+        if (fs && fs->error) {
+            /* not listed at this point: no match there, nothing deleted */
+            g_autofree char *msg =
+                files_name_printable(fs->error, strlen(fs->error));
+            fprintf(stderr, "qbak find: %s: file system %s not searched: %s\n",
+                    c->point, fs_name, msg);
+            continue;
+        }
+
         for (guint i = 0; fs && fs->entries && i < fs->entries->len; i++) {
             struct files_entry *e =
                 &g_array_index(fs->entries, struct files_entry, i);
