@@ -28,7 +28,7 @@ cmd_find(int argc, char **argv)
         {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
          "disk (default: the VM's only disk)", "NAME"},
         {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number or VG/LV (default: the only one)",
+         "file system: partition number, VG/LV or disk (default: the only one)",
          "FS"},
         {"points", 0, 0, G_OPTION_ARG_STRING, &points,
          "points to search: all (default), ID, or FROM..TO", "SPEC"},

@@ -81,7 +81,8 @@ cmd_ls(int argc, char **argv)
         {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
          "disk (default: the VM's only disk)", "NAME"},
         {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number or VG/LV (default: the only one)",
+         "file system: partition number, VG/LV, disk or os (default: the only "
+         "one, or the guest's view of an OS disk)",
          "FS"},
         {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
          "when a prune holds this VM's lock, wait up to SECS for it "

@@ -27,7 +27,8 @@ cmd_mount(int argc, char **argv)
         {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
          "disk (default: the VM's only disk)", "NAME"},
         {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number or VG/LV (default: the only one)",
+         "file system: partition number, VG/LV, disk or os (default: the only "
+         "one, or the guest's view of an OS disk)",
          "FS"},
         {"allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other,
          "let other users enter the mount (FUSE allow_other)", NULL},

@@ -531,6 +531,75 @@ files_mount(struct files_session *s, struct files_fs *fs, GError **errp)
     return true;
 }
 
+static gint
+mountpoint_cmp(gconstpointer a, gconstpointer b)
+{
+    const char *const *x = *(const char *const **)a;
+    const char *const *y = *(const char *const **)b;
+    size_t lx = strlen(x[0]), ly = strlen(y[0]);
+    return lx < ly ? -1 : lx > ly ? 1 : strcmp(x[0], y[0]);
+}
+
+static void
+strv_free_all(char **v)
+{
+    for (char **p = v; p && *p; p++) {
+        free(*p);
+    }
+    free(v);
+}
+
+struct files_fs *
+files_mount_os(struct files_session *s, GError **errp)
+{
+    char **roots = guestfs_inspect_os(s->g);
+    char **mps = NULL;
+    g_autoptr(GPtrArray) pairs = g_ptr_array_new();
+    struct files_fs *fs = NULL;
+
+    if (!roots) {
+        files_gerror(s, "inspect_os", errp);
+        return NULL;
+    }
+    if (!roots[0] || roots[1]) {
+        goto out; /* none, or several: no single view to show */
+    }
+    mps = guestfs_inspect_get_mountpoints(s->g, roots[0]);
+    if (!mps) {
+        files_gerror(s, "inspect_get_mountpoints", errp);
+        goto out;
+    }
+    for (char **p = mps; p[0] && p[1]; p += 2) {
+        g_ptr_array_add(pairs, p);
+    }
+    /* parents before what is mounted on them */
+    g_ptr_array_sort(pairs, mountpoint_cmp);
+    for (guint i = 0; i < pairs->len; i++) {
+        char **pr = pairs->pdata[i];
+        g_autofree char *type = vfs_type(s, pr[1]);
+        bool xfs = strcmp(type, "xfs") == 0;
+
+        if (guestfs_mount_options(s->g, xfs ? "ro,nouuid" : "ro", pr[1],
+                                  pr[0]) < 0) {
+            if (strcmp(pr[0], "/") == 0) {
+                files_gerror(s, "mount the guest's /", errp);
+                goto out;
+            }
+            /* a missing mount point or an unreadable file system: the
+             * rest of the view stays useful */
+            continue;
+        }
+    }
+    fs = files_fs_new();
+    fs->name = g_strdup("os");
+    fs->type = g_strdup("os");
+    fs->label = g_strdup("");
+out:
+    strv_free_all(roots);
+    strv_free_all(mps);
+    return fs;
+}
+
 bool
 files_umount(struct files_session *s, GError **errp)
 {

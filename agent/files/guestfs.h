@@ -80,6 +80,13 @@ GPtrArray *files_list_fs(struct files_session *s, guint drive, GError **errp);
 /* The file system --fs names (or the only one).  Borrowed from fss. */
 struct files_fs *files_pick_fs(GPtrArray *fss, const char *want, GError **errp);
 
+/* The guest's own view of an operating-system disk: inspection finds its
+ * root and the mount points of its /etc/fstab, all mounted read-only under
+ * "/".  Returns a file system named "os", or NULL: with errp set on a
+ * failure, unset when no single operating system is found.  Slow (about
+ * 20 s under TCG): only when no --fs is given, or --fs os. */
+struct files_fs *files_mount_os(struct files_session *s, GError **errp);
+
 /* Whether mounting fs needs a fresh appliance (a second btrfs copy). */
 bool files_needs_relaunch(struct files_session *s, const struct files_fs *fs);
 

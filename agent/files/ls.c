@@ -40,6 +40,22 @@ files_open_one(const struct files_opts *o, GPtrArray **fss,
         !(*fss = files_list_fs(s, 0, errp))) {
         goto fail;
     }
+    if ((!o->fs && (*fss)->len > 1) || g_strcmp0(o->fs, "os") == 0) {
+        struct files_fs *os = files_mount_os(s, errp);
+        if (os) {
+            g_ptr_array_add(*fss, os);
+            *fs = os;
+            return s;
+        }
+        if (*errp) {
+            goto fail;
+        }
+        if (o->fs) {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                        "--fs os: no operating system found on this disk");
+            goto fail;
+        }
+    }
     if (!fs_required && !o->fs && (*fss)->len != 1) {
         return s; /* the caller lists the file systems */
     }

@@ -7,8 +7,9 @@ while its first file system goes from state A to B (a file changed, one
 deleted, one added) to C (one more added), written through the device
 (tests/lib/qbaktest.py files_points()).  ls lists the disk's file systems,
 and a directory of the middle point matches the truth (names, types,
-sizes, modes, mtimes, symlink targets); repository files stay
-byte-identical."""
+sizes, modes, mtimes, symlink targets); a disk holding an operating
+system is shown as the guest sees it (fstab mounts joined under /);
+repository files stay byte-identical."""
 import os
 import sys
 import time
@@ -76,6 +77,25 @@ check(r["point"] == P2 and r["fs"] == "1" and r["path"] == "/docs", "ls header %
 check_entries(r["entries"], truths[1], "/docs")
 log("PASS ls --point P2 /docs matches state B (a.txt changed, gone.txt gone, new.txt added)")
 
+
+# A disk holding an operating system is shown as the guest sees it: its
+# root with the file systems of its /etc/fstab mounted (here /srv).
+osw = os.path.join(w, "os")
+os.mkdir(osw)
+osdisk = os.path.join(osw, "os.qcow2")
+run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", files_os_fixture(), osdisk])
+vm = VM(osw, [("vd0", osdisk, "qcow2")])
+try:
+    qbak_json("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "osvm")
+finally:
+    vm.stop()
+before.update({k: v for k, v in tree_hashes(repo).items() if k.startswith("osvm/")})
+r = timed("ls", "--repo", repo, "--vm", "osvm", "/srv")
+check(r["fs"] == "os" and r["path"] == "/srv", "OS view: %s" % r)
+got = {e["name"]: e for e in r["entries"] if e["name"] != "lost+found"}
+check(sorted(got) == ["hello.txt"] and got["hello.txt"]["size"] == len(FILES_OS_SRV["/hello.txt"][2]),
+      "/srv of the OS view: %s" % sorted(got))
+log("PASS ls of an operating-system disk joins its fstab mounts under / (/srv from partition 2)")
 
 check_repo_unchanged(before, tree_hashes(repo), new_ok=())
 log("PASS repository byte-identical")

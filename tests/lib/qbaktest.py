@@ -652,3 +652,58 @@ def check_repo_unchanged(before, after, new_ok=(".catalog",)):
            and os.path.basename(f) not in (".browse", ".lock")
            and not f.endswith(tuple(new_ok))]
     check(not new, "repository files added: %s" % new)
+
+
+FILES_OS_ROOT = {
+    "/etc": ("dir", 0o755, None),
+    "/etc/fstab": ("file", 0o644, b"LABEL=osroot / ext4 defaults 0 1\n"
+                   b"LABEL=osdata /srv ext4 defaults 0 2\n"),
+    "/etc/os-release": ("file", 0o644, b'ID=debian\nVERSION_ID="12"\n'
+                        b'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n'),
+    "/etc/debian_version": ("file", 0o644, b"12.0\n"),
+    "/bin": ("dir", 0o755, None),
+    "/bin/sh": ("file", 0o755, b"#!not really\n"),
+    "/srv": ("dir", 0o755, None),
+}
+FILES_OS_SRV = {
+    "/hello.txt": ("file", 0o644, b"from the second partition, mounted at /srv\n"),
+}
+
+
+def files_os_fixture():
+    """A small disk that looks like an installed Linux to libguestfs's
+    inspection: partition 1 the root (its /etc/fstab mounts LABEL=osdata on
+    /srv), partition 2 that file system.  Cached like files_fixture()."""
+    if not GUESTFISH:
+        log("SKIP: guestfish missing (scripts/install-deps.sh installs libguestfs-tools)")
+        sys.exit(SKIP)
+    import hashlib
+    key = hashlib.sha256(repr((FILES_OS_ROOT, FILES_OS_SRV, 1)).encode()).hexdigest()[:16]
+    cache = os.path.join(ROOT, "build", "files-fixture")
+    raw = os.path.join(cache, "os-%s.raw" % key)
+    if not os.path.exists(raw):
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        try:
+            img = os.path.join(tmp, "disk.raw")
+            with open(img, "wb") as f:
+                f.truncate(128 << 20)
+            lines = ["add-drive %s format:raw" % _gf_quote(img), "run",
+                     "part-init /dev/sda gpt",
+                     "part-add /dev/sda p 2048 131071",
+                     "part-add /dev/sda p 131072 260095",
+                     "mkfs ext4 /dev/sda1 label:osroot",
+                     "mkfs ext4 /dev/sda2 label:osdata",
+                     "mount /dev/sda1 /"]
+            _gf_populate(lines, FILES_OS_ROOT, tmp)
+            lines += ["umount /", "mount /dev/sda2 /"]
+            _gf_populate(lines, FILES_OS_SRV, tmp)
+            lines += ["umount /", "sync"]
+            script = os.path.join(tmp, "make.gf")
+            with open(script, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            run([GUESTFISH, "-f", script])
+            os.rename(img, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return raw
