@@ -707,3 +707,62 @@ def files_os_fixture():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return raw
+
+
+FILES_BTRFS = {
+    "/top.txt": ("file", 0o644, b"on btrfs\n"),
+    "/dir": ("dir", 0o755, None),
+    "/dir/inner.txt": ("file", 0o600, b"inner btrfs file\n"),
+}
+FILES_VFAT = {
+    "/DOS.TXT": ("file", 0o755, b"on vfat\n"),
+}
+FILES_NTFS = {
+    "/win.txt": ("file", 0o777, b"on ntfs\n"),
+}
+
+
+def files_mbr_fixture():
+    """An MBR disk: partition 1 btrfs (with a subvolume sub), 2 vfat, 3
+    ntfs, populated in libguestfs's appliance.  Cached like
+    files_fixture()."""
+    if not GUESTFISH:
+        log("SKIP: guestfish missing (scripts/install-deps.sh installs libguestfs-tools)")
+        sys.exit(SKIP)
+    import hashlib
+    key = hashlib.sha256(repr((FILES_BTRFS, FILES_VFAT, FILES_NTFS, 1)).encode()).hexdigest()[:16]
+    cache = os.path.join(ROOT, "build", "files-fixture")
+    raw = os.path.join(cache, "mbr-%s.raw" % key)
+    if not os.path.exists(raw):
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        try:
+            img = os.path.join(tmp, "disk.raw")
+            with open(img, "wb") as f:
+                f.truncate(768 << 20)
+            lines = ["add-drive %s format:raw" % _gf_quote(img), "run",
+                     "part-init /dev/sda mbr",
+                     "part-add /dev/sda p 2048 1050623",
+                     "part-add /dev/sda p 1050624 1312767",
+                     "part-add /dev/sda p 1312768 1572863",
+                     "mkfs btrfs /dev/sda1", "mkfs vfat /dev/sda2", "mkfs ntfs /dev/sda3",
+                     "mount /dev/sda1 /", "btrfs-subvolume-create /sub",
+                     "write /sub/in-subvolume.txt \"in a subvolume\\n\""]
+            _gf_populate(lines, FILES_BTRFS, tmp)
+            lines += ["umount /", "mount /dev/sda2 /"]
+            lines += ["upload %s /DOS.TXT" % _gf_quote(os.path.join(tmp, "vfat"))]
+            lines += ["umount /", "mount /dev/sda3 /"]
+            lines += ["upload %s /win.txt" % _gf_quote(os.path.join(tmp, "ntfs"))]
+            lines += ["umount /", "sync"]
+            with open(os.path.join(tmp, "vfat"), "wb") as f:
+                f.write(FILES_VFAT["/DOS.TXT"][2])
+            with open(os.path.join(tmp, "ntfs"), "wb") as f:
+                f.write(FILES_NTFS["/win.txt"][2])
+            script = os.path.join(tmp, "make.gf")
+            with open(script, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            run([GUESTFISH, "-f", script])
+            os.rename(img, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return raw
