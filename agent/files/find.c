@@ -96,15 +96,25 @@ index_targets(struct files_session *s, GPtrArray *targets, GPtrArray *out,
                                t->disk);
                 return false;
             }
-            fd = files_point_fd(s, t->point, errp);
-            bytes = fd < 0 ? -1 : files_catalog_write(fd, c, errp);
-            if (fd >= 0) {
-                close(fd);
-            }
-            if (bytes < 0) {
-                files_catalog_free(c);
-                g_prefix_error(errp, "%s/%s: ", s->o->vm, t->point->id);
-                return false;
+            {
+                g_autoptr(GError) werr = NULL;
+                fd = files_point_fd(s, t->point, &werr);
+                bytes = fd < 0 ? -1 : files_catalog_write(fd, c, &werr);
+                if (fd >= 0) {
+                    close(fd);
+                }
+                if (bytes < 0 && !out) {
+                    files_catalog_free(c);
+                    g_propagate_prefixed_error(errp, g_steal_pointer(&werr),
+                                               "%s/%s: ", s->o->vm,
+                                               t->point->id);
+                    return false;
+                }
+                if (bytes < 0) {
+                    /* find still answers; the next run indexes again */
+                    fprintf(stderr, "qbak find: %s/%s: catalog not saved: %s\n",
+                            s->o->vm, t->point->id, werr->message);
+                }
             }
             for (guint k = 0; k < c->fss->len; k++) {
                 struct files_fs *fs = c->fss->pdata[k];

@@ -13,6 +13,8 @@
 /* Names per lstatnslist call: a reply stays well under the protocol's
  * message limit (about 180 bytes a name). */
 #define STAT_BATCH 1000
+/* Appliance memory (MiB) unless LIBGUESTFS_MEMSIZE says otherwise. */
+#define FILES_APPLIANCE_MIB 640
 
 bool
 files_gerror(struct files_session *s, const char *what, GError **errp)
@@ -283,6 +285,14 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
     }
     /* Errors are reported once, by us, as one line. */
     guestfs_set_error_handler(s->g, NULL, NULL);
+    /* Every drive is read-only (a throwaway overlay): nothing to sync or
+     * unmount on close, which saves a round of appliance work. */
+    guestfs_set_autosync(s->g, 0);
+    /* The default (1280 MiB) lets the appliance's page cache grow past
+     * 1.5 GB while indexing many points; a walk reads each block once. */
+    if (!g_getenv("LIBGUESTFS_MEMSIZE")) {
+        guestfs_set_memsize(s->g, FILES_APPLIANCE_MIB);
+    }
     s->drives = g_ptr_array_new_with_free_func(g_free);
     for (guint k = 0; k < targets->len; k++) {
         struct files_target *t = targets->pdata[k];
@@ -461,6 +471,92 @@ files_list_fs(struct files_session *s, guint drive, GError **errp)
 fail:
     g_ptr_array_free(fss, true);
     return NULL;
+}
+
+/* The LVM physical volumes on drive i (partitions, or the whole disk). */
+static GPtrArray *
+drive_pvs(struct files_session *s, guint drive, GError **errp)
+{
+    const char *dev = s->drives->pdata[drive];
+    size_t n = strlen(dev);
+    GPtrArray *pvs = g_ptr_array_new_with_free_func(g_free);
+    char **parts = guestfs_list_partitions(s->g);
+    bool any = false;
+
+    if (!parts) {
+        files_gerror(s, "list_partitions", errp);
+        g_ptr_array_free(pvs, true);
+        return NULL;
+    }
+    for (char **p = parts; *p; p++) {
+        if (strncmp(*p, dev, n) == 0 && g_ascii_isdigit((*p)[n])) {
+            g_autofree char *t = vfs_type(s, *p);
+            any = true;
+            if (strcmp(t, "LVM2_member") == 0) {
+                g_ptr_array_add(pvs, g_strdup(*p));
+            }
+        }
+        free(*p);
+    }
+    free(parts);
+    if (!any) {
+        g_autofree char *t = vfs_type(s, dev);
+        if (strcmp(t, "LVM2_member") == 0) {
+            g_ptr_array_add(pvs, g_strdup(dev));
+        }
+    }
+    return pvs;
+}
+
+struct files_fs *
+files_named_fs(struct files_session *s, guint drive, const char *name,
+               GError **errp)
+{
+    const char *dev = s->drives->pdata[drive];
+    g_autofree char *d = NULL;
+    g_autoptr(GPtrArray) pvs = NULL;
+    struct files_fs *fs;
+    char *type;
+
+    if (strcmp(name, "disk") == 0) {
+        d = g_strdup(dev);
+    } else if (*name && strspn(name, "0123456789") == strlen(name) &&
+               strlen(name) < 4) {
+        d = g_strconcat(dev, name, NULL);
+    } else if (strchr(name, '/') && name[0] != '/' && !strstr(name, "..")) {
+        pvs = drive_pvs(s, drive, errp);
+        if (!pvs) {
+            return NULL;
+        }
+        if (pvs->len) {
+            g_ptr_array_add(pvs, NULL);
+            if (!lvm_select(s, (char **)pvs->pdata, errp)) {
+                return NULL;
+            }
+            d = g_strconcat("/dev/", name, NULL);
+        }
+    }
+    type = d ? guestfs_vfs_type(s->g, d) : NULL;
+    if (!type || skip_type(type)) {
+        /* not there: the slow way, for an error that names what is */
+        g_autoptr(GPtrArray) fss = NULL;
+        free(type);
+        fss = files_list_fs(s, drive, errp);
+        if (fss) {
+            files_pick_fs(fss, name, errp);
+        }
+        return NULL;
+    }
+    fs = files_fs_new();
+    fs->name = g_strdup(name);
+    fs->dev = g_steal_pointer(&d);
+    fs->type = g_strdup(type);
+    fs->label = g_strdup("");
+    free(type);
+    if (pvs) {
+        fs->pvs = g_strdupv((char **)pvs->pdata);
+    }
+    return fs;
 }
 
 static char *

@@ -77,6 +77,12 @@ void files_shutdown(struct files_session *s);
 /* The file systems on drive i (struct files_fs *, dev and type set). */
 GPtrArray *files_list_fs(struct files_session *s, guint drive, GError **errp);
 
+/* The file system named name ("1", "VG/LV", "disk") on drive i without
+ * listing the others (fast: no labels, sizes or other volumes), or NULL
+ * with an error naming the --fs values. */
+struct files_fs *files_named_fs(struct files_session *s, guint drive,
+                                const char *name, GError **errp);
+
 /* The file system --fs names (or the only one).  Borrowed from fss. */
 struct files_fs *files_pick_fs(GPtrArray *fss, const char *want, GError **errp);
 

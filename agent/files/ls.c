@@ -36,8 +36,23 @@ files_open_one(const struct files_opts *o, GPtrArray **fss,
 
     *fss = NULL;
     *fs = NULL;
-    if (!s || !files_launch_one(s, errp) ||
-        !(*fss = files_list_fs(s, 0, errp))) {
+    if (!s || !files_launch_one(s, errp)) {
+        goto fail;
+    }
+    if (o->fs && strcmp(o->fs, "os") != 0) {
+        /* --fs given: straight to it */
+        *fss = g_ptr_array_new_with_free_func((GDestroyNotify)files_fs_free);
+        *fs = files_named_fs(s, 0, o->fs, errp);
+        if (!*fs) {
+            goto fail;
+        }
+        g_ptr_array_add(*fss, *fs);
+        if (!files_mount(s, *fs, errp)) {
+            goto fail;
+        }
+        return s;
+    }
+    if (!(*fss = files_list_fs(s, 0, errp))) {
         goto fail;
     }
     if ((!o->fs && (*fss)->len > 1) || g_strcmp0(o->fs, "os") == 0) {
