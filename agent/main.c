@@ -25,6 +25,12 @@ static const struct cli_command commands[] = {
     {"unprotect", cmd_unprotect, "let prune remove a restore point again"},
     {"run", cmd_run, "back up (and prune) every VM of the host that is due"},
     {"status", cmd_status, "each VM's newest point against its RPO"},
+    {"ls", cmd_ls, "list a directory of a restore point"},
+    {"find", cmd_find, "find files across restore points"},
+    {"get", cmd_get, "copy files out of a restore point"},
+    {"mount", cmd_mount, "show a restore point as a read-only directory"},
+    {"umount", cmd_umount, "end a qbak mount"},
+    {"index", cmd_index, "write the file catalogs of restore points"},
 };
 
 static void
@@ -32,7 +38,7 @@ usage(FILE *f)
 {
     fputs("usage: qbak COMMAND [OPTIONS]\n\ncommands:\n", f);
     for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
-        fprintf(f, "  %-9s %s\n", commands[i].name, commands[i].summary);
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
     }
     fputs("\nqbak COMMAND --help shows the options of a command; "
           "man qbak-COMMAND tells more.\n",

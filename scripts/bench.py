@@ -39,6 +39,7 @@ import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_integrity  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_prune  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_host  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_files  # noqa: E402  (scripts/, on sys.path as the script's dir)
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -669,6 +670,7 @@ class Results:
         self.guest = None
         self.virtnbdbackup = None
         self.host = None
+        self.files = None
 
     def add(self, key, sample):
         sample.pop("json", None)
@@ -774,6 +776,8 @@ def report(args, lay, res, meta):
         P(line)
     for line in bench_host.report_lines(res.host):
         P(line)
+    for line in bench_files.report_lines(res.files):
+        P(line)
     P("")
     P("targets (issue 5), from the medians above")
     targets = []
@@ -808,6 +812,8 @@ def report(args, lay, res, meta):
            "<= 1.5")
     for t in bench_integrity.targets(res, ratio):
         target(*t)
+    for row in bench_files.targets(res.files):
+        target(*row)
     rss = res.vals("full.qbak", "rss_kib")
     v = max(rss) / 1024 if rss else None
     target("peak RSS of qbak, full of the %s disk (MiB)" % human(size), v,
@@ -942,7 +948,7 @@ def main():
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
     ap.add_argument("--skip", default="", help="comma list of: "
-                    "main,native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune,host")
+                    "main,native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune,host,files")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -992,6 +998,12 @@ def main():
             say("host: qbak run --all over %s VMs ..."
                 % ", ".join(map(str, bench_host.QUICK_COUNTS if args.quick else bench_host.COUNTS)))
             bench_host.host_step(args, work, res, sys.modules[__name__])
+        if "files" not in args.skip:
+            say("file-level access: index, find, ls, get ...")
+            try:
+                bench_files.files_step(args, work, res, sys.modules[__name__])
+            except (BenchError, RuntimeError, OSError) as e:
+                res.files = "failed: %s" % e
         if "virtnbdbackup" not in args.skip:
             virtnbdbackup_step(args, res)
         else:
@@ -1012,6 +1024,7 @@ def main():
                                                          "counts")},
            "summary": summary, "steps": res.steps, "targets": targets,
            "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "host": res.host,
+           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "files": res.files,
            "table": text}
     jpath = os.path.join(OUT, "results.json")
     with open(jpath + ".tmp", "w") as f:

@@ -12,6 +12,10 @@ pkgs=(
     systemd                                 # systemd-analyze verify (tests/integration/test-install.py)
     debhelper dpkg-dev fakeroot lintian man-db  # make deb, lintian
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # the libvirt recipe's test
+    libguestfs-dev libguestfs0              # ls, find, get, mount, index: libguestfs
+    libguestfs-xfs linux-image-amd64        #   xfs in its appliance; the appliance's kernel
+    fuse3                                   #   fusermount for qbak umount
+    libguestfs-tools fdisk                  #   tests: guestfish builds disks, sfdisk reads them
 )
 missing=()
 for p in "${pkgs[@]}"; do

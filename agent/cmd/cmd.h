@@ -14,5 +14,11 @@ int cmd_verify(int argc, char **argv);
 int cmd_unprotect(int argc, char **argv);
 int cmd_run(int argc, char **argv);
 int cmd_status(int argc, char **argv);
+int cmd_ls(int argc, char **argv);
+int cmd_find(int argc, char **argv);
+int cmd_get(int argc, char **argv);
+int cmd_mount(int argc, char **argv);
+int cmd_umount(int argc, char **argv);
+int cmd_index(int argc, char **argv);
 
 #endif

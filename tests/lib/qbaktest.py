@@ -407,3 +407,362 @@ class Guest(VM):
 
     def agent(self, timeout=60):
         return QGA(self.qga_sock, timeout)
+
+
+# ------------------------------------------------- file-level access (ls, find, get, mount)
+
+GUESTFISH = shutil.which("guestfish")
+FILES_MTIME = 1600000000  # every fixture path's mtime, unless a state changes it
+
+# The fixture disk's first partition (ext4) in state A: path -> (type, mode,
+# content or symlink target).  Names with control characters and a 255-byte
+# name are planted for get's name checks.
+FILES_LONG = "L" * 255
+FILES_EXT4_A = {
+    "/docs": ("dir", 0o755, None),
+    "/docs/a.txt": ("file", 0o644, b"alpha v1\n"),
+    "/docs/gone.txt": ("file", 0o600, b"deleted after the first point\n"),
+    "/docs/sub": ("dir", 0o750, None),
+    "/docs/sub/b.txt": ("file", 0o640, b"bee\n"),
+    "/docs/sub/link": ("symlink", 0o777, "../a.txt"),
+    "/docs/big.bin": ("file", 0o644, bytes(range(256)) * 1200),
+    "/escape": ("symlink", 0o777, "/etc"),
+    "/modes": ("dir", 0o755, None),
+    "/modes/ro.txt": ("file", 0o444, b"read only\n"),
+    "/modes/run.sh": ("file", 0o755, b"#!/bin/sh\necho hi\n"),
+    "/modes/suid": ("file", 0o4755, b"not really a binary\n"),
+    "/evil": ("dir", 0o755, None),
+    "/evil/ok.txt": ("file", 0o644, b"fine\n"),
+    "/evil/new\nline": ("file", 0o644, b"newline in my name\n"),
+    "/evil/esc\x1b[31mred": ("file", 0o644, b"escape sequence in my name\n"),
+    "/evil/up": ("symlink", 0o777, "../../../../../../../../tmp/qbak-files-escaped"),
+    "/evil/" + FILES_LONG: ("file", 0o644, b"long name\n"),
+}
+FILES_XFS = {
+    "/x": ("dir", 0o755, None),
+    "/x/y.txt": ("file", 0o644, b"xfs file\n"),
+    "/x/deep": ("dir", 0o755, None),
+    "/x/deep/z.txt": ("file", 0o600, b"deep in xfs\n"),
+}
+FILES_LVM = {
+    "/lvfile": ("file", 0o644, b"on lvm\n"),
+}
+
+
+def _gf_quote(s):
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7f:
+            out.append("\\x%02x" % ord(ch))
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _gf_populate(lines, tree, tmp):
+    for i, (path, (kind, mode, data)) in enumerate(sorted(tree.items())):
+        q = _gf_quote(path)
+        if kind == "dir":
+            lines.append("mkdir-p %s" % q)
+            lines.append("chmod 0%o %s" % (mode, q))
+        elif kind == "file":
+            src = os.path.join(tmp, "f%d-%d" % (len(lines), i))
+            with open(src, "wb") as f:
+                f.write(data)
+            lines.append("upload %s %s" % (_gf_quote(src), q))
+            lines.append("chmod 0%o %s" % (mode, q))
+        else:
+            lines.append("ln-s %s %s" % (_gf_quote(data), q))
+    for path, (kind, _, _) in sorted(tree.items(), reverse=True):
+        if kind != "symlink":
+            lines.append("utimens %s %d 0 %d 0" % (_gf_quote(path), FILES_MTIME, FILES_MTIME))
+
+
+def files_fixture():
+    """A 1 GiB GPT disk as a sparse raw file, made once with guestfish and
+    cached under build/files-fixture (keyed by this recipe): partition 1
+    ext4 (label data, FILES_EXT4_A), 2 xfs (label xdata, FILES_XFS), 3 an
+    LVM PV holding vg0/lv0, ext4 (FILES_LVM).  LVM is made inside the
+    appliance, which has its own device-mapper.  Returns (raw path,
+    partitions from sfdisk -J)."""
+    if not GUESTFISH:
+        log("SKIP: guestfish missing (scripts/install-deps.sh installs libguestfs-tools)")
+        sys.exit(SKIP)
+    import hashlib
+    recipe = repr((FILES_EXT4_A, FILES_XFS, FILES_LVM, FILES_MTIME, 3)).encode()
+    key = hashlib.sha256(recipe).hexdigest()[:16]
+    cache = os.path.join(ROOT, "build", "files-fixture")
+    raw = os.path.join(cache, "gpt-%s.raw" % key)
+    if not os.path.exists(raw):
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        try:
+            img = os.path.join(tmp, "disk.raw")
+            with open(img, "wb") as f:
+                f.truncate(1 << 30)
+            lines = ["add-drive %s format:raw" % _gf_quote(img), "run",
+                     "part-init /dev/sda gpt",
+                     "part-add /dev/sda p 2048 206847",
+                     "part-add /dev/sda p 206848 870399",
+                     "part-add /dev/sda p 870400 2095103",
+                     "mkfs ext4 /dev/sda1 label:data",
+                     "mkfs xfs /dev/sda2 label:xdata",
+                     "pvcreate /dev/sda3", "vgcreate vg0 /dev/sda3",
+                     "lvcreate-free lv0 vg0 100", "mkfs ext4 /dev/vg0/lv0",
+                     "mount /dev/sda1 /"]
+            _gf_populate(lines, FILES_EXT4_A, tmp)
+            lines += ["umount /", "mount /dev/sda2 /"]
+            _gf_populate(lines, FILES_XFS, tmp)
+            lines += ["umount /", "mount /dev/vg0/lv0 /"]
+            _gf_populate(lines, FILES_LVM, tmp)
+            lines += ["umount /", "sync"]
+            script = os.path.join(tmp, "make.gf")
+            with open(script, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            run([GUESTFISH, "-f", script])
+            os.rename(img, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    parts = json.loads(run(["sfdisk", "-J", raw]).stdout)["partitiontable"]["partitions"]
+    return raw, parts
+
+
+def debugfs(raw, offset, commands):
+    """Runs debugfs -w commands on the ext4 at offset in raw (no mount)."""
+    script = raw + ".debugfs"
+    with open(script, "w") as f:
+        f.write("\n".join(commands) + "\n")
+    p = run(["debugfs", "-w", "-f", script, "%s?offset=%d" % (raw, offset)])
+    os.unlink(script)
+    return p
+
+
+def write_diff(vm, dev, old_raw, new_raw, start, length, chunk=64 * 1024):
+    """Writes the chunks in which new_raw differs from old_raw (within
+    start..start+length) into the VM's disk through the device (HMP
+    qemu-io write -s), so the guest's disk becomes new_raw there and the
+    dirty bitmaps see every change.  Returns how many chunks."""
+    n = 0
+    buf = os.path.join(vm.dir, "chunk.bin")
+    with open(old_raw, "rb") as a, open(new_raw, "rb") as b:
+        off = start
+        while off < start + length:
+            a.seek(off)
+            b.seek(off)
+            x, y = a.read(chunk), b.read(chunk)
+            if x != y:
+                with open(buf, "wb") as f:
+                    f.write(y)
+                vm.io(dev, "write -s %s %d %d" % (buf, off, len(y)))
+                n += 1
+            off += chunk
+    vm.flush(dev)
+    return n
+
+
+def tree_hashes(top):
+    """sha256 of every file under top (path -> digest): repository files
+    must stay byte-identical."""
+    import hashlib
+    out = {}
+    for d, _, files in os.walk(top):
+        for f in files:
+            p = os.path.join(d, f)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for blk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(blk)
+            out[os.path.relpath(p, top)] = h.hexdigest()
+    return out
+
+
+FILES_STATES = [
+    # (debugfs commands on the ext4 partition, truth changes) from the
+    # previous state: B changes a.txt, deletes gone.txt, adds new.txt; C
+    # adds third.txt and leaves the rest as it was.
+    ([("rm", "/docs/a.txt"), ("write", "/docs/a.txt", b"alpha v2, longer now\n", 1600000100),
+      ("rm", "/docs/gone.txt"), ("write", "/docs/new.txt", b"added for point 2\n", 1600000200)]),
+    ([("write", "/docs/third.txt", b"added for point 3\n", 1600000300)]),
+]
+
+
+def files_points(w, vm_name="vm1"):
+    """Three qbak points of a running QEMU (paused vCPUs) whose disk is the
+    fixture (files_fixture()): state A, then B and C written through the
+    device (write_diff()), a backup after each.  Returns (repo, points,
+    truths, parts) where truths[i] is the ext4 partition's tree at
+    points[i] (path -> (type, mode, content or target, mtime))."""
+    fixture, parts = files_fixture()
+    ext4_off = parts[0]["start"] * 512
+    ext4_len = parts[0]["size"] * 512
+    raws = [os.path.join(w, "state0.raw")]
+    run(["cp", "--sparse=always", fixture, raws[0]])
+    truth = {p: (k, m, d, FILES_MTIME) for p, (k, m, d) in FILES_EXT4_A.items()}
+    truths = [dict(truth)]
+    for i, changes in enumerate(FILES_STATES):
+        raw = os.path.join(w, "state%d.raw" % (i + 1))
+        run(["cp", "--sparse=always", raws[-1], raw])
+        cmds = []
+        for c in changes:
+            if c[0] == "rm":
+                cmds.append('rm "%s"' % c[1])
+                truth.pop(c[1])
+            else:
+                _, path, data, mtime = c
+                src = os.path.join(w, "src%d" % len(cmds))
+                with open(src, "wb") as f:
+                    f.write(data)
+                d, name = os.path.split(path)
+                cmds += ['cd "%s"' % d, 'write "%s" "%s"' % (src, name),
+                         'sif "%s" mode 0100644' % name, 'sif "%s" mtime %d' % (name, mtime),
+                         "cd /"]
+                truth[path] = ("file", 0o644, data, mtime)
+        debugfs(raw, ext4_off, cmds)
+        raws.append(raw)
+        truths.append(dict(truth))
+    disk = os.path.join(w, "disk.qcow2")
+    run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", raws[0], disk])
+    repo = os.path.join(w, "repo")
+    vm = VM(w, [("vd0", disk, "qcow2")])
+    points = []
+    try:
+        for i in range(len(raws)):
+            if i:
+                n = write_diff(vm, "vd0", raws[i - 1], raws[i], ext4_off, ext4_len)
+                check(n > 0, "state %d: no change written" % i)
+            res = qbak_json("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", vm_name)
+            points.append(res["point"])
+    finally:
+        vm.stop()
+    for r in raws:
+        os.unlink(r)
+    return repo, points, truths, parts
+
+
+def check_repo_unchanged(before, after, new_ok=(".catalog",)):
+    """Every file of before is byte-identical in after; new files are only
+    lock files (.browse, .lock) and names ending in new_ok."""
+    for f, h in before.items():
+        check(after.get(f) == h, "repository file changed: %s" % f)
+    new = [f for f in after if f not in before
+           and os.path.basename(f) not in (".browse", ".lock")
+           and not f.endswith(tuple(new_ok))]
+    check(not new, "repository files added: %s" % new)
+
+
+FILES_OS_ROOT = {
+    "/etc": ("dir", 0o755, None),
+    "/etc/fstab": ("file", 0o644, b"LABEL=osroot / ext4 defaults 0 1\n"
+                   b"LABEL=osdata /srv ext4 defaults 0 2\n"),
+    "/etc/os-release": ("file", 0o644, b'ID=debian\nVERSION_ID="12"\n'
+                        b'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n'),
+    "/etc/debian_version": ("file", 0o644, b"12.0\n"),
+    "/bin": ("dir", 0o755, None),
+    "/bin/sh": ("file", 0o755, b"#!not really\n"),
+    "/srv": ("dir", 0o755, None),
+}
+FILES_OS_SRV = {
+    "/hello.txt": ("file", 0o644, b"from the second partition, mounted at /srv\n"),
+}
+
+
+def files_os_fixture():
+    """A small disk that looks like an installed Linux to libguestfs's
+    inspection: partition 1 the root (its /etc/fstab mounts LABEL=osdata on
+    /srv), partition 2 that file system.  Cached like files_fixture()."""
+    if not GUESTFISH:
+        log("SKIP: guestfish missing (scripts/install-deps.sh installs libguestfs-tools)")
+        sys.exit(SKIP)
+    import hashlib
+    key = hashlib.sha256(repr((FILES_OS_ROOT, FILES_OS_SRV, 1)).encode()).hexdigest()[:16]
+    cache = os.path.join(ROOT, "build", "files-fixture")
+    raw = os.path.join(cache, "os-%s.raw" % key)
+    if not os.path.exists(raw):
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        try:
+            img = os.path.join(tmp, "disk.raw")
+            with open(img, "wb") as f:
+                f.truncate(128 << 20)
+            lines = ["add-drive %s format:raw" % _gf_quote(img), "run",
+                     "part-init /dev/sda gpt",
+                     "part-add /dev/sda p 2048 131071",
+                     "part-add /dev/sda p 131072 260095",
+                     "mkfs ext4 /dev/sda1 label:osroot",
+                     "mkfs ext4 /dev/sda2 label:osdata",
+                     "mount /dev/sda1 /"]
+            _gf_populate(lines, FILES_OS_ROOT, tmp)
+            lines += ["umount /", "mount /dev/sda2 /"]
+            _gf_populate(lines, FILES_OS_SRV, tmp)
+            lines += ["umount /", "sync"]
+            script = os.path.join(tmp, "make.gf")
+            with open(script, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            run([GUESTFISH, "-f", script])
+            os.rename(img, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return raw
+
+
+FILES_BTRFS = {
+    "/top.txt": ("file", 0o644, b"on btrfs\n"),
+    "/dir": ("dir", 0o755, None),
+    "/dir/inner.txt": ("file", 0o600, b"inner btrfs file\n"),
+}
+FILES_VFAT = {
+    "/DOS.TXT": ("file", 0o755, b"on vfat\n"),
+}
+FILES_NTFS = {
+    "/win.txt": ("file", 0o777, b"on ntfs\n"),
+}
+
+
+def files_mbr_fixture():
+    """An MBR disk: partition 1 btrfs (with a subvolume sub), 2 vfat, 3
+    ntfs, populated in libguestfs's appliance.  Cached like
+    files_fixture()."""
+    if not GUESTFISH:
+        log("SKIP: guestfish missing (scripts/install-deps.sh installs libguestfs-tools)")
+        sys.exit(SKIP)
+    import hashlib
+    key = hashlib.sha256(repr((FILES_BTRFS, FILES_VFAT, FILES_NTFS, 1)).encode()).hexdigest()[:16]
+    cache = os.path.join(ROOT, "build", "files-fixture")
+    raw = os.path.join(cache, "mbr-%s.raw" % key)
+    if not os.path.exists(raw):
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        try:
+            img = os.path.join(tmp, "disk.raw")
+            with open(img, "wb") as f:
+                f.truncate(768 << 20)
+            lines = ["add-drive %s format:raw" % _gf_quote(img), "run",
+                     "part-init /dev/sda mbr",
+                     "part-add /dev/sda p 2048 1050623",
+                     "part-add /dev/sda p 1050624 1312767",
+                     "part-add /dev/sda p 1312768 1572863",
+                     "mkfs btrfs /dev/sda1", "mkfs vfat /dev/sda2", "mkfs ntfs /dev/sda3",
+                     "mount /dev/sda1 /", "btrfs-subvolume-create /sub",
+                     "write /sub/in-subvolume.txt \"in a subvolume\\n\""]
+            _gf_populate(lines, FILES_BTRFS, tmp)
+            lines += ["umount /", "mount /dev/sda2 /"]
+            lines += ["upload %s /DOS.TXT" % _gf_quote(os.path.join(tmp, "vfat"))]
+            lines += ["umount /", "mount /dev/sda3 /"]
+            lines += ["upload %s /win.txt" % _gf_quote(os.path.join(tmp, "ntfs"))]
+            lines += ["umount /", "sync"]
+            with open(os.path.join(tmp, "vfat"), "wb") as f:
+                f.write(FILES_VFAT["/DOS.TXT"][2])
+            with open(os.path.join(tmp, "ntfs"), "wb") as f:
+                f.write(FILES_NTFS["/win.txt"][2])
+            script = os.path.join(tmp, "make.gf")
+            with open(script, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            run([GUESTFISH, "-f", script])
+            os.rename(img, raw)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return raw

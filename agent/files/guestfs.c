@@ -1,0 +1,877 @@
+/* The appliance and the points in it: see guestfs.h. */
+#include "agent/files/guestfs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "agent/error.h"
+
+/* Names per lstatnslist call: a reply stays well under the protocol's
+ * message limit (about 180 bytes a name). */
+#define STAT_BATCH 1000
+/* Appliance memory (MiB) unless LIBGUESTFS_MEMSIZE says otherwise. */
+#define FILES_APPLIANCE_MIB 640
+
+bool
+files_gerror(struct files_session *s, const char *what, GError **errp)
+{
+    const char *msg = s->g ? guestfs_last_error(s->g) : NULL;
+
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED, "%s: %s", what,
+                msg ? msg : "failed");
+    return false;
+}
+
+char *
+files_time_iso(int64_t t)
+{
+    g_autoptr(GDateTime) d = g_date_time_new_from_unix_utc(t);
+
+    if (!d) {
+        return g_strdup_printf("@%" G_GINT64_FORMAT, t);
+    }
+    return g_date_time_format(d, "%Y-%m-%dT%H:%M:%SZ");
+}
+
+const char *
+files_point_disk_file(const struct restore_point *p, const char *disk)
+{
+    json_t *d = restore_point_disk(p, disk);
+    return d ? json_string_value(json_object_get(d, "file")) : NULL;
+}
+
+/* The disks of the given points, sorted, without repeats. */
+static GPtrArray *
+disks_of(GPtrArray *points)
+{
+    GPtrArray *names = g_ptr_array_new_with_free_func(g_free);
+
+    for (guint k = 0; k < points->len; k++) {
+        struct restore_point *p = points->pdata[k];
+        size_t i;
+        json_t *d;
+        json_array_foreach(json_object_get(p->manifest, "disks"), i, d)
+        {
+            const char *n = json_string_value(json_object_get(d, "disk"));
+            bool seen = false;
+            for (guint j = 0; n && j < names->len; j++) {
+                seen = seen || strcmp(names->pdata[j], n) == 0;
+            }
+            if (n && !seen) {
+                g_ptr_array_add(names, g_strdup(n));
+            }
+        }
+    }
+    g_ptr_array_sort(names, (GCompareFunc)g_strcmp0);
+    return names;
+}
+
+static char *
+join_names(GPtrArray *names)
+{
+    GString *s = g_string_new(NULL);
+    for (guint i = 0; i < names->len; i++) {
+        g_string_append_printf(s, "%s%s", i ? ", " : "",
+                               (char *)names->pdata[i]);
+    }
+    return g_string_free(s, false);
+}
+
+static struct restore_point *
+point_by_id(GPtrArray *all, const char *id)
+{
+    for (guint k = 0; k < all->len; k++) {
+        struct restore_point *p = all->pdata[k];
+        if (strcmp(p->id, id) == 0) {
+            return p;
+        }
+    }
+    return NULL;
+}
+
+/* Points named by spec ("all", "ID", "FROM..TO", "FROM..", "..TO"), oldest
+ * first. */
+static GPtrArray *
+points_by_spec(struct files_session *s, const char *spec, GError **errp)
+{
+    GPtrArray *out = g_ptr_array_new();
+    const char *dots = spec ? strstr(spec, "..") : NULL;
+    g_autofree char *from = NULL, *to = NULL;
+
+    if (!spec || strcmp(spec, "all") == 0) {
+        g_ptr_array_extend(out, s->all, NULL, NULL);
+        return out;
+    }
+    if (!dots) {
+        struct restore_point *p = point_by_id(s->all, spec);
+        if (!p) {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                        "%s: no committed point %s", s->o->vm, spec);
+            g_ptr_array_free(out, true);
+            return NULL;
+        }
+        g_ptr_array_add(out, p);
+        return out;
+    }
+    from = g_strndup(spec, dots - spec);
+    to = g_strdup(dots + 2);
+    for (guint k = 0; k < s->all->len; k++) {
+        struct restore_point *p = s->all->pdata[k];
+        if ((!*from || strcmp(p->id, from) >= 0) &&
+            (!*to || strcmp(p->id, to) <= 0)) {
+            g_ptr_array_add(out, p);
+        }
+    }
+    return out;
+}
+
+static bool
+choose_disk(struct files_session *s, GPtrArray *candidates, GError **errp)
+{
+    g_autoptr(GPtrArray) names = disks_of(candidates);
+    g_autofree char *list = join_names(names);
+
+    if (s->o->disk) {
+        for (guint i = 0; i < names->len; i++) {
+            if (strcmp(names->pdata[i], s->o->disk) == 0) {
+                s->disk = g_strdup(s->o->disk);
+                return true;
+            }
+        }
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                    "%s: no disk %s in the chosen points (disks: %s)", s->o->vm,
+                    s->o->disk, names->len ? list : "none");
+        return false;
+    }
+    if (names->len != 1) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                    names->len ? "%s: several disks (%s): choose one with "
+                                 "--disk"
+                               : "%s: no disk in the chosen points%s",
+                    s->o->vm, list);
+        return false;
+    }
+    s->disk = g_strdup(names->pdata[0]);
+    return true;
+}
+
+struct files_session *
+files_session_open(const struct files_opts *o, bool many, bool any_disk,
+                   GError **errp)
+{
+    struct files_session *s = g_new0(struct files_session, 1);
+    g_autoptr(GPtrArray) cand = NULL;
+
+    s->o = o;
+    s->repo =
+        repo_vm_open(o->repo, o->vm, false, REPO_LOCK_BROWSE, o->wait_ms, errp);
+    if (!s->repo || !(s->all = repo_list_points(s->repo, errp))) {
+        goto fail;
+    }
+    if (s->all->len == 0) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                    "%s: no committed restore point", o->vm);
+        goto fail;
+    }
+    if (many) {
+        cand = points_by_spec(s, o->points, errp);
+    } else {
+        cand = points_by_spec(s, o->point, errp);
+        if (cand && !o->point) {
+            /* the newest point decides the default disk */
+            g_ptr_array_remove_range(cand, 0, cand->len - 1);
+        }
+    }
+    if (!cand || (!(any_disk && !o->disk) && !choose_disk(s, cand, errp))) {
+        goto fail;
+    }
+    s->sel = g_ptr_array_new();
+    if (!many && !o->point) {
+        g_ptr_array_set_size(cand, 0);
+        g_ptr_array_extend(cand, s->all, NULL, NULL);
+    }
+    for (guint k = 0; k < cand->len; k++) {
+        if (!s->disk || files_point_disk_file(cand->pdata[k], s->disk)) {
+            g_ptr_array_add(s->sel, cand->pdata[k]);
+        }
+    }
+    if (!many && s->sel->len > 1) {
+        g_ptr_array_remove_range(s->sel, 0, s->sel->len - 1);
+    }
+    if (s->sel->len == 0) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                    "%s: no chosen point holds disk %s", o->vm,
+                    s->disk ? s->disk : "any");
+        goto fail;
+    }
+    return s;
+fail:
+    files_session_free(s);
+    return NULL;
+}
+
+void
+files_shutdown(struct files_session *s)
+{
+    if (s->g) {
+        guestfs_shutdown(s->g);
+        guestfs_close(s->g);
+        s->g = NULL;
+    }
+    if (s->drives) {
+        g_ptr_array_free(s->drives, true);
+        s->drives = NULL;
+    }
+    g_clear_pointer(&s->lvm_filter, g_free);
+    s->btrfs_mounted = false;
+}
+
+void
+files_session_free(struct files_session *s)
+{
+    if (!s) {
+        return;
+    }
+    files_shutdown(s);
+    if (s->sel) {
+        g_ptr_array_free(s->sel, true);
+    }
+    if (s->all) {
+        g_ptr_array_free(s->all, true);
+    }
+    repo_vm_close(s->repo);
+    g_free(s->disk);
+    g_free(s);
+}
+
+int
+files_point_fd(struct files_session *s, const struct restore_point *p,
+               GError **errp)
+{
+    int fd = openat(s->repo->vm_fd, p->id,
+                    O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "%s/%s: %s", s->o->vm, p->id, g_strerror(errno));
+    }
+    return fd;
+}
+
+bool
+files_launch_one(struct files_session *s, GError **errp)
+{
+    struct files_target t = {s->sel->pdata[0], s->disk};
+    g_autoptr(GPtrArray) v = g_ptr_array_new();
+
+    g_ptr_array_add(v, &t);
+    return files_launch(s, v, errp);
+}
+
+bool
+files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
+{
+    g_autofree char *base = g_canonicalize_filename(s->repo->repo_path, NULL);
+
+    files_shutdown(s);
+    s->g = guestfs_create();
+    if (!s->g) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                    "libguestfs: cannot create a handle");
+        return false;
+    }
+    /* Errors are reported once, by us, as one line. */
+    guestfs_set_error_handler(s->g, NULL, NULL);
+    /* Every drive is read-only (a throwaway overlay): nothing to sync or
+     * unmount on close, which saves a round of appliance work. */
+    guestfs_set_autosync(s->g, 0);
+    /* The default (1280 MiB) lets the appliance's page cache grow past
+     * 1.5 GB while indexing many points; a walk reads each block once. */
+    if (!g_getenv("LIBGUESTFS_MEMSIZE")) {
+        guestfs_set_memsize(s->g, FILES_APPLIANCE_MIB);
+    }
+    s->drives = g_ptr_array_new_with_free_func(g_free);
+    for (guint k = 0; k < targets->len; k++) {
+        struct files_target *t = targets->pdata[k];
+        struct restore_point *p = t->point;
+        const char *file = files_point_disk_file(p, t->disk);
+        g_autofree char *path = NULL;
+        struct guestfs_add_drive_opts_argv a = {
+            .bitmask = GUESTFS_ADD_DRIVE_OPTS_READONLY_BITMASK |
+                       GUESTFS_ADD_DRIVE_OPTS_FORMAT_BITMASK |
+                       GUESTFS_ADD_DRIVE_OPTS_CACHEMODE_BITMASK,
+            .readonly = 1,
+            .format = "qcow2",
+            /* only the throwaway overlay is written */
+            .cachemode = "unsafe",
+        };
+
+        if (!file || !repo_name_valid(file, "file", errp)) {
+            if (errp && !*errp) {
+                g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
+                            "%s: no file for disk %s", p->id, t->disk);
+            }
+            g_prefix_error(errp, "%s/%s: ", s->o->vm, p->id);
+            return false;
+        }
+        path = g_build_filename(base, s->o->vm, p->id, file, NULL);
+        if (guestfs_add_drive_opts_argv(s->g, path, &a) < 0) {
+            return files_gerror(s, path, errp);
+        }
+    }
+    {
+        gint64 t0 = g_get_monotonic_time();
+        if (guestfs_launch(s->g) < 0) {
+            return files_gerror(s, "libguestfs: launch", errp);
+        }
+        s->launch_s += (g_get_monotonic_time() - t0) / 1e6;
+    }
+    s->launches++;
+    {
+        char **devs = guestfs_list_devices(s->g);
+        if (!devs) {
+            return files_gerror(s, "list_devices", errp);
+        }
+        for (char **d = devs; *d; d++) {
+            g_ptr_array_add(s->drives, *d);
+        }
+        free(devs);
+    }
+    if (s->drives->len != targets->len) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                    "libguestfs: %u drives added, %u seen", targets->len,
+                    s->drives->len);
+        return false;
+    }
+    return true;
+}
+
+static char *
+vfs_type(struct files_session *s, const char *dev)
+{
+    char *t = guestfs_vfs_type(s->g, dev);
+    return t ? t : g_strdup("");
+}
+
+/* The LVM filter selects these PVs (one point's) and no other copy. */
+static bool
+lvm_select(struct files_session *s, char **pvs, GError **errp)
+{
+    g_autofree char *key = g_strjoinv(" ", pvs);
+
+    if (s->lvm_filter && strcmp(s->lvm_filter, key) == 0) {
+        return true;
+    }
+    if (guestfs_lvm_set_filter(s->g, pvs) < 0) {
+        return files_gerror(s, "lvm_set_filter", errp);
+    }
+    g_free(s->lvm_filter);
+    s->lvm_filter = g_steal_pointer(&key);
+    return true;
+}
+
+static struct files_fs *
+fs_new(struct files_session *s, const char *name, const char *dev, char *type)
+{
+    struct files_fs *fs = files_fs_new();
+    char *label = guestfs_vfs_label(s->g, dev);
+    int64_t size = guestfs_blockdev_getsize64(s->g, dev);
+
+    fs->name = g_strdup(name);
+    fs->dev = g_strdup(dev);
+    fs->type = type;
+    fs->label = label ? label : g_strdup("");
+    fs->size = size < 0 ? 0 : size;
+    return fs;
+}
+
+static bool
+skip_type(const char *t)
+{
+    return !*t || strcmp(t, "swap") == 0 || strcmp(t, "LVM2_member") == 0;
+}
+
+static bool
+add_lvs(struct files_session *s, GPtrArray *pvs, GPtrArray *fss, GError **errp)
+{
+    char **lvs;
+
+    g_ptr_array_add(pvs, NULL);
+    if (!lvm_select(s, (char **)pvs->pdata, errp)) {
+        return false;
+    }
+    lvs = guestfs_lvs(s->g);
+    if (!lvs) {
+        return files_gerror(s, "lvs", errp);
+    }
+    for (char **lv = lvs; *lv; lv++) {
+        char *t = vfs_type(s, *lv);
+        if (!skip_type(t) && g_str_has_prefix(*lv, "/dev/")) {
+            struct files_fs *fs = fs_new(s, *lv + 5, *lv, t);
+            fs->pvs = g_strdupv((char **)pvs->pdata);
+            g_ptr_array_add(fss, fs);
+        } else {
+            g_free(t);
+        }
+        free(*lv);
+    }
+    free(lvs);
+    return true;
+}
+
+GPtrArray *
+files_list_fs(struct files_session *s, guint drive, GError **errp)
+{
+    const char *dev = s->drives->pdata[drive];
+    size_t n = strlen(dev);
+    GPtrArray *fss =
+        g_ptr_array_new_with_free_func((GDestroyNotify)files_fs_free);
+    g_autoptr(GPtrArray) pvs = g_ptr_array_new_with_free_func(g_free);
+    char **parts = guestfs_list_partitions(s->g);
+    bool any = false;
+
+    if (!parts) {
+        files_gerror(s, "list_partitions", errp);
+        goto fail;
+    }
+    for (char **p = parts; *p; p++) {
+        if (strncmp(*p, dev, n) == 0 && g_ascii_isdigit((*p)[n])) {
+            char *t = vfs_type(s, *p);
+            any = true;
+            if (strcmp(t, "LVM2_member") == 0) {
+                g_ptr_array_add(pvs, g_strdup(*p));
+            }
+            if (!skip_type(t)) {
+                g_ptr_array_add(fss, fs_new(s, *p + n, *p, t));
+            } else {
+                g_free(t);
+            }
+        }
+        free(*p);
+    }
+    free(parts);
+    if (!any) {
+        char *t = vfs_type(s, dev);
+        if (strcmp(t, "LVM2_member") == 0) {
+            g_ptr_array_add(pvs, g_strdup(dev));
+        }
+        if (!skip_type(t)) {
+            g_ptr_array_add(fss, fs_new(s, "disk", dev, t));
+        } else {
+            g_free(t);
+        }
+    }
+    if (pvs->len && !add_lvs(s, pvs, fss, errp)) {
+        goto fail;
+    }
+    return fss;
+fail:
+    g_ptr_array_free(fss, true);
+    return NULL;
+}
+
+/* The LVM physical volumes on drive i (partitions, or the whole disk). */
+static GPtrArray *
+drive_pvs(struct files_session *s, guint drive, GError **errp)
+{
+    const char *dev = s->drives->pdata[drive];
+    size_t n = strlen(dev);
+    GPtrArray *pvs = g_ptr_array_new_with_free_func(g_free);
+    char **parts = guestfs_list_partitions(s->g);
+    bool any = false;
+
+    if (!parts) {
+        files_gerror(s, "list_partitions", errp);
+        g_ptr_array_free(pvs, true);
+        return NULL;
+    }
+    for (char **p = parts; *p; p++) {
+        if (strncmp(*p, dev, n) == 0 && g_ascii_isdigit((*p)[n])) {
+            g_autofree char *t = vfs_type(s, *p);
+            any = true;
+            if (strcmp(t, "LVM2_member") == 0) {
+                g_ptr_array_add(pvs, g_strdup(*p));
+            }
+        }
+        free(*p);
+    }
+    free(parts);
+    if (!any) {
+        g_autofree char *t = vfs_type(s, dev);
+        if (strcmp(t, "LVM2_member") == 0) {
+            g_ptr_array_add(pvs, g_strdup(dev));
+        }
+    }
+    return pvs;
+}
+
+struct files_fs *
+files_named_fs(struct files_session *s, guint drive, const char *name,
+               GError **errp)
+{
+    const char *dev = s->drives->pdata[drive];
+    g_autofree char *d = NULL;
+    g_autoptr(GPtrArray) pvs = NULL;
+    struct files_fs *fs;
+    char *type;
+
+    if (strcmp(name, "disk") == 0) {
+        d = g_strdup(dev);
+    } else if (*name && strspn(name, "0123456789") == strlen(name) &&
+               strlen(name) < 4) {
+        d = g_strconcat(dev, name, NULL);
+    } else if (strchr(name, '/') && name[0] != '/' && !strstr(name, "..")) {
+        pvs = drive_pvs(s, drive, errp);
+        if (!pvs) {
+            return NULL;
+        }
+        if (pvs->len) {
+            g_ptr_array_add(pvs, NULL);
+            if (!lvm_select(s, (char **)pvs->pdata, errp)) {
+                return NULL;
+            }
+            d = g_strconcat("/dev/", name, NULL);
+        }
+    }
+    type = d ? guestfs_vfs_type(s->g, d) : NULL;
+    if (!type || skip_type(type)) {
+        /* not there: the slow way, for an error that names what is */
+        g_autoptr(GPtrArray) fss = NULL;
+        free(type);
+        fss = files_list_fs(s, drive, errp);
+        if (fss) {
+            files_pick_fs(fss, name, errp);
+        }
+        return NULL;
+    }
+    fs = files_fs_new();
+    fs->name = g_strdup(name);
+    fs->dev = g_steal_pointer(&d);
+    fs->type = g_strdup(type);
+    fs->label = g_strdup("");
+    free(type);
+    if (pvs) {
+        fs->pvs = g_strdupv((char **)pvs->pdata);
+    }
+    return fs;
+}
+
+static char *
+fs_list(GPtrArray *fss)
+{
+    GString *str = g_string_new(NULL);
+    for (guint i = 0; i < fss->len; i++) {
+        struct files_fs *fs = fss->pdata[i];
+        g_string_append_printf(str, "%s%s (%s)", i ? ", " : "", fs->name,
+                               fs->type);
+    }
+    return g_string_free(str, false);
+}
+
+struct files_fs *
+files_pick_fs(GPtrArray *fss, const char *want, GError **errp)
+{
+    g_autofree char *list = fs_list(fss);
+
+    if (want) {
+        for (guint i = 0; i < fss->len; i++) {
+            struct files_fs *fs = fss->pdata[i];
+            if (strcmp(fs->name, want) == 0) {
+                return fs;
+            }
+        }
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                    "no file system %s on this disk (--fs values: %s)", want,
+                    fss->len ? list : "none");
+        return NULL;
+    }
+    if (fss->len == 1) {
+        return fss->pdata[0];
+    }
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                fss->len ? "several file systems on this disk: choose one "
+                           "with --fs (%s)"
+                         : "no file system found on this disk%s",
+                list);
+    return NULL;
+}
+
+bool
+files_needs_relaunch(struct files_session *s, const struct files_fs *fs)
+{
+    return s->btrfs_mounted && g_strcmp0(fs->type, "btrfs") == 0;
+}
+
+bool
+files_mount(struct files_session *s, struct files_fs *fs, GError **errp)
+{
+    bool xfs = g_strcmp0(fs->type, "xfs") == 0;
+
+    if (fs->pvs && !lvm_select(s, fs->pvs, errp)) {
+        return false;
+    }
+    /* Read-only on the overlay: ext4 and xfs still replay their journal
+     * there.  nouuid: several xfs copies of one file system. */
+    if (guestfs_mount_options(s->g, xfs ? "ro,nouuid" : "ro", fs->dev, "/") <
+        0) {
+        g_autofree char *what =
+            g_strdup_printf("mount %s (%s)", fs->name, fs->type);
+        return files_gerror(s, what, errp);
+    }
+    if (g_strcmp0(fs->type, "btrfs") == 0) {
+        s->btrfs_mounted = true;
+    }
+    return true;
+}
+
+static gint
+mountpoint_cmp(gconstpointer a, gconstpointer b)
+{
+    const char *const *x = *(const char *const **)a;
+    const char *const *y = *(const char *const **)b;
+    size_t lx = strlen(x[0]), ly = strlen(y[0]);
+    return lx < ly ? -1 : lx > ly ? 1 : strcmp(x[0], y[0]);
+}
+
+static void
+strv_free_all(char **v)
+{
+    for (char **p = v; p && *p; p++) {
+        free(*p);
+    }
+    free(v);
+}
+
+struct files_fs *
+files_mount_os(struct files_session *s, GError **errp)
+{
+    char **roots = guestfs_inspect_os(s->g);
+    char **mps = NULL;
+    g_autoptr(GPtrArray) pairs = g_ptr_array_new();
+    struct files_fs *fs = NULL;
+
+    if (!roots) {
+        files_gerror(s, "inspect_os", errp);
+        return NULL;
+    }
+    if (!roots[0] || roots[1]) {
+        goto out; /* none, or several: no single view to show */
+    }
+    mps = guestfs_inspect_get_mountpoints(s->g, roots[0]);
+    if (!mps) {
+        files_gerror(s, "inspect_get_mountpoints", errp);
+        goto out;
+    }
+    for (char **p = mps; p[0] && p[1]; p += 2) {
+        g_ptr_array_add(pairs, p);
+    }
+    /* parents before what is mounted on them */
+    g_ptr_array_sort(pairs, mountpoint_cmp);
+    for (guint i = 0; i < pairs->len; i++) {
+        char **pr = pairs->pdata[i];
+        g_autofree char *type = vfs_type(s, pr[1]);
+        bool xfs = strcmp(type, "xfs") == 0;
+
+        if (guestfs_mount_options(s->g, xfs ? "ro,nouuid" : "ro", pr[1],
+                                  pr[0]) < 0) {
+            if (strcmp(pr[0], "/") == 0) {
+                files_gerror(s, "mount the guest's /", errp);
+                goto out;
+            }
+            /* a missing mount point or an unreadable file system: the
+             * rest of the view stays useful */
+            continue;
+        }
+    }
+    fs = files_fs_new();
+    fs->name = g_strdup("os");
+    fs->type = g_strdup("os");
+    fs->label = g_strdup("");
+out:
+    strv_free_all(roots);
+    strv_free_all(mps);
+    return fs;
+}
+
+bool
+files_umount(struct files_session *s, GError **errp)
+{
+    struct guestfs_umount_opts_argv a = {0};
+
+    if (guestfs_umount_opts_argv(s->g, "/", &a) < 0) {
+        return files_gerror(s, "umount", errp);
+    }
+    return true;
+}
+
+/* Appends the lstat data of names (in dir) to entries. */
+static bool
+stat_batch(struct files_session *s, const char *dir, GPtrArray *names,
+           GArray *entries, GError **errp)
+{
+    for (guint off = 0; off < names->len; off += STAT_BATCH) {
+        guint n = MIN(STAT_BATCH, names->len - off);
+        g_autofree char **v = g_new0(char *, n + 1);
+        struct guestfs_statns_list *st;
+
+        memcpy(v, names->pdata + off, n * sizeof(char *));
+        st = guestfs_lstatnslist(s->g, dir, v);
+        if (!st) {
+            return files_gerror(s, "lstatnslist", errp);
+        }
+        for (guint i = 0; i < st->len && i < n; i++) {
+            struct guestfs_statns *t = &st->val[i];
+            struct files_entry e = {0};
+            if (t->st_ino < 0) {
+                continue; /* vanished? the fs is read-only: odd, skip */
+            }
+            e.path = strcmp(dir, "/") == 0 ? g_strconcat("/", v[i], NULL)
+                                           : g_strconcat(dir, "/", v[i], NULL);
+            e.mode = (uint32_t)t->st_mode;
+            e.type = files_type_of_mode(e.mode);
+            e.size = t->st_size < 0 ? 0 : (uint64_t)t->st_size;
+            e.mtime = t->st_mtime_sec;
+            g_array_append_val(entries, e);
+        }
+        guestfs_free_statns_list(st);
+    }
+    return true;
+}
+
+/* find0's output (NUL-separated names relative to "/"), read back. */
+static GBytes *
+find_all(struct files_session *s, const char *root, GError **errp)
+{
+    int fd = memfd_create("qbak-find0", MFD_CLOEXEC);
+    g_autofree char *path = NULL;
+    struct stat st;
+    GByteArray *b;
+    off_t off = 0;
+
+    if (fd < 0) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
+                    "memfd_create: %s", g_strerror(errno));
+        return NULL;
+    }
+    path = g_strdup_printf("/proc/self/fd/%d", fd);
+    if (guestfs_find0(s->g, root, path) < 0 || fstat(fd, &st) < 0) {
+        close(fd);
+        files_gerror(s, "find0", errp);
+        return NULL;
+    }
+    b = g_byte_array_sized_new(st.st_size + 1);
+    g_byte_array_set_size(b, st.st_size);
+    while (off < st.st_size) {
+        ssize_t n = pread(fd, b->data + off, st.st_size - off, off);
+        if (n <= 0) {
+            break;
+        }
+        off += n;
+    }
+    close(fd);
+    g_byte_array_set_size(b, off);
+    return g_byte_array_free_to_bytes(b);
+}
+
+GArray *
+files_walk(struct files_session *s, const char *root, GError **errp)
+{
+    g_autoptr(GBytes) names = find_all(s, root, errp);
+    bool root_slash = strcmp(root, "/") == 0;
+    g_autoptr(GHashTable) dirs = NULL;
+    GArray *entries;
+    gsize len;
+    const char *p, *end;
+    GHashTableIter it;
+    gpointer k, v;
+
+    if (!names) {
+        return NULL;
+    }
+    dirs = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                 (GDestroyNotify)g_ptr_array_unref);
+    p = g_bytes_get_data(names, &len);
+    end = p + len;
+    while (p < end) {
+        const char *z = memchr(p, 0, end - p);
+        size_t n = z ? (size_t)(z - p) : (size_t)(end - p);
+        g_autofree char *rel = g_strndup(p, n);
+        char *name = rel, *slash;
+        g_autofree char *dir = NULL;
+        GPtrArray *list;
+
+        p += n + 1;
+        if (g_str_has_prefix(name, "./")) {
+            name += 2;
+        }
+        while (*name == '/') {
+            name++;
+        }
+        if (!*name) {
+            continue;
+        }
+        slash = strrchr(name, '/');
+        if (slash) {
+            *slash = 0;
+            dir = g_strconcat(root_slash ? "" : root, "/", name, NULL);
+            *slash = '/';
+        } else {
+            dir = g_strdup(root);
+        }
+        list = g_hash_table_lookup(dirs, dir);
+        if (!list) {
+            list = g_ptr_array_new_with_free_func(g_free);
+            g_hash_table_insert(dirs, g_strdup(dir), list);
+        }
+        g_ptr_array_add(list, g_strdup(slash ? slash + 1 : name));
+    }
+    entries = files_entries_new();
+    g_hash_table_iter_init(&it, dirs);
+    while (g_hash_table_iter_next(&it, &k, &v)) {
+        if (!stat_batch(s, k, v, entries, errp)) {
+            g_array_unref(entries);
+            return NULL;
+        }
+    }
+    files_entries_sort(entries);
+    return entries;
+}
+
+char *
+files_resolve(struct files_session *s, const char *path, GError **errp)
+{
+    g_autofree char *canon = NULL;
+    g_autofree char *dir = NULL;
+    g_autofree char *base = NULL;
+    char *rdir;
+    char *out;
+
+    if (!path || path[0] != '/') {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND,
+                    "%s: a path inside the guest file system starts with /",
+                    path ? path : "");
+        return NULL;
+    }
+    canon = g_canonicalize_filename(path, "/");
+    if (strcmp(canon, "/") == 0) {
+        return g_strdup("/");
+    }
+    dir = g_path_get_dirname(canon);
+    base = g_path_get_basename(canon);
+    /* realpath runs chrooted into the guest file system, so a symlink
+     * there resolves against the guest's root, never the appliance's. */
+    rdir = guestfs_realpath(s->g, dir);
+    if (!rdir) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_NOT_FOUND, "%s: %s", path,
+                    guestfs_last_error(s->g) ? guestfs_last_error(s->g)
+                                             : "not found");
+        return NULL;
+    }
+    out = strcmp(rdir, "/") == 0 ? g_strconcat("/", base, NULL)
+                                 : g_strconcat(rdir, "/", base, NULL);
+    free(rdir);
+    return out;
+}

@@ -1,0 +1,119 @@
+/* The way into restore points: libguestfs's appliance, with each chosen
+ * point's top qcow2 layer added as a read-only drive (its chain follows by
+ * the relative backing files).  Read-only drives get a throwaway overlay,
+ * so a crash-consistent journal is replayed there and the repository stays
+ * byte-identical; nothing is ever mounted with the journal ignored.
+ *
+ * Points of one disk carry the same LVM and file-system ids: the LVM
+ * filter selects one point's physical volumes at a time, xfs is mounted
+ * with nouuid, and a second btrfs copy needs a fresh appliance
+ * (files_needs_relaunch()).  One file system is mounted at a time, at the
+ * appliance's "/".
+ */
+#ifndef QBAK_AGENT_FILES_GUESTFS_H
+#define QBAK_AGENT_FILES_GUESTFS_H
+
+#include <glib.h>
+#include <guestfs.h>
+#include <stdbool.h>
+
+#include "agent/files/catalog.h"
+#include "agent/repo.h"
+
+struct files_opts {
+    const char *repo;
+    const char *vm;
+    const char *point;  /* one point (default: the newest) */
+    const char *points; /* all, ID, FROM..TO (find, index) */
+    const char *disk;
+    const char *fs;
+    int wait_ms;
+    bool progress;
+};
+
+struct files_session {
+    const struct files_opts *o;
+    struct repo_vm *repo; /* REPO_LOCK_BROWSE: prune waits, backups go on */
+    GPtrArray *all;       /* every committed point (owned) */
+    GPtrArray *sel;       /* selected points, oldest first (borrowed) */
+    char *disk;           /* NULL: every disk (index) */
+    guestfs_h *g;
+    GPtrArray *drives;  /* appliance device of each drive */
+    char *lvm_filter;   /* PVs the LVM filter selects now, or NULL */
+    bool btrfs_mounted; /* a btrfs was mounted in this launch */
+    unsigned launches;
+    double launch_s; /* time spent in appliance launches */
+};
+
+/* A disk at a point: what one drive shows. */
+struct files_target {
+    struct restore_point *point; /* borrowed */
+    const char *disk;            /* borrowed */
+};
+
+/* Opens the VM (browse lock), selects points and the disk.  many: the
+ * points come from o->points (default all), else o->point (default the
+ * newest).  Only points holding the disk count.  any_disk: without
+ * --disk, every disk (s->disk NULL) instead of the only one. */
+struct files_session *files_session_open(const struct files_opts *o, bool many,
+                                         bool any_disk, GError **errp);
+
+/* The disk file of point p, or NULL. */
+const char *files_point_disk_file(const struct restore_point *p,
+                                  const char *disk);
+void files_session_free(struct files_session *s);
+
+/* The point directory fd of p (close it). */
+int files_point_fd(struct files_session *s, const struct restore_point *p,
+                   GError **errp);
+
+/* Starts an appliance with one read-only drive per target (struct
+ * files_target *, borrowed).  Ends an earlier one first. */
+bool files_launch(struct files_session *s, GPtrArray *targets, GError **errp);
+/* Starts an appliance with the one selected point's disk. */
+bool files_launch_one(struct files_session *s, GError **errp);
+void files_shutdown(struct files_session *s);
+
+/* The file systems on drive i (struct files_fs *, dev and type set). */
+GPtrArray *files_list_fs(struct files_session *s, guint drive, GError **errp);
+
+/* The file system named name ("1", "VG/LV", "disk") on drive i without
+ * listing the others (fast: no labels, sizes or other volumes), or NULL
+ * with an error naming the --fs values. */
+struct files_fs *files_named_fs(struct files_session *s, guint drive,
+                                const char *name, GError **errp);
+
+/* The file system --fs names (or the only one).  Borrowed from fss. */
+struct files_fs *files_pick_fs(GPtrArray *fss, const char *want, GError **errp);
+
+/* The guest's own view of an operating-system disk: inspection finds its
+ * root and the mount points of its /etc/fstab, all mounted read-only under
+ * "/".  Returns a file system named "os", or NULL: with errp set on a
+ * failure, unset when no single operating system is found.  Slow (about
+ * 20 s under TCG): only when no --fs is given, or --fs os. */
+struct files_fs *files_mount_os(struct files_session *s, GError **errp);
+
+/* Whether mounting fs needs a fresh appliance (a second btrfs copy). */
+bool files_needs_relaunch(struct files_session *s, const struct files_fs *fs);
+
+/* Mounts fs read-only at the appliance's "/" (journal replayed into the
+ * overlay); files_umount() undoes it. */
+bool files_mount(struct files_session *s, struct files_fs *fs, GError **errp);
+bool files_umount(struct files_session *s, GError **errp);
+
+/* Every path under root (a resolved directory) with lstat data, sorted
+ * by path; root itself is not listed. */
+GArray *files_walk(struct files_session *s, const char *root, GError **errp);
+
+/* The path with its directories resolved inside the guest file system
+ * (symlinks there never lead out of it) and its last component not
+ * followed: "/" or "/a/b". */
+char *files_resolve(struct files_session *s, const char *path, GError **errp);
+
+/* Sets errp from the handle's last error, prefixed with what. */
+bool files_gerror(struct files_session *s, const char *what, GError **errp);
+
+/* ISO 8601 UTC of t. */
+char *files_time_iso(int64_t t);
+
+#endif
