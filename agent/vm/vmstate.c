@@ -14,6 +14,7 @@
 
 #include "agent/error.h"
 #include "agent/recover.h"
+#include "agent/vm/qmp_sync.h"
 
 #define MARKER ".vmstate-pending"
 #define FDNAME "qbak-vmstate"
@@ -142,79 +143,14 @@ marker_remove(int vm_fd)
 
 /* ---- the guardian: a child that resumes the VM if qbak dies --------- */
 
-static int
-guard_connect(const char *path)
-{
-    struct sockaddr_un sun = {.sun_family = AF_UNIX};
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-    g_strlcpy(sun.sun_path, path, sizeof(sun.sun_path));
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
-        if (fd >= 0) {
-            close(fd);
-        }
-        return -1;
-    }
-    return fd;
-}
-
-/* One line from fd into buf (bounded), within timeout_ms. */
-static json_t *
-guard_read(int fd, GString *buf, int timeout_ms)
-{
-    gint64 deadline = qmp_now_ms() + timeout_ms;
-
-    for (;;) {
-        char *nl = memchr(buf->str, '\n', buf->len);
-        if (nl) {
-            json_t *j = json_loadb(buf->str, (size_t)(nl - buf->str), 0, NULL);
-            g_string_erase(buf, 0, (gssize)(nl - buf->str + 1));
-            return j ? j : json_object();
-        }
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        gint64 left = deadline - qmp_now_ms();
-        char chunk[4096];
-        ssize_t n;
-        if (left <= 0 || poll(&p, 1, (int)left) <= 0 ||
-            (n = read(fd, chunk, sizeof(chunk))) <= 0 ||
-            buf->len > (1u << 20)) {
-            return NULL;
-        }
-        g_string_append_len(buf, chunk, n);
-    }
-}
-
-/* Execute one command; the reply (new reference) or NULL. */
-static json_t *
-guard_call(int fd, GString *buf, const char *cmd, json_t *args)
-{
-    json_auto_t *msg = json_pack("{s:s}", "execute", cmd);
-    g_autofree char *text = NULL;
-
-    if (args) {
-        json_object_set_new(msg, "arguments", args);
-    }
-    text = json_dumps(msg, JSON_COMPACT);
-    if (write(fd, text, strlen(text)) < 0 || write(fd, "\n", 1) < 0) {
-        return NULL;
-    }
-    for (;;) {
-        json_t *r = guard_read(fd, buf, 30000);
-        if (!r || json_object_get(r, "return") || json_object_get(r, "error")) {
-            return r;
-        }
-        json_decref(r);
-    }
-}
-
 static void
-guard_undo(int fd, GString *buf, bool was_running, json_int_t bandwidth)
+guard_undo(int fd, bool was_running, json_int_t bandwidth)
 {
     json_t *r;
     const char *st;
 
     for (int i = 0; i < 300; i++) {
-        r = guard_call(fd, buf, "query-migrate", NULL);
+        r = qmp_sync_call(fd, "query-migrate", NULL, 30000);
         st = json_string_value(
             json_object_get(json_object_get(r, "return"), "status"));
         bool busy = st && (!strcmp(st, "active") || !strcmp(st, "setup") ||
@@ -223,26 +159,28 @@ guard_undo(int fd, GString *buf, bool was_running, json_int_t bandwidth)
         if (!r || !busy) {
             break;
         }
-        json_decref(guard_call(fd, buf, "migrate_cancel", NULL));
+        json_decref(qmp_sync_call(fd, "migrate_cancel", NULL, 30000));
         usleep(100000);
     }
-    r = guard_call(fd, buf, "query-status", NULL);
+    r = qmp_sync_call(fd, "query-status", NULL, 30000);
     st = json_string_value(
         json_object_get(json_object_get(r, "return"), "status"));
     if (was_running && st && strcmp(st, "running") && strcmp(st, "prelaunch")) {
-        json_decref(guard_call(fd, buf, "cont", NULL));
+        json_decref(qmp_sync_call(fd, "cont", NULL, 30000));
     }
     json_decref(r);
-    json_decref(
-        guard_call(fd, buf, "migrate-set-capabilities",
-                   json_pack("{s:[{s:s, s:b}]}", "capabilities", "capability",
-                             "background-snapshot", "state", 0)));
+    json_decref(qmp_sync_call(fd, "migrate-set-capabilities",
+                              json_pack("{s:[{s:s, s:b}]}", "capabilities",
+                                        "capability", "background-snapshot",
+                                        "state", 0),
+                              30000));
     if (bandwidth >= 0) {
-        json_decref(guard_call(fd, buf, "migrate-set-parameters",
-                               json_pack("{s:I}", "max-bandwidth", bandwidth)));
+        json_decref(qmp_sync_call(
+            fd, "migrate-set-parameters",
+            json_pack("{s:I}", "max-bandwidth", bandwidth), 30000));
     }
-    json_decref(
-        guard_call(fd, buf, "closefd", json_pack("{s:s}", "fdname", FDNAME)));
+    json_decref(qmp_sync_call(fd, "closefd",
+                              json_pack("{s:s}", "fdname", FDNAME), 30000));
 }
 
 G_GNUC_NORETURN static void
@@ -251,7 +189,6 @@ guardian_main(struct vmstate *v, int pipe_fd)
     char c;
     ssize_t n;
     int fd = -1;
-    g_autoptr(GString) buf = g_string_new(NULL);
 
     /* Not our parent's terminal's signals: only its death matters. */
     setsid();
@@ -266,16 +203,13 @@ guardian_main(struct vmstate *v, int pipe_fd)
     }
     /* qbak died: its monitor connection closed with it, QEMU takes ours. */
     for (int i = 0; i < 300 && fd < 0; i++) {
-        fd = guard_connect(v->qmp_path);
+        fd = qmp_sync_open(v->qmp_path, 30000);
         if (fd < 0) {
             usleep(100000);
         }
     }
     if (fd >= 0) {
-        json_t *greeting = guard_read(fd, buf, 30000);
-        json_decref(greeting);
-        json_decref(guard_call(fd, buf, "qmp_capabilities", NULL));
-        guard_undo(fd, buf, v->was_running, v->old_bandwidth);
+        guard_undo(fd, v->was_running, v->old_bandwidth);
         close(fd);
         marker_remove(v->repo->vm_fd);
     }
