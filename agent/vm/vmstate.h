@@ -8,8 +8,11 @@
  * (.vmstate-pending) and a guardian process make sure a killed qbak never
  * leaves the guest paused nor a snapshot running: the guardian, a child
  * that waits on a pipe, takes over the monitor when qbak dies (its
- * connection closes with it), cancels the migration and resumes the VM;
- * the next run does the same from the marker if the guardian died too.
+ * connection closes with it), lets a snapshot already armed complete
+ * (never cancels it: QEMU 7.2 removes the write protection only on
+ * success, a cancelled snapshot leaves the guest hung), resumes the VM and
+ * undoes the migration settings; the next run does the same from the
+ * marker if the guardian died too.
  * The state file is preallocated before the vCPUs stop, so a full file
  * system fails the backup before anything happens in QEMU (a
  * background snapshot that fails on QEMU 7.2 leaves the guest
@@ -35,7 +38,7 @@ enum vmstate_mode {
 struct vmstate;
 
 /* A marker says a killed run may have left the VM paused or a snapshot
- * running: cancel it, resume the VM, undo our migration settings.
+ * running: let it complete, resume the VM, undo our migration settings.
  * Appends what it did to done. */
 bool vmstate_recover(struct qmp_client *qmp, struct repo_vm *repo,
                      int timeout_ms, GPtrArray *done, GError **errp);
@@ -64,7 +67,7 @@ bool vmstate_start(struct vmstate *v, bool transaction_ok, GError **errp);
  * fsync the file. */
 bool vmstate_finish(struct vmstate *v, GError **errp);
 
-/* Every path: cancel a snapshot still running, resume a VM we stopped,
+/* Every path: wait for a snapshot still running, resume a VM we stopped,
  * undo the capabilities, close the fd in QEMU, dismiss the guardian,
  * remove the marker.  Idempotent. */
 void vmstate_cleanup(struct vmstate *v);
