@@ -1,6 +1,15 @@
 /* The backup state machine: plan, start in one transaction, receive, commit
- * before finalize.  See DESIGN.md sections 1 and 3 for why this order keeps
- * "nothing lost". */
+ * before finalize.
+ *
+ * Why this order keeps "nothing lost": each point owns a persistent bitmap
+ * generation, added just before the transaction, so it records a superset
+ * of the writes after the point.  An incremental copies what the previous
+ * generation recorded and leaves it untouched (bitmap-mode=never); the
+ * previous generation is removed only after the new point is durable.  A
+ * crash anywhere therefore leaves a generation that covers every change
+ * since the last committed point, and a disk image swapped for an older
+ * copy (which carries an older generation) is noticed and backed up in
+ * full. */
 #include "agent/backup.h"
 
 #include <errno.h>
@@ -216,7 +225,7 @@ bitmap_problem(struct disk *d, json_t *last, const char *bitmap)
     return NULL;
 }
 
-/* Decide full or incremental for one disk (DESIGN.md section 3). */
+/* Decide full or incremental for one disk (see the bitmap rules above). */
 static void
 plan_disk(struct backup *b, struct disk *d)
 {

@@ -1,5 +1,4 @@
-/* qbak backup: one consistent point in time of a VM's disks (DESIGN.md
- * section 1). */
+/* qbak backup: one consistent point in time of a VM's disks. */
 #ifndef QBAK_AGENT_BACKUP_H
 #define QBAK_AGENT_BACKUP_H
 

@@ -68,7 +68,8 @@ bool backup_jobs_still_pending(struct backup *b, GError **errp);
 /* Cancel (optional) our jobs, wait (bounded) until they concluded, dismiss
  * them. */
 void backup_jobs_conclude(struct backup *b, bool cancel);
-/* job-finalize after the commit: QEMU advances the bitmaps; then dismiss. */
+/* job-finalize after the commit (no bitmap changes: bitmap-mode=never),
+ * then dismiss. */
 void backup_jobs_finalize(struct backup *b, GPtrArray *warnings);
 
 #endif

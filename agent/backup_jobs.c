@@ -1,6 +1,6 @@
 /* Our block jobs in QEMU: wait for them to reach PENDING (all data
  * received), check them before the commit, finalize after it, cancel on
- * failure, dismiss.  See DESIGN.md section 1. */
+ * failure, dismiss. */
 #include "agent/backup_int.h"
 
 #include <stdio.h>
@@ -225,7 +225,9 @@ backup_jobs_conclude(struct backup *b, bool cancel)
     }
 }
 
-/* Finalize makes QEMU advance the bitmaps: only after the commit. */
+/* After the commit: the jobs were started with bitmap-mode=never, so
+ * finalizing changes no bitmap; it ends the jobs (and their hold on the
+ * previous generation, which the caller then removes). */
 void
 backup_jobs_finalize(struct backup *b, GPtrArray *warnings)
 {

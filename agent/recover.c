@@ -114,7 +114,8 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
             !strcmp(st, "null")) {
             continue;
         }
-        /* Only a committed point may let QEMU advance its bitmap. */
+        /* A committed point's job is finished as a normal run would;
+         * anything else is cancelled. Neither touches a bitmap. */
         verb =
             committed && !strcmp(st, "pending") ? "job-finalize" : "job-cancel";
         json_decref(qmp_client_call(qmp, verb, json_pack("{s:s}", "id", id),

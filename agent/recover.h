@@ -1,5 +1,5 @@
 /* What a crashed or killed qbak left behind, cleaned up before any new work
- * on a VM's chain (DESIGN.md section 3, RELIABILITY.md).  Also the names
+ * on a VM's chain.  Also the names
  * that mark what qbak creates in QEMU as this repository's. */
 #ifndef QBAK_AGENT_RECOVER_H
 #define QBAK_AGENT_RECOVER_H
@@ -17,10 +17,10 @@ char *recover_qemu_prefix(const struct repo_vm *r);
 char *recover_job_id(const struct repo_vm *r, const char *point, unsigned k);
 char *recover_node_name(const struct repo_vm *r, unsigned k);
 
-/* Our jobs in QEMU: finalized when their point was committed (QEMU may
- * then advance the bitmap), cancelled otherwise; then dismissed.  Our NBD
- * nodes are deleted.  Each action is appended to `done` as a sentence.
- * The caller holds the VM's lock. */
+/* Our jobs in QEMU: finalized when their point was committed, cancelled
+ * otherwise (bitmap-mode=never: neither changes a bitmap); then dismissed.  Our
+ * NBD nodes are deleted.  Each action is appended to `done` as a sentence. The
+ * caller holds the VM's lock. */
 bool recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
                   GPtrArray *done, GError **errp);
 

@@ -1,6 +1,6 @@
 /* The repository: one directory per VM, one directory per committed restore
- * point, each holding a manifest and one qcow2 file per disk (DESIGN.md
- * section 2).  Everything is opened relative to directory fds with
+ * point, each holding a manifest and one qcow2 file per disk (README.md,
+ * "The repository").  Everything is opened relative to directory fds with
  * O_NOFOLLOW, so a planted symlink cannot redirect a write.
  */
 #ifndef QBAK_AGENT_REPO_H

@@ -106,18 +106,21 @@ bool qcow2_writer_finish(struct qcow2_writer *w, GError **errp);
 bool qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp);
 bool qcow2_writer_write_header(struct qcow2_writer *w, GError **errp);
 
-/* An existing image of the chain opened as `self' (a reader whose top
- * layer is that image, borrowed; the file is fd, open read-write,
- * borrowed) made writable again, to fold another layer into it:
- * guest writes overwrite its data clusters in place or append new ones,
- * and finish writes fresh tables after the end of the file and a header
- * that points at them, the old tables becoming free clusters.  Backing
- * file name, cluster size and virtual size stay.  sums: the image's
- * checksums (borrowed), or NULL when it has none: the result then has
- * none either (qcow2_writer_sums returns NULL). */
-struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *self,
-                                         const struct qcow2_sums *sums,
-                                         GError **errp);
+/* Layer depth of chain (borrowed), an existing image whose file is fd
+ * (open read-write, the same file; borrowed), made writable again to
+ * fold another layer into it: guest writes of whole clusters overwrite
+ * its data clusters in place or append new ones (a write of part of a
+ * cluster it lacks fails), and finish writes fresh tables after the end of
+ * the file and a header that points at them, the old tables becoming free
+ * clusters.  Backing file name, cluster size and virtual size stay.  A
+ * reopened writer keeps no checksums (qcow2_writer_sums returns NULL):
+ * those of a merge come from the layers' own (qcow2_sums_overlay). */
+struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *chain,
+                                         unsigned depth, GError **errp);
+/* After the header written by a reopened writer is durable: gives the
+ * free clusters back to the file system (hole punching; where the file
+ * system cannot, they stay as they are).  Best effort, no error. */
+void qcow2_writer_punch_free(struct qcow2_writer *w);
 
 /* Bytes of the image file after finish (header, data and metadata). */
 uint64_t qcow2_writer_file_size(const struct qcow2_writer *w);
@@ -125,7 +128,8 @@ uint64_t qcow2_writer_file_size(const struct qcow2_writer *w);
 uint64_t qcow2_writer_data_bytes(const struct qcow2_writer *w);
 uint64_t qcow2_writer_zero_bytes(const struct qcow2_writer *w);
 /* After finish: the checksums of the layer (io/qcow2_sums.h), one entry
- * per data or zero cluster, or NULL for a reopened image that had none.
+ * per data cluster and per run of zero clusters, or NULL for a reopened
+ * image.
  * Borrowed: valid until qcow2_writer_free. */
 const struct qcow2_sums *qcow2_writer_sums(const struct qcow2_writer *w);
 
@@ -153,6 +157,9 @@ uint64_t qcow2_reader_virtual_size(const struct qcow2_reader *r);
 unsigned qcow2_reader_cluster_bits(const struct qcow2_reader *r);
 /* Backing file name as stored in the top image's header, or NULL. */
 const char *qcow2_reader_backing_file(const struct qcow2_reader *r);
+/* The same for layer depth. */
+const char *qcow2_reader_layer_backing_file(const struct qcow2_reader *r,
+                                            unsigned depth);
 /* Images in the chain: 1 for an image without a backing file. */
 unsigned qcow2_reader_chain_depth(const struct qcow2_reader *r);
 
@@ -164,6 +171,8 @@ int qcow2_reader_layer_fd(const struct qcow2_reader *r, unsigned depth);
 uint64_t qcow2_reader_layer_file_size(const struct qcow2_reader *r,
                                       unsigned depth);
 uint64_t qcow2_reader_layer_virtual_size(const struct qcow2_reader *r,
+                                         unsigned depth);
+unsigned qcow2_reader_layer_cluster_bits(const struct qcow2_reader *r,
                                          unsigned depth);
 /* Opened with sums: the layer's checksums, or NULL when its file is
  * missing or damaged; *why (borrowed) then says which ("no checksum
@@ -248,8 +257,8 @@ typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
  * can simply be run again.
  * Every cluster read from the top layer is checked against its checksums
  * before it is written: damage fails the merge (G_FILE_ERROR_INVAL), the
- * header unwritten.  *merged_sums: the parent's checksums with the top's over them,
- * or NULL when either layer has none. */
+ * header unwritten.  *merged_sums: the parent's checksums with the top's over
+ * them, or NULL when either layer has none. */
 bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_sums **merged_sums,
                      struct qcow2_merge_stats *stats,

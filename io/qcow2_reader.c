@@ -18,26 +18,8 @@
 
 #include "io/file.h"
 #include "io/qcow2.h"
-
-/* Format constants (QEMU docs/interop/qcow2.txt); the writer has its own
- * copy of the few it needs. */
-#define QCOW2_MAGIC 0x514649fbU
-#define QCOW2_V2_HEADER_LEN 72
-#define QCOW2_V3_HEADER_LEN 104
-#define QCOW2_EXT_END 0x00000000U
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
-#define QCOW2_MAX_BACKING_NAME 1023
-/* QEMU refuses L1 tables larger than this (QCOW_MAX_L1_SIZE). */
-#define QCOW2_MAX_L1_BYTES (UINT64_C(32) << 20)
-
-#define INCOMPAT_DIRTY (UINT64_C(1) << 0)
-
-#define L1E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
-#define L1E_RESERVED_MASK UINT64_C(0x7f000000000001ff)
-#define L2E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
-#define L2E_RESERVED_MASK UINT64_C(0x3f000000000001fe)
-#define L2E_COMPRESSED (UINT64_C(1) << 62)
-#define L2E_ZERO UINT64_C(1)
+#include "io/qcow2_format.h"
+#include "io/qcow2_sums.h"
 
 /* L2 tables cached per layer.  A restore walks the disk in order, so one
  * table is hot at a time; a few more absorb a chain whose layers
@@ -66,6 +48,9 @@ struct qcow2_layer {
     uint64_t l1_entries;
     uint64_t use_clock;
     struct l2_cache_entry cache[L2_CACHE_SIZE];
+    char *backing_name;      /* as stored in the header, or NULL */
+    struct qcow2_sums *sums; /* loaded when asked and valid, else NULL */
+    char *sums_why;          /* asked but NULL: why */
 };
 
 struct qcow2_reader {
@@ -86,19 +71,6 @@ struct layer_run {
     uint64_t host_offset;
     uint64_t len;
 };
-
-static uint32_t
-load_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
-           (uint32_t)p[3];
-}
-
-static uint64_t
-load_be64(const uint8_t *p)
-{
-    return (uint64_t)load_be32(p) << 32 | load_be32(p + 4);
-}
 
 /* pread() that reads everything or says why not; a file shorter than its
  * own metadata claims is corrupt, not an I/O error. */
@@ -144,6 +116,9 @@ layer_free(struct qcow2_layer *l)
         g_free(l->cache[i].table);
     }
     g_free(l->l1);
+    g_free(l->backing_name);
+    qcow2_sums_free(l->sums);
+    g_free(l->sums_why);
     if (l->fd >= 0) {
         close(l->fd);
     }
@@ -185,8 +160,8 @@ parse_extensions(struct qcow2_layer *l, const uint8_t *hdr, uint64_t start,
             return corrupt(errp, l, "truncated header extension at %" PRIu64,
                            off);
         }
-        uint32_t type = load_be32(hdr + off);
-        uint32_t len = load_be32(hdr + off + 4);
+        uint32_t type = qcow2_load_be32(hdr + off);
+        uint32_t len = qcow2_load_be32(hdr + off + 4);
         off += 8;
         if (type == QCOW2_EXT_END) {
             break;
@@ -227,20 +202,20 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     if (!read_exact(l->fd, fixed, have, 0, l->name, "header", errp)) {
         return false;
     }
-    if (load_be32(fixed) != QCOW2_MAGIC) {
+    if (qcow2_load_be32(fixed) != QCOW2_MAGIC) {
         return corrupt(errp, l, "not a qcow2 image (bad magic)");
     }
-    uint32_t version = load_be32(fixed + 4);
+    uint32_t version = qcow2_load_be32(fixed + 4);
     if (version != 2 && version != 3) {
         return corrupt(errp, l, "unsupported qcow2 version %u", version);
     }
-    uint64_t backing_offset = load_be64(fixed + 8);
-    uint32_t backing_len = load_be32(fixed + 16);
-    uint32_t cluster_bits = load_be32(fixed + 20);
-    uint64_t virtual_size = load_be64(fixed + 24);
-    uint32_t crypt_method = load_be32(fixed + 32);
-    uint32_t l1_size = load_be32(fixed + 36);
-    uint64_t l1_offset = load_be64(fixed + 40);
+    uint64_t backing_offset = qcow2_load_be64(fixed + QCOW2_HDR_BACKING_OFFSET);
+    uint32_t backing_len = qcow2_load_be32(fixed + QCOW2_HDR_BACKING_LEN);
+    uint32_t cluster_bits = qcow2_load_be32(fixed + QCOW2_HDR_CLUSTER_BITS);
+    uint64_t virtual_size = qcow2_load_be64(fixed + QCOW2_HDR_SIZE);
+    uint32_t crypt_method = qcow2_load_be32(fixed + 32);
+    uint32_t l1_size = qcow2_load_be32(fixed + QCOW2_HDR_L1_SIZE);
+    uint64_t l1_offset = qcow2_load_be64(fixed + QCOW2_HDR_L1_OFFSET);
     uint64_t incompat = 0;
     uint32_t header_len = QCOW2_V2_HEADER_LEN;
 
@@ -248,9 +223,10 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
         if (have < QCOW2_V3_HEADER_LEN) {
             return corrupt(errp, l, "file too short for a qcow2 v3 header");
         }
-        incompat = load_be64(fixed + 72);
-        uint32_t refcount_order = load_be32(fixed + 96);
-        header_len = load_be32(fixed + 100);
+        incompat = qcow2_load_be64(fixed + QCOW2_HDR_INCOMPAT);
+        uint32_t refcount_order =
+            qcow2_load_be32(fixed + QCOW2_HDR_REFCOUNT_ORDER);
+        header_len = qcow2_load_be32(fixed + QCOW2_HDR_HEADER_LEN);
         if (refcount_order > 6) {
             return corrupt(errp, l, "invalid refcount order %u",
                            refcount_order);
@@ -272,12 +248,12 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     }
     /* The dirty bit only says refcounts may be stale; a reader does not
      * use them.  Every other bit changes how data is found. */
-    if (incompat & ~INCOMPAT_DIRTY) {
+    if (incompat & ~QCOW2_INCOMPAT_DIRTY) {
         return corrupt(errp, l,
                        "unsupported incompatible features 0x%" PRIx64
                        " (corrupt, external data file, compression type or "
                        "extended L2)",
-                       incompat & ~INCOMPAT_DIRTY);
+                       incompat & ~QCOW2_INCOMPAT_DIRTY);
     }
     if (crypt_method != 0) {
         return corrupt(errp, l, "encrypted images are not supported");
@@ -438,8 +414,33 @@ fail:
     return NULL;
 }
 
-struct qcow2_reader *
-qcow2_reader_open(int dirfd, const char *path, GError **errp)
+/* The checksums beside layer l (opened as dirfd/path): kept when they
+ * describe this image, otherwise the reason is kept. */
+static void
+layer_load_sums(struct qcow2_layer *l, int dirfd, const char *path)
+{
+    g_autofree char *name = g_strconcat(path, QCOW2_SUMS_SUFFIX, NULL);
+    g_autoptr(GError) err = NULL;
+    struct qcow2_sums *s = qcow2_sums_read(dirfd, name, &err);
+
+    if (s == NULL) {
+        l->sums_why = g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_NOENT)
+                          ? g_strdup_printf("%s: no checksum file", l->name)
+                          : g_strdup(err->message);
+        return;
+    }
+    if (qcow2_sums_cluster_bits(s) != l->cluster_bits ||
+        qcow2_sums_virtual_size(s) != l->virtual_size) {
+        l->sums_why = g_strdup_printf(
+            "%s: damaged checksum file: describes another image", name);
+        qcow2_sums_free(s);
+        return;
+    }
+    l->sums = s;
+}
+
+static struct qcow2_reader *
+reader_open(int dirfd, const char *path, bool with_sums, GError **errp)
 {
     struct qcow2_reader *r = g_new0(struct qcow2_reader, 1);
     g_autofree char *cur = g_strdup(path);
@@ -464,11 +465,15 @@ qcow2_reader_open(int dirfd, const char *path, GError **errp)
                 goto fail;
             }
         }
+        if (with_sums) {
+            layer_load_sums(l, cur_dirfd, cur);
+        }
         r->layers = g_renew(struct qcow2_layer *, r->layers, r->n_layers + 1);
         r->layers[r->n_layers++] = l;
         if (r->n_layers == 1 && backing != NULL) {
             r->backing_file = g_strdup(backing);
         }
+        l->backing_name = g_strdup(backing);
         if (backing == NULL) {
             break;
         }
@@ -511,6 +516,18 @@ fail:
     return NULL;
 }
 
+struct qcow2_reader *
+qcow2_reader_open(int dirfd, const char *path, GError **errp)
+{
+    return reader_open(dirfd, path, false, errp);
+}
+
+struct qcow2_reader *
+qcow2_reader_open_with_sums(int dirfd, const char *path, GError **errp)
+{
+    return reader_open(dirfd, path, true, errp);
+}
+
 void
 qcow2_reader_free(struct qcow2_reader *r)
 {
@@ -547,6 +564,54 @@ unsigned
 qcow2_reader_chain_depth(const struct qcow2_reader *r)
 {
     return r->n_layers;
+}
+
+const char *
+qcow2_reader_layer_backing_file(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->backing_name;
+}
+
+const char *
+qcow2_reader_layer_name(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->name;
+}
+
+int
+qcow2_reader_layer_fd(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->fd;
+}
+
+uint64_t
+qcow2_reader_layer_file_size(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->file_size;
+}
+
+uint64_t
+qcow2_reader_layer_virtual_size(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->virtual_size;
+}
+
+unsigned
+qcow2_reader_layer_cluster_bits(const struct qcow2_reader *r, unsigned depth)
+{
+    return r->layers[depth]->cluster_bits;
+}
+
+const struct qcow2_sums *
+qcow2_reader_layer_sums(const struct qcow2_reader *r, unsigned depth,
+                        const char **why)
+{
+    const struct qcow2_layer *l = r->layers[depth];
+
+    if (why != NULL) {
+        *why = l->sums_why;
+    }
+    return l->sums;
 }
 
 /* The L2 table at host offset off, from the cache or the file. */
@@ -599,11 +664,11 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
     uint64_t l1_index = c >> l->l2_bits;
     uint64_t l1e = l->l1[l1_index];
 
-    if (l1e & L1E_RESERVED_MASK) {
+    if (l1e & QCOW2_L1E_RESERVED_MASK) {
         return corrupt(errp, l, "L1 entry %" PRIu64 " has reserved bits set",
                        l1_index);
     }
-    uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
+    uint64_t l2_offset = l1e & QCOW2_L1E_OFFSET_MASK;
     if (l2_offset == 0) {
         *kind = CLUSTER_UNALLOCATED;
         return true;
@@ -613,23 +678,23 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
         return false;
     }
     uint64_t e = l2[c & ((UINT64_C(1) << l->l2_bits) - 1)];
-    if (e & L2E_COMPRESSED) {
+    if (e & QCOW2_OFLAG_COMPRESSED) {
         return corrupt(
             errp, l, "guest cluster %" PRIu64 " is compressed (not supported)",
             c);
     }
-    if (e & L2E_RESERVED_MASK) {
+    if (e & QCOW2_L2E_RESERVED_MASK) {
         return corrupt(
             errp, l,
             "L2 entry for guest cluster %" PRIu64 " has reserved bits set", c);
     }
-    uint64_t off = e & L2E_OFFSET_MASK;
+    uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
     if (off & (l->cluster_size - 1)) {
         return corrupt(
             errp, l, "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64,
             c, off);
     }
-    if (e & L2E_ZERO) {
+    if (e & QCOW2_OFLAG_ZERO) {
         *kind = CLUSTER_ZERO;
     } else if (off == 0) {
         *kind = CLUSTER_UNALLOCATED;
@@ -753,6 +818,56 @@ chain_map_once(struct qcow2_reader *r, uint64_t off, uint64_t max_len,
             break;
         }
     }
+}
+
+bool
+qcow2_reader_layer_map(struct qcow2_reader *r, unsigned depth, uint64_t off,
+                       uint64_t max_len, struct qcow2_layer_run *run,
+                       GError **errp)
+{
+    struct qcow2_layer *l = r->layers[depth];
+    struct layer_run lr;
+
+    if (off >= l->virtual_size || max_len == 0) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "%s: layer map of %" PRIu64 "+%" PRIu64
+                    " outside virtual size %" PRIu64,
+                    l->name, off, max_len, l->virtual_size);
+        return false;
+    }
+    if (!layer_run(l, off, MIN(max_len, l->virtual_size - off), &lr, errp)) {
+        return false;
+    }
+    run->kind = lr.kind == CLUSTER_DATA   ? QCOW2_LAYER_DATA
+                : lr.kind == CLUSTER_ZERO ? QCOW2_LAYER_ZERO
+                                          : QCOW2_LAYER_UNALLOCATED;
+    run->host_offset = lr.kind == CLUSTER_DATA ? lr.host_offset : 0;
+    run->len = lr.len;
+    return true;
+}
+
+bool
+qcow2_reader_check_cluster(const struct qcow2_reader *r, unsigned depth,
+                           uint64_t c, const void *buf, GError **errp)
+{
+    const struct qcow2_layer *l = r->layers[depth];
+    const struct qcow2_sum *e;
+
+    if (l->sums == NULL) {
+        return true;
+    }
+    e = qcow2_sums_find(l->sums, c);
+    if (e == NULL || e->zero) {
+        return corrupt(errp, l,
+                       "guest offset %" PRIu64
+                       ": data cluster the checksums do not list as data",
+                       c << l->cluster_bits);
+    }
+    if (qcow2_sums_hash(buf, l->cluster_size) != e->hash) {
+        return corrupt(errp, l, "guest offset %" PRIu64 ": checksum mismatch",
+                       c << l->cluster_bits);
+    }
+    return true;
 }
 
 bool

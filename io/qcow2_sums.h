@@ -2,8 +2,9 @@
  *
  * Every data cluster that qbak writes into a layer gets the XXH3 64-bit
  * hash (libxxhash, seed 0) of its cluster_size bytes as stored in the
- * image file; every zero cluster of the layer is recorded as zero; guest
- * clusters the layer leaves unallocated have no entry.  The file is named
+ * image file; the layer's zero clusters are recorded as runs of zero
+ * clusters (a TRIM of a whole disk costs one entry); guest clusters the
+ * layer leaves unallocated have no entry.  The file is named
  * after the image plus QCOW2_SUMS_SUFFIX ("vd0.qcow2" -> "vd0.qcow2.sums").
  *
  * File format (all integers big-endian, as in qcow2):
@@ -21,8 +22,9 @@
  *                   8  XXH3-64 of the cluster's bytes (0 for zero)
  *   64+16N     8  XXH3-64 of the entries (bytes 64 .. 64+16N-1)
  *
- * A reader accepts nothing else: a wrong magic, version, size, order or
- * either hash makes the file damaged (G_FILE_ERROR_INVAL naming it).
+ * A reader accepts nothing else: a wrong magic, version, size, order,
+ * overlap, a run past the virtual size or either hash makes the file
+ * damaged (G_FILE_ERROR_INVAL naming it).
  */
 #ifndef QBAK_IO_QCOW2_SUMS_H
 #define QBAK_IO_QCOW2_SUMS_H
@@ -36,18 +38,17 @@
 #define QCOW2_SUMS_VERSION 1
 
 struct qcow2_sum {
-    uint64_t cluster; /* guest cluster index */
-    bool zero;        /* a zero cluster (hash is 0) */
+    uint64_t cluster; /* first guest cluster */
+    uint64_t count;   /* clusters: 1 for data, the run's length for zero */
+    bool zero;        /* a run of zero clusters (hash is 0) */
     uint64_t hash;    /* XXH3-64 of the data cluster */
 };
 
-/* An ordered set of entries, at most one per guest cluster. */
+/* Ordered, non-overlapping entries; adjacent zero runs are one entry. */
 struct qcow2_sums;
 
-struct qcow2_sums *qcow2_sums_new(unsigned cluster_bits,
-                                  uint64_t virtual_size);
+struct qcow2_sums *qcow2_sums_new(unsigned cluster_bits, uint64_t virtual_size);
 void qcow2_sums_free(struct qcow2_sums *s);
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(qcow2_sums, qcow2_sums_free)
 
 unsigned qcow2_sums_cluster_bits(const struct qcow2_sums *s);
 uint64_t qcow2_sums_virtual_size(const struct qcow2_sums *s);
@@ -55,16 +56,17 @@ uint64_t qcow2_sums_virtual_size(const struct qcow2_sums *s);
 /* The hash qbak stores for a data cluster's bytes. */
 uint64_t qcow2_sums_hash(const void *buf, size_t len);
 
-/* Appends an entry; entries must come in increasing cluster order
- * (returns false, changing nothing, otherwise or past the virtual size). */
+/* Appends an entry (count 1 for data); entries must come in increasing
+ * cluster order without overlap (returns false, changing nothing,
+ * otherwise or past the virtual size).  A zero run adjacent to the last
+ * zero run extends it. */
 bool qcow2_sums_append(struct qcow2_sums *s, const struct qcow2_sum *e);
 
 size_t qcow2_sums_count(const struct qcow2_sums *s);
 /* Entry i (0 <= i < count), in cluster order.  Borrowed. */
 const struct qcow2_sum *qcow2_sums_at(const struct qcow2_sums *s, size_t i);
-/* The entry for guest cluster c, or NULL (binary search). */
-const struct qcow2_sum *qcow2_sums_find(const struct qcow2_sums *s,
-                                        uint64_t c);
+/* The entry covering guest cluster c, or NULL (binary search). */
+const struct qcow2_sum *qcow2_sums_find(const struct qcow2_sums *s, uint64_t c);
 
 /* top's entries over base's: what a layer folded into its backing file
  * holds.  Same cluster size and virtual size required (else NULL). */
@@ -77,8 +79,7 @@ bool qcow2_sums_write(int dirfd, const char *name, const struct qcow2_sums *s,
                       GError **errp);
 /* Reads and validates dirfd/name.  A missing file fails with
  * G_FILE_ERROR_NOENT, a damaged one with G_FILE_ERROR_INVAL. */
-struct qcow2_sums *qcow2_sums_read(int dirfd, const char *name,
-                                   GError **errp);
+struct qcow2_sums *qcow2_sums_read(int dirfd, const char *name, GError **errp);
 /* The same from bytes (the fuzz target's entry point). */
 struct qcow2_sums *qcow2_sums_parse(const uint8_t *buf, size_t len,
                                     const char *name, GError **errp);

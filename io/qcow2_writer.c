@@ -19,26 +19,17 @@
  * chain is immutable, so the bound costs I/O, never correctness.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "io/qcow2.h"
+#include "io/qcow2_format.h"
+#include "io/qcow2_sums.h"
 
-/* Format constants (QEMU docs/interop/qcow2.txt); the reader has its own
- * copy. */
-#define QCOW2_MAGIC 0x514649fbU
-#define QCOW2_V3_HEADER_LEN 104
-#define QCOW2_EXT_BACKING_FORMAT 0xe2792acaU
-#define QCOW2_MAX_BACKING_NAME 1023
-#define QCOW2_REFCOUNT_ORDER 4 /* 16-bit refcounts */
-#define QCOW2_OFLAG_COPIED (UINT64_C(1) << 63)
-#define QCOW2_OFLAG_ZERO UINT64_C(1)
-/* QEMU's limits (QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE): an image past
- * them would not open. */
-#define QCOW2_MAX_L1_BYTES (UINT64_C(32) << 20)
-#define QCOW2_MAX_REFTABLE_BYTES (UINT64_C(8) << 20)
 /* Header, backing format extension (8 + "qcow2" padded to 8), end marker. */
 #define HEADER_BYTES_WITH_BACKING (QCOW2_V3_HEADER_LEN + 16 + 8)
 #define HEADER_BYTES_STANDALONE (QCOW2_V3_HEADER_LEN + 8)
@@ -95,32 +86,20 @@ struct qcow2_writer {
 
     uint8_t *zero_buf; /* cluster_size zero bytes, allocated on first use */
     bool failed;       /* an I/O error left the file in an unknown state */
+    bool tables_done;  /* finish_tables ran: no more guest writes */
     bool finished;
     uint64_t file_size;
+    uint64_t l1_offset, reftable_offset, reftable_clusters;
+
+    /* Checksums: the XXH3 of each data cluster, indexed by host cluster.
+     * A cluster changed in part after its hash was taken is listed in
+     * stale and hashed again from the file at finish. */
+    GArray *host_hash;       /* uint64_t */
+    GArray *stale;           /* host cluster indices */
+    bool no_sums;            /* reopened without checksums: produce none */
+    struct qcow2_sums *sums; /* built by finish_tables */
+    bool reopened;           /* partial clusters have no base to fill from */
 };
-
-static void
-store_be16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void
-store_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static void
-store_be64(uint8_t *p, uint64_t v)
-{
-    store_be32(p, (uint32_t)(v >> 32));
-    store_be32(p + 4, (uint32_t)v);
-}
 
 static bool
 writer_pwrite(struct qcow2_writer *w, const void *buf, size_t len, uint64_t off,
@@ -159,7 +138,7 @@ writer_usable(const struct qcow2_writer *w, GError **errp)
                     "qcow2: writer failed earlier");
         return false;
     }
-    if (w->finished) {
+    if (w->finished || w->tables_done) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "qcow2: writer already finished");
         return false;
@@ -171,6 +150,38 @@ static uint64_t
 alloc_host_cluster(struct qcow2_writer *w)
 {
     return w->next_host_cluster++ << w->cluster_bits;
+}
+
+static void
+set_hash(struct qcow2_writer *w, uint64_t host, uint64_t hash)
+{
+    guint idx = (guint)(host >> w->cluster_bits);
+
+    if (w->host_hash->len <= idx) {
+        g_array_set_size(w->host_hash, idx + 1);
+    }
+    g_array_index(w->host_hash, uint64_t, idx) = hash;
+}
+
+static void
+mark_stale(struct qcow2_writer *w, uint64_t host)
+{
+    uint64_t idx = host >> w->cluster_bits;
+
+    g_array_append_val(w->stale, idx);
+}
+
+/* The hash of a cluster of which buf holds the first len bytes, the rest
+ * being zero (the last cluster of a disk whose size is not a multiple). */
+static uint64_t
+hash_cluster(struct qcow2_writer *w, const void *buf, size_t len)
+{
+    if (len == w->cluster_size) {
+        return qcow2_sums_hash(buf, len);
+    }
+    g_autofree uint8_t *whole = g_malloc0(w->cluster_size);
+    memcpy(whole, buf, len);
+    return qcow2_sums_hash(whole, (size_t)w->cluster_size);
 }
 
 /* Guest bytes of cluster c (less than a cluster only at the end). */
@@ -374,6 +385,7 @@ partial_flush(struct qcow2_writer *w, struct partial *p, GError **errp)
                        "partial data cluster", errp)) {
         return false;
     }
+    set_hash(w, host, qcow2_sums_hash(out, (size_t)w->cluster_size));
     partial_drop(w, p);
     l2_set(w, c, host);
     return true;
@@ -386,6 +398,13 @@ partial_get(struct qcow2_writer *w, uint64_t c, GError **errp)
 
     if (p != NULL) {
         return p;
+    }
+    if (w->reopened) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "qcow2: part of guest cluster %" PRIu64
+                    " written into a reopened image",
+                    c);
+        return NULL;
     }
     while (w->partial_order.length >= MAX_PARTIAL_CLUSTERS ||
            w->partial_bytes + w->cluster_size > MAX_PARTIAL_BYTES) {
@@ -471,8 +490,107 @@ qcow2_writer_new(int fd, uint64_t virtual_size, unsigned cluster_bits,
     w->backing = backing;
     w->next_host_cluster = 1; /* cluster 0 is the header */
     w->orphans = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    w->host_hash = g_array_new(FALSE, TRUE, sizeof(uint64_t));
+    w->stale = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     w->partials = g_hash_table_new(g_int64_hash, g_int64_equal);
     g_queue_init(&w->partial_order);
+    return w;
+}
+
+/* Loads layer 0 of self into w's mapping; marks the host clusters its
+ * data uses in `used' (one byte per host cluster of the file). */
+static bool
+reopen_load(struct qcow2_writer *w, struct qcow2_reader *chain, unsigned depth,
+            uint8_t *used, uint64_t n_host, GError **errp)
+{
+    const char *name = qcow2_reader_layer_name(chain, depth);
+    uint64_t off = 0;
+
+    while (off < w->virtual_size) {
+        struct qcow2_layer_run run;
+
+        if (!qcow2_reader_layer_map(chain, depth, off, w->virtual_size - off,
+                                    &run, errp)) {
+            return false;
+        }
+        if (run.kind == QCOW2_LAYER_ZERO) {
+            /* Runs start on a cluster boundary here: off always does. */
+            uint64_t end = MIN(w->virtual_size, off + run.len);
+            for (uint64_t c = off >> w->cluster_bits;
+                 (c << w->cluster_bits) < end; c++) {
+                l2_set(w, c, ENTRY_ZERO);
+            }
+        } else if (run.kind == QCOW2_LAYER_DATA) {
+            for (uint64_t d = 0; d < run.len; d += w->cluster_size) {
+                uint64_t c = (off + d) >> w->cluster_bits;
+                uint64_t host = run.host_offset + d;
+                uint64_t idx = host >> w->cluster_bits;
+
+                if (idx == 0 || idx >= n_host || used[idx]) {
+                    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                                "%s: guest cluster %" PRIu64
+                                " at host cluster %" PRIu64
+                                " overlaps other data or the header",
+                                name, c, idx);
+                    return false;
+                }
+                used[idx] = 1;
+                l2_set(w, c, host);
+            }
+        }
+        off += run.len;
+    }
+    return true;
+}
+
+struct qcow2_writer *
+qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
+                    GError **errp)
+{
+    struct stat st, layer_st;
+    struct qcow2_writer *w;
+    uint64_t n_host;
+    g_autofree uint8_t *used = NULL;
+    const char *name = qcow2_reader_layer_name(chain, depth);
+
+    if (fstat(fd, &st) < 0 ||
+        fstat(qcow2_reader_layer_fd(chain, depth), &layer_st) < 0) {
+        int err = errno;
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                    "%s: fstat: %s", name, g_strerror(err));
+        return NULL;
+    }
+    if (st.st_dev != layer_st.st_dev || st.st_ino != layer_st.st_ino) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "%s: the file to write is not the image read", name);
+        return NULL;
+    }
+    w = qcow2_writer_new(fd, qcow2_reader_layer_virtual_size(chain, depth),
+                         qcow2_reader_layer_cluster_bits(chain, depth),
+                         qcow2_reader_layer_backing_file(chain, depth), NULL,
+                         errp);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->reopened = true;
+    w->no_sums = true;
+    n_host = ((uint64_t)st.st_size + w->cluster_size - 1) >> w->cluster_bits;
+    n_host = MAX(n_host, 1);
+    used = g_malloc0(n_host);
+    if (!reopen_load(w, chain, depth, used, n_host, errp)) {
+        qcow2_writer_free(w);
+        return NULL;
+    }
+    /* Whatever the old image used for anything but data (its tables,
+     * clusters a crashed merge appended) is free from now on: new tables
+     * go after the end of the file, so the old header and tables stay
+     * valid until the new header replaces them. */
+    for (uint64_t idx = 1; idx < n_host; idx++) {
+        if (!used[idx]) {
+            g_array_append_val(w->orphans, idx);
+        }
+    }
+    w->next_host_cluster = n_host;
     return w;
 }
 
@@ -493,6 +611,9 @@ qcow2_writer_free(struct qcow2_writer *w)
     g_free(w->l1);
     g_free(w->backing_file);
     g_array_unref(w->orphans);
+    g_array_unref(w->host_hash);
+    g_array_unref(w->stale);
+    qcow2_sums_free(w->sums);
     g_hash_table_unref(w->partials);
     g_free(w->zero_buf);
     g_free(w);
@@ -556,15 +677,23 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
         size_t buf_offset = (size_t)(pos - off);
         uint64_t e = l2_get(w, c);
 
+        bool whole = in_off == 0 && pos + n == cluster_end;
+
         if (e != ENTRY_UNSET && e != ENTRY_ZERO) {
+            if (whole) {
+                set_hash(w, e, hash_cluster(w, src + buf_offset, (size_t)n));
+            } else {
+                mark_stale(w, e);
+            }
             add_extent(ext, n_ext, e + in_off, buf_offset, (size_t)n);
-        } else if (in_off == 0 && pos + n == cluster_end) {
+        } else if (whole) {
             struct partial *p = partial_lookup(w, c);
             if (p != NULL) {
                 partial_drop(w, p);
             }
             uint64_t host = alloc_host_cluster(w);
             l2_set(w, c, host);
+            set_hash(w, host, hash_cluster(w, src + buf_offset, (size_t)n));
             add_extent(ext, n_ext, host, buf_offset, (size_t)n);
         } else {
             struct partial *p = partial_get(w, c, errp);
@@ -621,6 +750,7 @@ zero_piece(struct qcow2_writer *w, uint64_t c, uint64_t in_off, uint64_t n,
         if (w->zero_buf == NULL) {
             w->zero_buf = g_malloc0(w->cluster_size);
         }
+        mark_stale(w, e);
         return writer_pwrite(w, w->zero_buf, (size_t)n, e + in_off,
                              "zeroes into data cluster", errp);
     }
@@ -784,7 +914,7 @@ write_l2_tables(struct qcow2_writer *w, uint8_t *l1_buf, GError **errp)
             } else if (e != ENTRY_UNSET) {
                 v = e | QCOW2_OFLAG_COPIED;
             }
-            store_be64(buf + k * 8, v);
+            qcow2_store_be64(buf + k * 8, v);
             any |= v != 0;
         }
         if (!any) {
@@ -795,7 +925,7 @@ write_l2_tables(struct qcow2_writer *w, uint8_t *l1_buf, GError **errp)
                            errp)) {
             return false;
         }
-        store_be64(l1_buf + i * 8, host | QCOW2_OFLAG_COPIED);
+        qcow2_store_be64(l1_buf + i * 8, host | QCOW2_OFLAG_COPIED);
     }
     return true;
 }
@@ -838,13 +968,13 @@ write_refcounts(struct qcow2_writer *w, uint64_t total, uint64_t first_block,
                 orphans[next_orphan] == cluster) {
                 continue;
             }
-            store_be16(buf + k * 2, 1);
+            qcow2_store_be16(buf + k * 2, 1);
         }
         if (!writer_pwrite(w, buf, (size_t)w->cluster_size, host,
                            "refcount block", errp)) {
             return false;
         }
-        store_be64(table + b * 8, host);
+        qcow2_store_be64(table + b * 8, host);
     }
     return writer_pwrite(w, table, (size_t)(table_clusters * w->cluster_size),
                          (first_block + n_blocks) << w->cluster_bits,
@@ -863,26 +993,28 @@ write_header(struct qcow2_writer *w, uint64_t l1_offset,
     g_autofree uint8_t *h = g_malloc0(len);
     uint8_t *ext = h + QCOW2_V3_HEADER_LEN;
 
-    store_be32(h + 0, QCOW2_MAGIC);
-    store_be32(h + 4, 3);
+    qcow2_store_be32(h + 0, QCOW2_MAGIC);
+    qcow2_store_be32(h + 4, 3);
     if (w->backing_file != NULL) {
-        store_be64(h + 8, HEADER_BYTES_WITH_BACKING);
-        store_be32(h + 16, (uint32_t)name_len);
+        qcow2_store_be64(h + QCOW2_HDR_BACKING_OFFSET,
+                         HEADER_BYTES_WITH_BACKING);
+        qcow2_store_be32(h + QCOW2_HDR_BACKING_LEN, (uint32_t)name_len);
     }
-    store_be32(h + 20, w->cluster_bits);
-    store_be64(h + 24, w->virtual_size);
+    qcow2_store_be32(h + QCOW2_HDR_CLUSTER_BITS, w->cluster_bits);
+    qcow2_store_be64(h + QCOW2_HDR_SIZE, w->virtual_size);
     /* 32: crypt_method 0 */
-    store_be32(h + 36, (uint32_t)w->l1_size);
-    store_be64(h + 40, l1_offset);
-    store_be64(h + 48, reftable_offset);
-    store_be32(h + 56, (uint32_t)reftable_clusters);
+    qcow2_store_be32(h + QCOW2_HDR_L1_SIZE, (uint32_t)w->l1_size);
+    qcow2_store_be64(h + QCOW2_HDR_L1_OFFSET, l1_offset);
+    qcow2_store_be64(h + QCOW2_HDR_REFTABLE_OFFSET, reftable_offset);
+    qcow2_store_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS,
+                     (uint32_t)reftable_clusters);
     /* 60: no snapshots; 72..95: no incompatible, compatible or autoclear
      * features (refcounts are exact, so the image is clean). */
-    store_be32(h + 96, QCOW2_REFCOUNT_ORDER);
-    store_be32(h + 100, QCOW2_V3_HEADER_LEN);
+    qcow2_store_be32(h + QCOW2_HDR_REFCOUNT_ORDER, QCOW2_REFCOUNT_ORDER);
+    qcow2_store_be32(h + QCOW2_HDR_HEADER_LEN, QCOW2_V3_HEADER_LEN);
     if (w->backing_file != NULL) {
-        store_be32(ext, QCOW2_EXT_BACKING_FORMAT);
-        store_be32(ext + 4, 5);
+        qcow2_store_be32(ext, QCOW2_EXT_BACKING_FORMAT);
+        qcow2_store_be32(ext + 4, 5);
         memcpy(ext + 8, "qcow2", 5);
         ext += 16;
     }
@@ -891,8 +1023,66 @@ write_header(struct qcow2_writer *w, uint64_t l1_offset,
     return writer_pwrite(w, h, len, 0, "header", errp);
 }
 
+/* Hashes again, from the file, the data clusters changed in part after
+ * their hash was taken (the caller has written every extent by now). */
+static bool
+rehash_stale(struct qcow2_writer *w, GError **errp)
+{
+    g_autofree uint8_t *buf = NULL;
+
+    if (w->stale->len == 0 || w->no_sums) {
+        return true;
+    }
+    buf = g_malloc(w->cluster_size);
+    for (guint i = 0; i < w->stale->len; i++) {
+        uint64_t host = g_array_index(w->stale, uint64_t, i) << w->cluster_bits;
+
+        if (!read_fd(w, host, buf, (size_t)w->cluster_size, errp)) {
+            w->failed = true;
+            return false;
+        }
+        set_hash(w, host, qcow2_sums_hash(buf, (size_t)w->cluster_size));
+    }
+    g_array_set_size(w->stale, 0);
+    return true;
+}
+
+/* The layer's checksums, in guest cluster order, from the mapping. */
+static struct qcow2_sums *
+build_sums(const struct qcow2_writer *w)
+{
+    struct qcow2_sums *sums = qcow2_sums_new(w->cluster_bits, w->virtual_size);
+
+    for (uint64_t i = 0; i < w->l1_size; i++) {
+        const struct l2_table *t = w->l1[i];
+        uint64_t first = i << w->l2_bits;
+        uint64_t valid = table_valid_entries(w, i);
+
+        if (t == L2_ALL_ZERO) {
+            struct qcow2_sum e = {.cluster = first, .count = valid, .zero = 1};
+            qcow2_sums_append(sums, &e);
+            continue;
+        }
+        for (uint64_t k = 0; t != NULL && k < valid; k++) {
+            struct qcow2_sum e = {.cluster = first + k, .count = 1};
+
+            if (t->e[k] == ENTRY_UNSET) {
+                continue;
+            }
+            if (t->e[k] == ENTRY_ZERO) {
+                e.zero = true;
+            } else {
+                e.hash = g_array_index(w->host_hash, uint64_t,
+                                       t->e[k] >> w->cluster_bits);
+            }
+            qcow2_sums_append(sums, &e);
+        }
+    }
+    return sums;
+}
+
 bool
-qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
+qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp)
 {
     if (!writer_usable(w, errp)) {
         return false;
@@ -901,6 +1091,9 @@ qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
         if (!partial_flush(w, w->partial_order.head->data, errp)) {
             return false;
         }
+    }
+    if (!rehash_stale(w, errp)) {
+        return false;
     }
 
     uint64_t l1_bytes = w->l1_size * 8;
@@ -959,16 +1152,70 @@ qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
                     file_size, g_strerror(err));
         return false;
     }
+    w->l1_offset = l1_offset;
+    w->reftable_offset = (before + n_blocks) << w->cluster_bits;
+    w->reftable_clusters = table_clusters;
+    w->file_size = file_size;
+    if (!w->no_sums) {
+        w->sums = build_sums(w);
+    }
+    w->tables_done = true;
+    return true;
+}
 
-    /* The header last: until it is written the file is not a valid
-     * image. */
-    if (!write_header(w, l1_offset, (before + n_blocks) << w->cluster_bits,
-                      table_clusters, errp)) {
+bool
+qcow2_writer_write_header(struct qcow2_writer *w, GError **errp)
+{
+    if (w->failed || !w->tables_done || w->finished) {
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                    "qcow2: header written out of order");
         return false;
     }
-    w->file_size = file_size;
+    /* The header last: until it is written the file is not a valid image
+     * (a new one), or still the image it was (a reopened one). */
+    if (!write_header(w, w->l1_offset, w->reftable_offset, w->reftable_clusters,
+                      errp)) {
+        return false;
+    }
     w->finished = true;
     return true;
+}
+
+bool
+qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
+{
+    return qcow2_writer_finish_tables(w, errp) &&
+           qcow2_writer_write_header(w, errp);
+}
+
+void
+qcow2_writer_punch_free(struct qcow2_writer *w)
+{
+    const uint64_t *idx = (const uint64_t *)(void *)w->orphans->data;
+    guint n = w->orphans->len;
+
+    if (!w->finished) {
+        return;
+    }
+    g_array_sort(w->orphans, compare_u64);
+    for (guint i = 0; i < n;) {
+        guint j = i + 1;
+
+        while (j < n && idx[j] <= idx[j - 1] + 1) {
+            j++;
+        }
+        /* Best effort: a file system without hole punching keeps them. */
+        (void)fallocate(w->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        (off_t)(idx[i] << w->cluster_bits),
+                        (off_t)((idx[j - 1] - idx[i] + 1) << w->cluster_bits));
+        i = j;
+    }
+}
+
+const struct qcow2_sums *
+qcow2_writer_sums(const struct qcow2_writer *w)
+{
+    return w->sums;
 }
 
 uint64_t

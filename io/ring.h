@@ -67,8 +67,8 @@ struct ring_rw {
 void ring_rw_start(struct ring *r, struct ring_rw *rw, int fd, bool is_write,
                    void *buf, size_t len, uint64_t off);
 
-/* Fault injection for tests (RELIABILITY.md: "an io_uring shim that fails
- * the Nth operation"): QBAK_FAULT_FILE_WRITE=N[:err] makes the Nth file
+/* Fault injection for tests (an io_uring shim that fails the Nth
+ * operation): QBAK_FAULT_FILE_WRITE=N[:err] makes the Nth file
  * write completion fail with -err (err: EIO (default), ENOSPC or a number),
  * or be short when err is "short".  QBAK_FAULT_FSYNC=N[:err] does the same
  * to the Nth data fsync, through ring_fault_fsync().  QBAK_FAULT_STALL_WRITE

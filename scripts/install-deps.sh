@@ -6,7 +6,7 @@ pkgs=(
     gcc make pkg-config libc6-dev           # build
     libjansson-dev libglib2.0-dev liburing-dev libxxhash-dev
     qemu-system-x86 qemu-utils              # the real peer and the oracles
-    python3                                 # integration tests (stdlib only)
+    python3 groff-base                      # integration tests (stdlib only; groff checks the man pages)
     clang                                   # make fuzz (libFuzzer)
     e2fsprogs cpio xz-utils gzip            # test guest (scripts/build-test-guest.sh)
 )
