@@ -36,6 +36,7 @@ import qbaktest  # noqa: E402
 from qbaktest import QBAK, QEMU, QEMU_IMG, VM  # noqa: E402
 import bench_virtnbd  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_guest  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_vmstate  # noqa: E402
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -664,6 +665,7 @@ class Results:
     def __init__(self):
         self.steps = {}
         self.guest = None
+        self.vmstate = None
         self.virtnbdbackup = None
 
     def add(self, key, sample):
@@ -761,6 +763,8 @@ def report(args, lay, res, meta):
     if lim:
         P("disk write limit: %.2f GiB/s [%.2f-%.2f] with O_DIRECT 4 MiB writes + fsync"
           % (statistics.median(lim), min(lim), max(lim)))
+    for line in bench_vmstate.report_lines(res.vmstate):
+        P(line)
     for line in bench_guest.report_lines(res.guest):
         P(line)
     P("")
@@ -928,7 +932,7 @@ def main():
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
     ap.add_argument("--skip", default="", help="comma list of: native,nbd,limit,restore,"
-                    "bigdisk,guest,virtnbdbackup")
+                    "bigdisk,guest,vmstate,virtnbdbackup")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -968,6 +972,9 @@ def main():
         if "guest" not in args.skip:
             say("guest write latency, idle and during a qbak full ...")
             guest_step(args, ref, lay, work, res)
+        if "vmstate" not in args.skip:
+            say("whole VM: guest pause with --memory, restore --start --live vs cold ...")
+            bench_vmstate.vmstate_step(args, work, res, sys.modules[__name__])
         if "virtnbdbackup" not in args.skip:
             virtnbdbackup_step(args, res)
         else:
@@ -987,7 +994,8 @@ def main():
     out = {"meta": meta, "layout": {k: lay[k] for k in ("seed", "size", "cluster", "clusters",
                                                          "counts")},
            "summary": summary, "steps": res.steps, "targets": targets,
-           "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "table": text}
+           "guest": res.guest, "vmstate": res.vmstate, "virtnbdbackup": res.virtnbdbackup,
+           "table": text}
     jpath = os.path.join(OUT, "results.json")
     with open(jpath + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
