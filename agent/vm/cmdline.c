@@ -450,7 +450,7 @@ first_pass(struct state *st)
                 st->qga_chardev = g_strdup(opt_get(items, "chardev"));
             }
         } else if (strcmp(name, "blockdev") == 0) {
-            map_blockdev(st, argv[i + 1], true);
+            g_free(map_blockdev(st, argv[i + 1], true));
         }
         i++;
     }
