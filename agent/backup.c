@@ -723,11 +723,12 @@ backup_run(const struct backup_opts *o, GError **errp)
     }
     /* The freeze comes last and the thaw right after the transaction:
      * the window is as short as QEMU makes it. */
-    if (!start_targets(&b, errp)) {
+    if (!vmstate_save_first(b.vmstate, errp) || !start_targets(&b, errp)) {
         goto out;
     }
     trace(&b, "NBD targets attached");
-    if (!add_bitmaps(&b, errp) || !quiesce_freeze(b.quiesce, errp)) {
+    if (!add_bitmaps(&b, errp) || (!vmstate_vcpus_stopped(b.vmstate) &&
+                                   !quiesce_freeze(b.quiesce, errp))) {
         goto out;
     }
     /* With memory: vCPUs stopped around the transaction, the snapshot

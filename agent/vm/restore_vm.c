@@ -385,6 +385,34 @@ connect_qmp(struct rvm *r, GError **errp)
     }
 }
 
+/* Bitmaps of ours that came with the state (the fallback migrates them)
+ * describe the original's chain, not this VM's: its first backup must be
+ * a full, a new chain. */
+static void
+drop_our_bitmaps(struct rvm *r)
+{
+    json_auto_t *blocks =
+        qmp_client_call(r->qmp, "query-block", NULL, r->o->timeout_ms, NULL);
+    size_t i, k;
+    json_t *b, *bm;
+
+    json_array_foreach(blocks, i, b)
+    {
+        json_t *ins = json_object_get(b, "inserted");
+        const char *node = json_string_value(json_object_get(ins, "node-name"));
+        json_array_foreach(json_object_get(ins, "dirty-bitmaps"), k, bm)
+        {
+            const char *name = json_string_value(json_object_get(bm, "name"));
+            if (node && name && g_str_has_prefix(name, "qbak-")) {
+                json_decref(qmp_client_call(
+                    r->qmp, "block-dirty-bitmap-remove",
+                    json_pack("{s:s, s:s}", "node", node, "name", name),
+                    r->o->timeout_ms, NULL));
+            }
+        }
+    }
+}
+
 static bool
 load_memory(struct rvm *r, GError **errp)
 {
@@ -405,6 +433,34 @@ load_memory(struct rvm *r, GError **errp)
         return false;
     }
     json_decref(ret);
+    /* The capabilities the state was saved with (dirty-bitmaps for the
+     * stop-and-migrate fallback): the stream has their sections. */
+    {
+        json_t *caps = json_object_get(
+            json_object_get(r->p->manifest, "memory"), "capabilities");
+        json_t *list = json_array();
+        size_t i;
+        json_t *c;
+
+        json_array_foreach(caps, i, c)
+        {
+            if (json_is_string(c)) {
+                json_array_append_new(
+                    list, json_pack("{s:O, s:b}", "capability", c, "state", 1));
+            }
+        }
+        if (json_array_size(list)) {
+            ret = qmp_client_call(r->qmp, "migrate-set-capabilities",
+                                  json_pack("{s:o}", "capabilities", list),
+                                  r->o->timeout_ms, errp);
+            if (!ret) {
+                return false;
+            }
+            json_decref(ret);
+        } else {
+            json_decref(list);
+        }
+    }
     ret = qmp_client_call(r->qmp, "migrate-incoming",
                           json_pack("{s:s}", "uri", "fd:" INCOMING_FD),
                           r->o->timeout_ms, errp);
@@ -430,6 +486,7 @@ load_memory(struct rvm *r, GError **errp)
             return false;
         }
         if (g_strcmp0(st, "completed") == 0) {
+            drop_our_bitmaps(r);
             return true;
         }
         if (g_strcmp0(st, "failed") == 0) {

@@ -37,14 +37,16 @@ struct vmstate {
     char *qmp_path;
     int timeout_ms;
 
-    bool active;      /* prepared and not given up */
-    bool fd_passed;   /* our fd is in QEMU's monitor */
-    bool caps_set;    /* background-snapshot on */
-    bool marker;      /* written */
-    bool stopped;     /* we stopped the vCPUs and have not resumed them */
-    bool migrating;   /* a snapshot of ours may run */
-    bool done;        /* state complete and durable */
-    bool was_running; /* the VM's run state before we stopped it */
+    bool active;       /* prepared and not given up */
+    bool fd_passed;    /* our fd is in QEMU's monitor */
+    bool caps_set;     /* our capability on (see cap_name) */
+    bool stop_migrate; /* the fallback: stop, migrate, then the disks */
+    bool saved_first;  /* the fallback's state is written */
+    bool marker;       /* written */
+    bool stopped;      /* we stopped the vCPUs and have not resumed them */
+    bool migrating;    /* a snapshot of ours may run */
+    bool done;         /* state complete and durable */
+    bool was_running;  /* the VM's run state before we stopped it */
     json_int_t old_bandwidth;
     int state_fd;
     pid_t guardian;
@@ -343,12 +345,21 @@ ram_size(struct vmstate *v, GError **errp)
            (uint64_t)json_integer_value(json_object_get(r, "plugged-memory"));
 }
 
+/* background-snapshot, or for the fallback dirty-bitmaps: without it a
+ * completed migration writes out and drops the persistent bitmaps the
+ * next incremental needs. */
+static const char *
+cap_name(const struct vmstate *v)
+{
+    return v->stop_migrate ? "dirty-bitmaps" : "background-snapshot";
+}
+
 static bool
 set_caps(struct vmstate *v, bool on, GError **errp)
 {
     return call_ok(v, "migrate-set-capabilities",
                    json_pack("{s:[{s:s, s:b}]}", "capabilities", "capability",
-                             "background-snapshot", "state", (int)on),
+                             cap_name(v), "state", (int)on),
                    errp);
 }
 
@@ -424,11 +435,33 @@ prepare(struct vmstate *v, GError **errp)
     if (!marker_write(v, errp) || !guardian_start(v, errp)) {
         return false;
     }
-    if (!set_caps(v, true, errp)) {
-        g_prefix_error(errp, "background-snapshot: ");
-        return false;
+    /* Test-only: QBAK_VMSTATE_METHOD=stop-migrate forces the fallback. */
+    v->stop_migrate =
+        g_strcmp0(getenv("QBAK_VMSTATE_METHOD"), "stop-migrate") == 0;
+    if (!v->stop_migrate) {
+        GError *err = NULL;
+        if (set_caps(v, true, &err)) {
+            v->caps_set = true;
+        } else if (strstr(err->message, "not supported")) {
+            /* The host cannot write-protect guest memory. */
+            g_ptr_array_add(v->warnings,
+                            g_strdup_printf("memory: %s: the VM stays paused "
+                                            "while its memory is written",
+                                            err->message));
+            g_error_free(err);
+            v->stop_migrate = true;
+        } else {
+            g_propagate_prefixed_error(errp, err, "background-snapshot: ");
+            return false;
+        }
     }
-    v->caps_set = true;
+    if (v->stop_migrate) {
+        if (!set_caps(v, true, errp)) {
+            g_prefix_error(errp, "%s: ", cap_name(v));
+            return false;
+        }
+        v->caps_set = true;
+    }
     if (!call_ok(v, "migrate-set-parameters",
                  json_pack("{s:I}", "max-bandwidth", (json_int_t)BANDWIDTH),
                  errp)) {
@@ -486,8 +519,8 @@ vmstate_prepare(struct vmstate *v, GError **errp)
 bool
 vmstate_stop(struct vmstate *v, GError **errp)
 {
-    if (!v->active) {
-        return true;
+    if (!v->active || v->stop_migrate) {
+        return true; /* the fallback stopped the vCPUs already */
     }
     v->stop_us = g_get_monotonic_time();
     if (v->was_running) {
@@ -569,6 +602,163 @@ resume(struct vmstate *v, GError **errp)
     return true;
 }
 
+static bool wait_completed(struct vmstate *v, GError **errp);
+
+bool
+vmstate_vcpus_stopped(const struct vmstate *v)
+{
+    return v && v->active && v->stop_migrate && v->stopped;
+}
+
+/* The fallback (notes: 16 of 16 restores exact): stop, migrate into the
+ * file, wait for postmigrate; the disks' transaction follows. */
+static bool
+save_first(struct vmstate *v, GError **errp)
+{
+    gint64 deadline = qmp_now_ms() + v->timeout_ms;
+    json_t *r;
+
+    v->stop_us = g_get_monotonic_time();
+    if (v->was_running) {
+        v->stopped = true;
+        if (!call_ok(v, "stop", NULL, errp)) {
+            return false;
+        }
+    }
+    recover_crash_point("vm-stopped");
+    v->start_us = g_get_monotonic_time();
+    v->migrating = true;
+    r = call(v, "migrate", json_pack("{s:s}", "uri", "fd:" FDNAME), errp);
+    if (!r) {
+        return false;
+    }
+    json_decref(r);
+    v->fd_passed = false;
+    if (!wait_completed(v, errp)) {
+        return false;
+    }
+    v->migrating = false;
+    v->end_us = g_get_monotonic_time();
+    v->saved_first = true;
+    /* QEMU reports completed a moment before the run state follows. */
+    for (;;) {
+        json_auto_t *st = call(v, "query-status", NULL, errp);
+        if (!st) {
+            return false;
+        }
+        if (strcmp(run_status(st), "postmigrate") == 0 || !v->was_running) {
+            break;
+        }
+        if (qmp_now_ms() > deadline) {
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "the VM did not reach postmigrate (%s)",
+                        run_status(st));
+            return false;
+        }
+        g_usleep(ARM_POLL_US);
+    }
+    recover_crash_point("vm-saved");
+    return true;
+}
+
+bool
+vmstate_save_first(struct vmstate *v, GError **errp)
+{
+    GError *err = NULL;
+
+    if (!v || !v->active || !v->stop_migrate) {
+        return true;
+    }
+    if (save_first(v, &err)) {
+        return true;
+    }
+    g_prefix_error(&err, "memory: ");
+    if (v->mode == VMSTATE_TRY) {
+        give_up(v, err); /* resumes the VM */
+        g_error_free(err);
+        return true;
+    }
+    g_propagate_error(errp, err);
+    return false;
+}
+
+static bool
+job_quiet(const char *st)
+{
+    return !st || !strcmp(st, "paused") || !strcmp(st, "pending") ||
+           !strcmp(st, "concluded") || !strcmp(st, "null") ||
+           !strcmp(st, "aborting");
+}
+
+/* Before cont re-activates the images, no job I/O may be in flight
+ * (without this QEMU 7.2 crashed in qcow2_get_host_offset 4 times out of
+ * 4): pause our jobs and wait until QEMU says each is paused (the
+ * JOB_STATUS_CHANGE event alone is not enough, drains emit it briefly). */
+static bool
+pause_jobs(struct vmstate *v, bool pause, GError **errp)
+{
+    g_autofree char *prefix = recover_qemu_prefix(v->repo);
+    gint64 deadline = qmp_now_ms() + v->timeout_ms;
+
+    for (bool sent = false;;) {
+        json_auto_t *jobs = call(v, "query-jobs", NULL, errp);
+        bool quiet = true;
+        size_t i;
+        json_t *j;
+
+        if (!jobs) {
+            return false;
+        }
+        json_array_foreach(jobs, i, j)
+        {
+            const char *id = json_string_value(json_object_get(j, "id"));
+            const char *st = json_string_value(json_object_get(j, "status"));
+            if (!id || !g_str_has_prefix(id, prefix)) {
+                continue;
+            }
+            if (!pause) {
+                if (g_strcmp0(st, "paused") == 0) {
+                    json_decref(call(v, "job-resume",
+                                     json_pack("{s:s}", "id", id), NULL));
+                }
+                continue;
+            }
+            if (!sent) {
+                json_decref(
+                    call(v, "job-pause", json_pack("{s:s}", "id", id), NULL));
+            }
+            quiet &= job_quiet(st);
+        }
+        if (!pause || (sent && quiet)) {
+            return true;
+        }
+        sent = true;
+        if (qmp_now_ms() > deadline) {
+            g_set_error(errp, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "backup jobs did not pause in time");
+            return false;
+        }
+        g_usleep(ARM_POLL_US);
+    }
+}
+
+static bool
+start_after_save(struct vmstate *v, bool transaction_ok, GError **errp)
+{
+    bool ok = !transaction_ok || pause_jobs(v, true, errp);
+
+    recover_crash_point("vm-transaction");
+    /* Resumed whatever happened: a VM left paused is worse than a job
+     * resumed with I/O in flight. */
+    if (!resume(v, ok ? errp : NULL)) {
+        return false;
+    }
+    if (transaction_ok) {
+        pause_jobs(v, false, NULL);
+    }
+    return ok;
+}
+
 bool
 vmstate_start(struct vmstate *v, bool transaction_ok, GError **errp)
 {
@@ -577,6 +767,13 @@ vmstate_start(struct vmstate *v, bool transaction_ok, GError **errp)
 
     if (!v->active) {
         return true;
+    }
+    if (v->stop_migrate) {
+        if (start_after_save(v, transaction_ok, &err)) {
+            return true;
+        }
+        g_propagate_prefixed_error(errp, err, "memory: ");
+        return false;
     }
     if (!transaction_ok) {
         resume(v, NULL);
@@ -649,7 +846,9 @@ finish(struct vmstate *v, GError **errp)
         return false;
     }
     v->migrating = false;
-    v->end_us = g_get_monotonic_time();
+    if (!v->saved_first) {
+        v->end_us = g_get_monotonic_time();
+    }
     /* QEMU wrote through our open file description: its offset is the
      * stream's end; the rest is preallocation. */
     end = lseek(v->state_fd, 0, SEEK_CUR);
@@ -744,11 +943,12 @@ vmstate_json(const struct vmstate *v)
     if (!vmstate_captured(v)) {
         return json_null();
     }
-    return json_pack("{s:s, s:I, s:f, s:f, s:s}", "file", VMSTATE_FILE, "bytes",
-                     (json_int_t)v->bytes, "capture_s",
+    return json_pack("{s:s, s:I, s:f, s:f, s:s, s:[s]}", "file", VMSTATE_FILE,
+                     "bytes", (json_int_t)v->bytes, "capture_s",
                      (double)(v->end_us - v->stop_us) / 1e6, "downtime_ms",
                      (double)(v->resume_us - v->stop_us) / 1000.0, "method",
-                     "background-snapshot");
+                     v->stop_migrate ? "stop-migrate" : "background-snapshot",
+                     "capabilities", cap_name(v));
 }
 
 GPtrArray *

@@ -55,6 +55,17 @@ void vmstate_free(struct vmstate *v);
  * failure becomes a warning and the capture is off (returns true). */
 bool vmstate_prepare(struct vmstate *v, GError **errp);
 
+/* Where the host cannot write-protect guest memory (background-snapshot
+ * "not supported"), the fallback: stop, migrate into the file, and only
+ * then the disks (their NBD nodes added in postmigrate: a node added
+ * earlier is deactivated with the rest), the jobs paused before cont and
+ * resumed after.  Called before the backup targets are attached; a no-op
+ * otherwise (and for NULL). */
+bool vmstate_save_first(struct vmstate *v, GError **errp);
+/* The fallback has stopped the vCPUs: no guest agent can answer (no
+ * freeze; the memory is saved with the disks anyway). */
+bool vmstate_vcpus_stopped(const struct vmstate *v);
+
 /* Right before the disk transaction: stop the vCPUs. */
 bool vmstate_stop(struct vmstate *v, GError **errp);
 
@@ -74,7 +85,8 @@ void vmstate_cleanup(struct vmstate *v);
 
 /* Whether the point holds a state. */
 bool vmstate_captured(const struct vmstate *v);
-/* {"file", "bytes", "capture_s", "downtime_ms", "method"}, or null when
+/* {"file", "bytes", "capture_s", "downtime_ms", "method", "capabilities"
+ * (what a restore sets before loading)}, or null when
  * the point holds no state.  New reference. */
 json_t *vmstate_json(const struct vmstate *v);
 /* Warnings to print (borrowed). */

@@ -48,8 +48,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     start = 1;
     for (size_t i = 1; i <= size; i++) {
         if (i == size || data[i] == 0) {
-            g_ptr_array_add(argv, g_strndup((const char *)data + start,
-                                            i - start));
+            g_ptr_array_add(argv,
+                            g_strndup((const char *)data + start, i - start));
             start = i + 1;
         }
     }

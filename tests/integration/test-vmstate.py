@@ -136,6 +136,10 @@ try:
     check(s["pid"] == g.proc.pid and s["cwd"] == os.getcwd(), "pid and cwd: %s %s" % (s["pid"], s["cwd"]))
     check("query-block" in s["qmp"] and "query-pci" in s["qmp"], "QMP queries kept")
 
+    # A device hot-plugged after start: not on the command line, recorded
+    # from QMP, added back (a state with its section loads only then).
+    g.qmp.cmd("device_add", driver="virtio-rng-pci", id="rng0", bus="rp1")
+
     # Memory, with a umask that would make files world-readable.
     c_before = int(ring(g.qga_sock)["counter"])
     old = os.umask(0)
@@ -153,6 +157,10 @@ try:
         % (m["downtime_ms"], m["bytes"] / 1048576, m["capture_s"]))
     man = json.load(open(os.path.join(repo, "g1", p1["point"], "manifest.json")))
     check(man["memory"]["downtime_ms"] == m["downtime_ms"], "memory in the manifest")
+    s1 = json.load(open(os.path.join(repo, "g1", p1["point"], "vm.json")))
+    check([(d["id"], d["type"], d["bus"]) for d in s1["hotplugged"]]
+          == [("rng0", "virtio-rng-pci", "rp1")] and p1["settings"]["hotplugged"] == 1,
+          "hot-plugged device recorded: %s" % s1["hotplugged"])
     check(g.qmp.cmd("query-status")["status"] == "running", "guest runs on")
     caps = {c["capability"]: c["state"] for c in g.qmp.cmd("query-migrate-capabilities")}
     check(not caps["background-snapshot"], "background-snapshot turned off again")
@@ -174,9 +182,45 @@ try:
     check(after["memory"] and not any(".partial" in f for f in os.listdir(os.path.join(repo, "g1"))),
           "the next capture works and nothing partial is left: %s" % after["recovered"])
 
+    # The fallback where the host cannot write-protect guest memory (forced
+    # here): stop, migrate into the file, then the disks, the jobs paused
+    # around cont; the chain's bitmap survives the migration.
+    c_fb = int(ring(g.qga_sock)["counter"])
+    p2 = backup("--memory", env=dict(os.environ, QBAK_VMSTATE_METHOD="stop-migrate"))
+    m2 = p2["memory"]
+    check(m2 and m2["method"] == "stop-migrate" and m2["capabilities"] == ["dirty-bitmaps"]
+          and m2["bytes"] > 1 << 20, "fallback capture: %s" % m2)
+    log("fallback: paused %.1f ms, state %.1f MiB" % (m2["downtime_ms"], m2["bytes"] / 1048576))
+    check(g.qmp.cmd("query-status")["status"] == "running", "guest runs on after the fallback")
+    p3 = backup()
+    check(p3["disks"][0]["type"] == "incremental",
+          "the bitmap survives the fallback's migration: %s" % p3["disks"][0])
+    npoints = len(list_points(repo, "g1"))
+    for at in ("vm-stopped", "vm-saved", "vm-transaction"):
+        log("fallback killed at " + at)
+        env = dict(os.environ, QBAK_CRASH_AT=at, QBAK_VMSTATE_METHOD="stop-migrate")
+        p = run([QBAK, "backup", "--qmp", g.qbak_sock, "--repo", repo, "--vm", "g1",
+                 "--memory", "--json"], check_rc=False, env=env)
+        check(p.returncode == -9, "fallback %s: killed (%d: %s)" % (at, p.returncode, p.stderr))
+        vm_running_again(g, "fallback " + at)
+        check(len(list_points(repo, "g1")) == npoints, "fallback %s: nothing partial listed" % at)
+        check(ring(g.qga_sock)["mismatches"] == "0", "fallback %s: guest goes on" % at)
+    res = restore_start(p2["point"], "rfallback")
+    rr = ring(res["qga"])
+    check(rr["boot"] == boot0 and rr["ram_ok"] == "1" and rr["mismatches"] == "0"
+          and int(rr["counter"]) >= c_fb, "fallback restore continues the guest: %s" % rr)
+    q = QMP(res["qmp"])
+    ours = [bm["name"] for b in q.cmd("query-block")
+            for bm in b.get("inserted", {}).get("dirty-bitmaps", []) if bm["name"].startswith("qbak-")]
+    q.close()
+    check(not ours, "no bitmap of ours on the restored VM: %s" % ours)
+    quit_vm(res)
+
     # Restore with memory: the guest goes on where it was.
     res = restore_start(p1["point"], "rmem")
     check(res["memory"] and res["qga"] and res["disks"][0]["disk"] == "vd0", "restored: %s" % res)
+    check("virtio-rng-pci,id=rng0,bus=rp1,addr=0x0.0" in res["command"],
+          "the hot-plugged device is back: %s" % res["command"])
     rr = ring(res["qga"])
     check(rr["boot"] == boot0, "same boot id after a memory restore")
     check(rr["ram_ok"] == "1", "RAM data intact")
