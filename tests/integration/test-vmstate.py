@@ -182,6 +182,31 @@ try:
     check(after["memory"] and not any(".partial" in f for f in os.listdir(os.path.join(repo, "g1"))),
           "the next capture works and nothing partial is left: %s" % after["recovered"])
 
+    # The state's file system too small: the capture fails before the vCPUs
+    # stop (the file is preallocated), with the reason; --memory=try commits
+    # the disks alone and says so; the guest runs on either way.
+    small = os.path.join(w, "small")
+    os.mkdir(small)
+    if run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", small], check_rc=False).returncode == 0:
+        try:
+            srepo = os.path.join(small, "repo")
+            p = run([QBAK, "backup", "--qmp", g.qbak_sock, "--repo", srepo, "--vm", "g1",
+                     "--memory", "--json"], check_rc=False)
+            check(p.returncode == 1 and "no room" in p.stderr,
+                  "full file system: fails with the reason: %r" % p.stderr)
+            check(g.qmp.cmd("query-status")["status"] == "running", "guest runs on (full fs)")
+            check(not list_points(srepo, "g1"), "nothing listed after a full file system")
+            r = qbak_json("backup", "--qmp", g.qbak_sock, "--repo", srepo, "--vm", "g1",
+                          "--memory=try")
+            check(r["memory"] is None and any("memory not captured" in x for x in r["warnings"])
+                  and len(list_points(srepo, "g1")) == 1,
+                  "--memory=try commits the disks alone and says so: %s" % r["warnings"])
+            check(g.qmp.cmd("query-status")["status"] == "running", "guest runs on (try)")
+        finally:
+            run(["umount", small], check_rc=False)
+    else:
+        log("note: cannot mount a small tmpfs here: full file system case not run")
+
     # The fallback where the host cannot write-protect guest memory (forced
     # here): stop, migrate into the file, then the disks, the jobs paused
     # around cont; the chain's bitmap survives the migration.
