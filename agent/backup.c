@@ -22,6 +22,8 @@
 #include "agent/prune.h"
 #include "agent/recover.h"
 #include "io/qcow2_sums.h"
+#include "agent/vm/settings.h"
+#include "agent/vm/vmstate.h"
 
 #define RING_ENTRIES 256
 /* Bytes QEMU copies per backup request (x-perf max-chunk): a cluster of
@@ -552,6 +554,9 @@ make_manifest(struct backup *b, const char *parent, double duration)
             json_pack("{s:s, s:I}", "node", d->node, "bytes_written",
                       (json_int_t)backup_target_file_size(d->target)));
     }
+    /* What the point holds beside its disks (see the manifest schema). */
+    json_object_set_new(m, "memory", vmstate_json(b->vmstate));
+    json_object_set_new(m, "settings", vm_settings_summary(b->settings));
     return m;
 }
 
@@ -661,12 +666,42 @@ result_json(struct backup *b, json_t *manifest, GPtrArray *warnings,
         json_object_get(manifest, "freeze"));
     GPtrArray *qw = quiesce_warnings(b->quiesce);
 
+    json_object_set(out, "memory", json_object_get(manifest, "memory"));
+    json_object_set(out, "settings", json_object_get(manifest, "settings"));
+    if (b->vmstate) {
+        GPtrArray *vw = vmstate_warnings(b->vmstate);
+        for (guint i = 0; i < vw->len; i++) {
+            g_ptr_array_add(warnings, g_strdup(vw->pdata[i]));
+        }
+    }
     for (guint i = 0; i < qw->len; i++) {
         g_ptr_array_add(warnings, g_strdup(qw->pdata[i]));
     }
     json_object_set_new(out, "warnings", strings_json(warnings));
     json_object_set_new(out, "recovered", strings_json(recovered));
     return out;
+}
+
+/* A full because QEMU's bitmaps are gone says why when QEMU is another
+ * process than at the previous point (a restored VM: a new chain). */
+static void
+explain_full(struct backup *b, struct disk *d, const char *last_point)
+{
+    g_autofree char *path = NULL, *why = NULL;
+    json_auto_t *prev = NULL;
+
+    if (!d->full || !d->reason || !last_point ||
+        !strstr(d->reason, "is missing")) {
+        return;
+    }
+    path = g_strdup_printf("%s/%s", last_point, VM_SETTINGS_NAME);
+    prev = repo_read_json(b->repo->vm_fd, path, NULL);
+    why = vm_settings_new_process_reason(b->settings, prev, last_point);
+    if (why) {
+        char *r = g_strdup_printf("%s (%s)", why, d->reason);
+        g_free(d->reason);
+        d->reason = r;
+    }
 }
 
 json_t *
@@ -730,16 +765,20 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     trace(&b, "QMP connected");
-    if (!recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp)) {
+    if (!recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
+        !vmstate_recover(b.qmp, b.repo, o->timeout_ms, recovered, errp)) {
         goto out;
     }
     trace(&b, "leftovers checked");
     if (!discover_disks(&b, errp)) {
         goto out;
     }
+    b.settings =
+        vm_settings_capture(b.qmp, o->qmp_path, o->qga_path, o->timeout_ms);
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         plan_disk(&b, d);
+        explain_full(&b, d, last_point);
         any_incremental |= !d->full;
     }
     /* The agent is checked before anything starts in QEMU, so a required
@@ -759,22 +798,46 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     b.partial_made = true;
+    /* The settings, with or without memory, durable before the commit. */
+    if (!vm_settings_write(b.partial_fd, VM_SETTINGS_NAME, b.settings, errp)) {
+        goto out;
+    }
+    if (o->memory != VMSTATE_OFF) {
+        b.vmstate = vmstate_new(b.qmp, b.repo, b.partial_fd, o->memory,
+                                o->qmp_path, o->timeout_ms);
+        if (!vmstate_prepare(b.vmstate, errp)) {
+            goto out;
+        }
+    }
     /* The freeze comes last and the thaw right after the transaction:
      * the window is as short as QEMU makes it. */
-    if (!start_targets(&b, errp)) {
+    if (!vmstate_save_first(b.vmstate, errp) || !start_targets(&b, errp)) {
         goto out;
     }
     trace(&b, "NBD targets attached");
-    if (!add_bitmaps(&b, errp) || !quiesce_freeze(b.quiesce, errp)) {
+    if (!add_bitmaps(&b, errp) || (!vmstate_vcpus_stopped(b.vmstate) &&
+                                   !quiesce_freeze(b.quiesce, errp))) {
+        goto out;
+    }
+    /* With memory: vCPUs stopped around the transaction, the snapshot
+     * armed before they run again (agent/vm/vmstate.h). */
+    if (b.vmstate && !vmstate_stop(b.vmstate, errp)) {
         goto out;
     }
     started = start_transaction(&b, errp);
+    if (b.vmstate) {
+        started =
+            vmstate_start(b.vmstate, started, started ? errp : NULL) && started;
+    }
     quiesce_thaw(b.quiesce);
     trace(&b, "transaction done (point in time)");
     if (!started || !backup_jobs_wait_pending(&b, errp)) {
         goto out;
     }
     trace(&b, "all data received");
+    if (b.vmstate && !vmstate_finish(b.vmstate, errp)) {
+        goto out;
+    }
     if (!commit(&b, parent, &manifest, errp)) {
         goto out;
     }
@@ -794,6 +857,7 @@ out:
     if (b.quiesce) {
         quiesce_thaw(b.quiesce); /* before any clean-up that may block */
     }
+    vmstate_free(b.vmstate); /* the VM runs again, the snapshot stops */
     if (b.partial_made || b.disks->len) {
         release_qemu(&b, !b.committed, b.committed ? warnings : NULL);
     }
@@ -808,6 +872,7 @@ out:
     g_ptr_array_free(b.disks, true);
     qmp_client_free(b.qmp);
     json_decref(b.block);
+    json_decref(b.settings);
     if (b.points) {
         g_ptr_array_free(b.points, true);
     }

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "agent/quiesce.h"
+#include "agent/vm/vmstate.h"
 
 struct backup_opts {
     const char *qmp_path;
@@ -26,6 +27,7 @@ struct backup_opts {
     bool progress;   /* progress lines on stderr */
     int progress_fd; /* > 0: progress reports to this fd instead (run) */
     bool verbose;    /* each phase with its time on stderr */
+    enum vmstate_mode memory; /* capture the guest's memory with the disks */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

@@ -57,6 +57,8 @@ struct backup {
     struct quiesce *quiesce;
     bool committed;
     gint64 start_us;
+    json_t *settings;         /* vm.json (agent/vm/settings.h) */
+    struct vmstate *vmstate;  /* NULL without --memory */
 };
 
 /* Wait until every job is pending (all data received), or one failed. */

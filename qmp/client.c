@@ -398,6 +398,20 @@ qmp_handshake(struct qmp_client *c, int timeout_ms, GError **errp)
     return true;
 }
 
+int
+qmp_client_peer_pid(const struct qmp_client *c)
+{
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+
+    if (c->fd < 0 ||
+        getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
+        cred.pid <= 0) {
+        return -1;
+    }
+    return (int)cred.pid;
+}
+
 struct qmp_client *
 qmp_client_connect(struct ring *ring, const char *path,
                    enum qmp_parser_mode mode, int timeout_ms, GError **errp)

@@ -55,6 +55,10 @@ bool qmp_client_wait_event(struct qmp_client *c, int timeout_ms, GError **errp);
  * major*10000 + minor*100 + micro; 0 in QGA mode. */
 int qmp_client_qemu_version(const struct qmp_client *c);
 
+/* The pid of the process at the other end of the socket (SO_PEERCRED):
+ * QEMU itself for its monitor.  -1 when the kernel does not say. */
+int qmp_client_peer_pid(const struct qmp_client *c);
+
 /* QGA: resynchronise (0xFF then guest-sync-delimited with a random id,
  * resent until answered), discarding everything before the answer. */
 bool qga_client_sync(struct qmp_client *c, int timeout_ms, GError **errp);

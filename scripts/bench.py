@@ -40,6 +40,7 @@ import bench_integrity  # noqa: E402  (scripts/, on sys.path as the script's dir
 import bench_prune  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_host  # noqa: E402  (scripts/, on sys.path as the script's dir)
 import bench_files  # noqa: E402  (scripts/, on sys.path as the script's dir)
+import bench_vmstate  # noqa: E402
 
 QEMU_IO = shutil.which("qemu-io")
 
@@ -668,6 +669,7 @@ class Results:
     def __init__(self):
         self.steps = {}
         self.guest = None
+        self.vmstate = None
         self.virtnbdbackup = None
         self.host = None
         self.files = None
@@ -768,6 +770,8 @@ def report(args, lay, res, meta):
     if lim:
         P("disk write limit: %.2f GiB/s [%.2f-%.2f] with O_DIRECT 4 MiB writes + fsync"
           % (statistics.median(lim), min(lim), max(lim)))
+    for line in bench_vmstate.report_lines(res.vmstate):
+        P(line)
     for line in bench_guest.report_lines(res.guest):
         P(line)
     for line in bench_integrity.report_lines(res, sys.modules[__name__]):
@@ -948,7 +952,7 @@ def main():
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
     ap.add_argument("--skip", default="", help="comma list of: "
-                    "main,native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune,host,files")
+                    "main,native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune,host,files,vmstate")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
     args = ap.parse_args()
     if args.quick:
@@ -1004,6 +1008,9 @@ def main():
                 bench_files.files_step(args, work, res, sys.modules[__name__])
             except (BenchError, RuntimeError, OSError) as e:
                 res.files = "failed: %s" % e
+        if "vmstate" not in args.skip:
+            say("whole VM: guest pause with --memory, restore --start --live vs cold ...")
+            bench_vmstate.vmstate_step(args, work, res, sys.modules[__name__])
         if "virtnbdbackup" not in args.skip:
             virtnbdbackup_step(args, res)
         else:
@@ -1025,6 +1032,7 @@ def main():
            "summary": summary, "steps": res.steps, "targets": targets,
            "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "host": res.host,
            "guest": res.guest, "virtnbdbackup": res.virtnbdbackup, "files": res.files,
+           "guest": res.guest, "vmstate": res.vmstate, "virtnbdbackup": res.virtnbdbackup,
            "table": text}
     jpath = os.path.join(OUT, "results.json")
     with open(jpath + ".tmp", "w") as f:

@@ -52,6 +52,10 @@
 #   - QGA guest-shutdown stops the writer, unmounts /data and powers off.
 #   Kernel command line knobs: qbak.writer=0 (no writer), qbak.interval=SEC
 #   (pause between files, default 0.2), qbak.data=/dev/vdX (data disk).
+#   - /usr/bin/qbak-ring (for tests/integration/test-vmstate.py): keeps a
+#     counter and random data in RAM and writes random tokens to a ring of
+#     O_DIRECT disk slots while logging them in RAM; checks on request that
+#     the disk equals the log (see its source below).
 #   - /usr/bin/qbak-lat (for scripts/bench_guest.py): times O_DIRECT writes
 #     from inside the guest; a small static C program built here with the
 #     host's cc (left out, with a message, when that fails).
@@ -399,6 +403,143 @@ int main(int argc, char **argv)
 EOF
 }
 
+# The source of /usr/bin/qbak-ring (tests/integration/test-vmstate.py).
+write_ring_source() {
+    cat > "$1" <<'EOF'
+/* qbak-ring: a guest process whose memory and disk must be restored as one
+ * instant. It keeps a counter and RING_MB MiB of random data in RAM (with
+ * its checksum), and writes random tokens into a ring of 4 KiB slots of
+ * FILE with O_DIRECT, logging each in RAM. When /run/qbak-ring.check
+ * exists it stops between two writes, reads every slot back with O_DIRECT
+ * and writes /run/qbak-ring.result:
+ *   boot=<boot id> counter=<n> ram_ok=<0|1> mismatches=<k> slots=<tok,...>
+ * then removes the check file. `qbak-ring -d FILE` prints the slots'
+ * tokens from the disk (for a cold-booted guest). */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SLOTS 64
+#define SLOT 4096
+#define RING_MB 8
+
+static uint64_t sum(const uint64_t *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static void boot_id(char *b, size_t n)
+{
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    b[0] = 0;
+    if (f) {
+        if (!fgets(b, (int)n, f))
+            b[0] = 0;
+        fclose(f);
+    }
+    b[strcspn(b, "\n")] = 0;
+}
+
+static int open_ring(const char *path)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_DIRECT, 0644);
+    void *z;
+    if (fd < 0 || posix_memalign(&z, SLOT, SLOT))
+        return -1;
+    memset(z, 0, SLOT);
+    if (lseek(fd, 0, SEEK_END) < SLOTS * SLOT) {
+        for (int i = 0; i < SLOTS; i++)
+            if (pwrite(fd, z, SLOT, (off_t)i * SLOT) != SLOT)
+                return -1;
+        fsync(fd);
+    }
+    free(z);
+    return fd;
+}
+
+static uint64_t slot_token(int fd, int i, void *buf)
+{
+    if (pread(fd, buf, SLOT, (off_t)i * SLOT) != SLOT)
+        return ~0ull;
+    return *(uint64_t *)buf;
+}
+
+int main(int argc, char **argv)
+{
+    void *buf;
+    if (posix_memalign(&buf, SLOT, SLOT))
+        return 1;
+    if (argc == 3 && strcmp(argv[1], "-d") == 0) {
+        int fd = open(argv[2], O_RDONLY | O_DIRECT);
+        if (fd < 0)
+            return 1;
+        for (int i = 0; i < SLOTS; i++)
+            printf("%s%016llx", i ? "," : "", (unsigned long long)slot_token(fd, i, buf));
+        printf("\n");
+        return 0;
+    }
+    if (argc != 2)
+        return 2;
+    int fd = open_ring(argv[1]);
+    if (fd < 0)
+        return 1;
+    size_t n = (size_t)RING_MB << 17;
+    uint64_t *ram = malloc(n * 8), log[SLOTS] = {0}, counter = 0, want;
+    if (!ram)
+        return 1;
+    for (size_t off = 0; off < n * 8;) {
+        ssize_t r = getrandom((char *)ram + off, n * 8 - off, 0);
+        if (r > 0)
+            off += (size_t)r;
+    }
+    want = sum(ram, n);
+    for (int i = 0; i < SLOTS; i++)
+        log[i] = slot_token(fd, i, buf);
+    if (daemon(0, 0) < 0)
+        return 1;
+    for (;;) {
+        if (access("/run/qbak-ring.check", F_OK) == 0) {
+            char id[64];
+            int bad = 0;
+            FILE *f = fopen("/run/qbak-ring.tmp", "w");
+            boot_id(id, sizeof(id));
+            for (int i = 0; i < SLOTS; i++)
+                bad += slot_token(fd, i, buf) != log[i];
+            fprintf(f, "boot=%s counter=%llu ram_ok=%d mismatches=%d slots=", id,
+                    (unsigned long long)counter, sum(ram, n) == want, bad);
+            for (int i = 0; i < SLOTS; i++)
+                fprintf(f, "%s%016llx", i ? "," : "", (unsigned long long)log[i]);
+            fprintf(f, "\n");
+            fclose(f);
+            rename("/run/qbak-ring.tmp", "/run/qbak-ring.result");
+            unlink("/run/qbak-ring.check");
+        }
+        uint64_t tok;
+        int slot = (int)(counter % SLOTS);
+        if (getrandom(&tok, sizeof(tok), 0) != sizeof(tok))
+            continue;
+        memset(buf, (int)(tok & 0xff), SLOT);
+        memcpy(buf, &tok, sizeof(tok));
+        if (pwrite(fd, buf, SLOT, (off_t)slot * SLOT) != SLOT)
+            return 1;
+        log[slot] = tok;
+        counter++;
+        struct timespec d = {0, 200 * 1000 * 1000};
+        nanosleep(&d, NULL);
+    }
+}
+EOF
+}
+
 build() {
     ensure_tools cpio:cpio xz:xz-utils gzip:gzip dpkg-deb:dpkg ldd:libc-bin \
         mkfs.ext4:e2fsprogs
@@ -431,10 +572,12 @@ build() {
     chmod 755 "$root/init" "$root/sbin/shutdown"
     rm -f "$root/bin/shutdown"
     write_lat_source "$work/qbak-lat.c"
-    if ${CC:-cc} -static -O2 -s -o "$root/usr/bin/qbak-lat" "$work/qbak-lat.c" >&2; then
-        log "built /usr/bin/qbak-lat"
+    write_ring_source "$work/qbak-ring.c"
+    if ${CC:-cc} -static -O2 -s -o "$root/usr/bin/qbak-lat" "$work/qbak-lat.c" >&2 &&
+        ${CC:-cc} -static -O2 -s -o "$root/usr/bin/qbak-ring" "$work/qbak-ring.c" >&2; then
+        log "built /usr/bin/qbak-lat and /usr/bin/qbak-ring"
     else
-        rm -f "$root/usr/bin/qbak-lat"
+        rm -f "$root/usr/bin/qbak-lat" "$root/usr/bin/qbak-ring"
         log "warning: no static C compiler (gcc, libc6-dev): the guest has no" \
             "qbak-lat, the benchmark cannot time guest writes (rebuild with --force)"
     fi

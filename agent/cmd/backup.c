@@ -18,6 +18,7 @@ print_backup_human(json_t *res)
     json_t *d, *w;
 
     json_t *fr = json_object_get(res, "freeze");
+    json_t *mem = json_object_get(res, "memory");
 
     printf("%s: point %s (%.2f s), %s-consistent",
            json_string_value(json_object_get(res, "vm")),
@@ -30,6 +31,14 @@ print_backup_human(json_t *res)
                json_real_value(json_object_get(fr, "window_ms")));
     }
     putchar('\n');
+    if (json_is_object(mem)) {
+        printf("  memory       %.1f MiB state, guest paused %.1f ms, captured "
+               "in %.2f s\n",
+               (double)json_integer_value(json_object_get(mem, "bytes")) /
+                   1048576.0,
+               json_real_value(json_object_get(mem, "downtime_ms")),
+               json_real_value(json_object_get(mem, "capture_s")));
+    }
     json_array_foreach(json_object_get(res, "disks"), i, d)
     {
         const char *reason = json_string_value(json_object_get(d, "reason"));
@@ -52,6 +61,28 @@ print_backup_human(json_t *res)
         g_autofree char *msg = qmp_parser_printable(json_string_value(w));
         fprintf(stderr, "qbak backup: warning: %s\n", msg);
     }
+}
+
+static enum vmstate_mode memory_mode = VMSTATE_OFF;
+
+/* --memory takes an optional value, which GOption only offers through a
+ * callback. */
+static gboolean
+parse_memory(const gchar *name, const gchar *value, gpointer data,
+             GError **error)
+{
+    if (!value || strcmp(value, "on") == 0) {
+        memory_mode = VMSTATE_ON;
+    } else if (strcmp(value, "try") == 0) {
+        memory_mode = VMSTATE_TRY;
+    } else if (strcmp(value, "off") == 0) {
+        memory_mode = VMSTATE_OFF;
+    } else {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--memory must be on, try or off");
+        return FALSE;
+    }
+    return TRUE;
 }
 
 int
@@ -103,6 +134,12 @@ cmd_backup(int argc, char **argv)
          "when another qbak holds this VM's lock, wait up to SECS for it "
          "(default 0: fail at once with exit status 75)",
          "SECS"},
+        {"memory", 0, G_OPTION_FLAG_OPTIONAL_ARG, G_OPTION_ARG_CALLBACK,
+         (gpointer)parse_memory,
+         "also capture the guest's memory and device state at the disks' "
+         "point in time (on); try: if that fails, commit the disks alone "
+         "and say so; off (default)",
+         "on|try|off"},
         {"json", 0, 0, G_OPTION_ARG_NONE, &json,
          "print the result as one JSON object", NULL},
         {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
@@ -157,6 +194,7 @@ cmd_backup(int argc, char **argv)
     o.progress = cli_progress_wanted(json);
     o.progress_fd = progress_fd > 0 ? progress_fd : 0;
     o.verbose = verbose;
+    o.memory = memory_mode;
     res = backup_run(&o, &err);
     if (!res) {
         return cli_fail("backup", err);

@@ -67,10 +67,17 @@ LIMIT = 16 << 20           # the QMP parser's message limit
 VM = "vm1"
 
 # qbak's commands up to the backup transaction, in order (recovery lists
-# jobs, then checks they have all concluded).
+# jobs, then checks they have all concluded; the VM's settings recorded in
+# every point come from the queries after query-block).
+SETTINGS = ["query-version", "query-name", "query-uuid", "query-kvm",
+            "query-status", "query-cpus-fast", "query-hotpluggable-cpus",
+            "query-memdev", "query-memory-size-summary", "query-memory-devices",
+            "query-block", "query-named-block-nodes", "query-pci",
+            "query-chardev", "query-migrate-capabilities",
+            "query-migrate-parameters", "qom-list", "qom-list", "qom-get"]
 ORDER = ["qmp_capabilities", "query-jobs", "query-jobs",
-         "query-named-block-nodes", "query-block", "getfd", "blockdev-add",
-         "block-dirty-bitmap-add", "transaction"]
+         "query-named-block-nodes", "query-block"] + SETTINGS + [
+         "getfd", "blockdev-add", "block-dirty-bitmap-add", "transaction"]
 QB = Qemu().query_block()  # the model's query-block, for edits
 CLOSED = ("connection closed", "connection reset", "broken pipe")
 
@@ -365,7 +372,8 @@ def named_cases():
         Case("error-blockdev-add-after-connect", at("blockdev-add", reply=connect_then_fail),
              ["vd0", "blockdev-add", "boom-nbd after connect"], clean=True),
         Case("noise-then-error-blockdev-add",
-             [Send(GREETING)] + [Expect(n, reply=noisy) for n in ORDER[:6]] +
+             [Send(GREETING)] + [Expect(n, reply=noisy)
+                                 for n in ORDER[:ORDER.index("getfd") + 1]] +
              [Expect("blockdev-add", error=("GenericError", "boom-nbd")), Serve()],
              ["vd0", "blockdev-add", "boom-nbd"], clean=True,
              qemu=lambda: Qemu(noise=lambda cmd: unknown_ids(cmd) + events(cmd))),
