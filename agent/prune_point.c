@@ -307,13 +307,18 @@ static void
 record_damage(int pfd, const char *disk, const char *reason)
 {
     g_autofree char *now = repo_time_now();
-    json_t *j;
+    /* io/ names the guest offset of a cluster that fails its checksum. */
+    const char *at = strstr(reason, "guest offset ");
+    json_t *j, *offset;
 
     if (faccessat(pfd, PRUNE_DAMAGED, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
         return;
     }
-    j = json_pack("{s:s, s:n, s:s, s:s, s:s}", "disk", disk, "offset", "reason",
-                  reason, "found_by", "prune", "time", now);
+    offset = at ? json_integer((json_int_t)g_ascii_strtoull(
+                      at + strlen("guest offset "), NULL, 10))
+                : json_null();
+    j = json_pack("{s:s, s:o, s:s, s:s, s:s}", "disk", disk, "offset", offset,
+                  "reason", reason, "found_by", "prune", "time", now);
     write_json_durable(pfd, PRUNE_DAMAGED, j, NULL);
     json_decref(j);
 }
