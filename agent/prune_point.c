@@ -632,6 +632,37 @@ remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
     return true;
 }
 
+bool
+prune_work_pending(struct repo_vm *r)
+{
+    int fd = dup(r->vm_fd);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+    bool pending = false;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return true; /* let the full scan say what is wrong */
+    }
+    rewinddir(d);
+    while (!pending && (de = readdir(d))) {
+        g_autofree char *marker = NULL;
+
+        if (!strcmp(de->d_name, PRUNE_JOURNAL) ||
+            g_str_has_prefix(de->d_name, PRUNED_PREFIX)) {
+            pending = true;
+        } else if (de->d_name[0] != '.') {
+            marker = g_strdup_printf("%s/%s", de->d_name, REPO_POINT_PRUNING);
+            pending =
+                faccessat(r->vm_fd, marker, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+        }
+    }
+    closedir(d);
+    return pending;
+}
+
 unsigned
 prune_cleanup_removed(struct repo_vm *r)
 {
