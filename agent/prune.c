@@ -230,6 +230,11 @@ prune_recover(struct repo_vm *r, GPtrArray *done, GError **errp)
     bool journal, ok = true;
     int lock;
 
+    /* Every backup comes here: it costs a directory listing unless
+     * there is work. */
+    if (!prune_work_pending(r)) {
+        return true;
+    }
     c.dirs = prune_scan(r, errp);
     if (!c.dirs) {
         return false;

@@ -51,6 +51,10 @@ bool prune_remove_point(struct prune_ctx *c, struct prune_dir *p,
 /* Creates (an empty file) or removes dirfd/name, durably. */
 bool prune_marker_set(int dirfd, const char *name, bool present, GError **errp);
 
+/* Whether an interrupted prune left anything (a journal, a delisted
+ * point, a .pruned-* directory): a look at names only, no manifest read. */
+bool prune_work_pending(struct repo_vm *r);
+
 /* Removes leftover .pruned-* directories; returns how many. */
 unsigned prune_cleanup_removed(struct repo_vm *r);
 

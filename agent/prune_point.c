@@ -307,13 +307,18 @@ static void
 record_damage(int pfd, const char *disk, const char *reason)
 {
     g_autofree char *now = repo_time_now();
-    json_t *j;
+    /* io/ names the guest offset of a cluster that fails its checksum. */
+    const char *at = strstr(reason, "guest offset ");
+    json_t *j, *offset;
 
     if (faccessat(pfd, PRUNE_DAMAGED, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
         return;
     }
-    j = json_pack("{s:s, s:n, s:s, s:s, s:s}", "disk", disk, "offset", "reason",
-                  reason, "found_by", "prune", "time", now);
+    offset = at ? json_integer((json_int_t)g_ascii_strtoull(
+                      at + strlen("guest offset "), NULL, 10))
+                : json_null();
+    j = json_pack("{s:s, s:o, s:s, s:s, s:s}", "disk", disk, "offset", offset,
+                  "reason", reason, "found_by", "prune", "time", now);
     write_json_durable(pfd, PRUNE_DAMAGED, j, NULL);
     json_decref(j);
 }
@@ -625,6 +630,37 @@ remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
         return set_errno_error(errp, errno, "%s: rmdir", name);
     }
     return true;
+}
+
+bool
+prune_work_pending(struct repo_vm *r)
+{
+    int fd = dup(r->vm_fd);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+    bool pending = false;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return true; /* let the full scan say what is wrong */
+    }
+    rewinddir(d);
+    while (!pending && (de = readdir(d))) {
+        g_autofree char *marker = NULL;
+
+        if (!strcmp(de->d_name, PRUNE_JOURNAL) ||
+            g_str_has_prefix(de->d_name, PRUNED_PREFIX)) {
+            pending = true;
+        } else if (de->d_name[0] != '.') {
+            marker = g_strdup_printf("%s/%s", de->d_name, REPO_POINT_PRUNING);
+            pending =
+                faccessat(r->vm_fd, marker, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+        }
+    }
+    closedir(d);
+    return pending;
 }
 
 unsigned

@@ -282,6 +282,19 @@ test_checksum_mismatch_is_damage(void)
     g_assert_nonnull(strstr(err->message, "vd0"));
     damaged = g_strdup_printf("%s/%s/damaged.json", f.vmdir, f.ids[1]);
     g_assert_true(g_file_test(damaged, G_FILE_TEST_IS_REGULAR));
+    {
+        json_t *d = json_load_file(damaged, 0, NULL);
+        g_assert_nonnull(d);
+        g_assert_cmpstr(json_string_value(json_object_get(d, "disk")), ==,
+                        "vd0");
+        g_assert_cmpstr(json_string_value(json_object_get(d, "found_by")), ==,
+                        "prune");
+        /* The flipped cluster is where the middle layer's first data run
+         * starts. */
+        g_assert_cmpint(json_integer_value(json_object_get(d, "offset")), ==,
+                        (json_int_t)(off - run.len));
+        json_decref(d);
+    }
     mid_after = read_file(mid, &len);
     g_assert_true(len == mid_len && !memcmp(mid_after, mid_before, len));
     top_after = read_file(top, &len);
