@@ -200,7 +200,7 @@ qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
     *merged_sums = NULL;
     memset(stats, 0, sizeof(*stats));
     if (qcow2_reader_chain_depth(chain) < 2) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "%s: no backing image to merge into", top_name);
         return false;
     }
@@ -208,7 +208,8 @@ qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
     if (size != qcow2_reader_layer_virtual_size(chain, 1) ||
         qcow2_reader_layer_cluster_bits(chain, 0) !=
             qcow2_reader_layer_cluster_bits(chain, 1)) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+        /* Not damage: two sound images that do not fit together. */
+        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "%s: its backing image %s differs in size or cluster "
                     "size",
                     top_name, qcow2_reader_layer_name(chain, 1));
