@@ -165,6 +165,7 @@ try:
     caps = {c["capability"]: c["state"] for c in g.qmp.cmd("query-migrate-capabilities")}
     check(not caps["background-snapshot"], "background-snapshot turned off again")
     c_after = int(ring(g.qga_sock)["counter"])
+    check(c_after > c_before, "the guest's writer ran on: %d -> %d" % (c_before, c_after))
 
     # qbak killed at each step of a capture.
     npoints = len(list_points(repo, "g1"))
