@@ -1,60 +1,16 @@
-/* Memory capture with background-snapshot: see vmstate.h. */
+/* Memory capture with background-snapshot, or stop and migrate: see
+ * vmstate.h; the marker and guardian are in vmstate_guard.c. */
 #include "agent/vm/vmstate.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "agent/error.h"
 #include "agent/recover.h"
-#include "agent/vm/qmp_sync.h"
-
-#define MARKER ".vmstate-pending"
-#define FDNAME "qbak-vmstate"
-/* Migration bandwidth while we capture: QEMU's default 128 MiB/s limit
- * applies even with the VM stopped. */
-#define BANDWIDTH (1ull << 40)
-/* Polling query-migrate until write tracking is armed. */
-#define ARM_POLL_US 2000
-/* Room for device state and the stream's page headers beyond the RAM. */
-#define STATE_SLACK (64ull << 20)
-/* How long a snapshot left behind is waited for (RAM is written at about
- * 40 MB/s under TCG: 25 s per GiB). */
-#define WAIT_COMPLETE_S 1200
-
-struct vmstate {
-    struct qmp_client *qmp;
-    struct repo_vm *repo;
-    int partial_fd;
-    enum vmstate_mode mode;
-    char *qmp_path;
-    int timeout_ms;
-
-    bool active;       /* prepared and not given up */
-    bool fd_passed;    /* our fd is in QEMU's monitor */
-    bool caps_set;     /* our capability on (see cap_name) */
-    bool stop_migrate; /* the fallback: stop, migrate, then the disks */
-    bool saved_first;  /* the fallback's state is written */
-    bool marker;       /* written */
-    bool stopped;      /* we stopped the vCPUs and have not resumed them */
-    bool migrating;    /* a snapshot of ours may run */
-    bool done;         /* state complete and durable */
-    bool was_running;  /* the VM's run state before we stopped it */
-    json_int_t old_bandwidth;
-    int state_fd;
-    pid_t guardian;
-    int guardian_fd; /* write end: a byte dismisses the guardian */
-    gint64 stop_us, resume_us, start_us, end_us;
-    uint64_t bytes;
-    GPtrArray *warnings;
-};
+#include "agent/vm/vmstate_int.h"
 
 struct vmstate *
 vmstate_new(struct qmp_client *qmp, struct repo_vm *repo, int partial_fd,
@@ -109,229 +65,6 @@ run_status(json_t *st)
 }
 
 /* ---- the marker ---------------------------------------------------- */
-
-static bool
-marker_write(struct vmstate *v, GError **errp)
-{
-    json_auto_t *m =
-        json_pack("{s:s, s:b, s:I}", "qmp", v->qmp_path, "was_running",
-                  v->was_running, "max_bandwidth", v->old_bandwidth);
-    g_autofree char *text = json_dumps(m, 0);
-    size_t len = strlen(text);
-    int fd =
-        openat(v->repo->vm_fd, MARKER ".tmp",
-               O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-
-    if (fd < 0 || write(fd, text, len) != (ssize_t)len || fsync(fd) < 0 ||
-        renameat(v->repo->vm_fd, MARKER ".tmp", v->repo->vm_fd, MARKER) < 0 ||
-        fsync(v->repo->vm_fd) < 0) {
-        int e = errno;
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(e), "%s: %s",
-                    MARKER, g_strerror(e));
-        if (fd >= 0) {
-            close(fd);
-        }
-        return false;
-    }
-    close(fd);
-    v->marker = true;
-    return true;
-}
-
-static void
-marker_remove(int vm_fd)
-{
-    if (unlinkat(vm_fd, MARKER, 0) == 0) {
-        fsync(vm_fd);
-    }
-}
-
-/* ---- the guardian: a child that resumes the VM if qbak dies --------- */
-
-static void
-guard_undo(int fd, bool was_running, json_int_t bandwidth)
-{
-    json_t *r;
-    const char *st;
-
-    /* Never cancelled: QEMU 7.2 removes the write protection only when a
-     * snapshot completes, a cancelled one leaves the guest hung.  QEMU
-     * writes the (preallocated) file on its own: it completes. */
-    for (int i = 0; i < WAIT_COMPLETE_S * 10; i++) {
-        r = qmp_sync_call(fd, "query-migrate", NULL, 30000);
-        st = json_string_value(
-            json_object_get(json_object_get(r, "return"), "status"));
-        bool busy = st && (!strcmp(st, "active") || !strcmp(st, "setup") ||
-                           !strcmp(st, "cancelling") || !strcmp(st, "device"));
-        json_decref(r);
-        if (!r || !busy) {
-            break;
-        }
-        usleep(100000);
-    }
-    r = qmp_sync_call(fd, "query-status", NULL, 30000);
-    st = json_string_value(
-        json_object_get(json_object_get(r, "return"), "status"));
-    if (was_running && st && strcmp(st, "running") && strcmp(st, "prelaunch")) {
-        json_decref(qmp_sync_call(fd, "cont", NULL, 30000));
-    }
-    json_decref(r);
-    json_decref(qmp_sync_call(fd, "migrate-set-capabilities",
-                              json_pack("{s:[{s:s, s:b}]}", "capabilities",
-                                        "capability", "background-snapshot",
-                                        "state", 0),
-                              30000));
-    if (bandwidth >= 0) {
-        json_decref(qmp_sync_call(
-            fd, "migrate-set-parameters",
-            json_pack("{s:I}", "max-bandwidth", bandwidth), 30000));
-    }
-    json_decref(qmp_sync_call(fd, "closefd",
-                              json_pack("{s:s}", "fdname", FDNAME), 30000));
-}
-
-/* The killed run's backup jobs, cancelled while the VM is still paused
- * (what the next run's recovery would do first), and its NBD nodes. */
-static void
-guard_cancel_jobs(int fd, const char *prefix)
-{
-    for (int i = 0; i < 600; i++) {
-        json_auto_t *r = qmp_sync_call(fd, "query-jobs", NULL, 30000);
-        json_t *jobs = json_object_get(r, "return");
-        bool busy = false;
-        size_t k;
-        json_t *j;
-
-        if (!json_is_array(jobs)) {
-            return;
-        }
-        json_array_foreach(jobs, k, j)
-        {
-            const char *id = json_string_value(json_object_get(j, "id"));
-            const char *st = json_string_value(json_object_get(j, "status"));
-            if (!id || !st || !g_str_has_prefix(id, prefix)) {
-                continue;
-            }
-            if (!strcmp(st, "concluded")) {
-                json_decref(qmp_sync_call(fd, "job-dismiss",
-                                          json_pack("{s:s}", "id", id), 30000));
-                continue;
-            }
-            busy = true;
-            if (strcmp(st, "aborting")) {
-                json_decref(qmp_sync_call(fd, "job-cancel",
-                                          json_pack("{s:s}", "id", id), 30000));
-            }
-        }
-        if (!busy) {
-            break;
-        }
-        usleep(100000);
-    }
-    json_auto_t *r = qmp_sync_call(fd, "query-named-block-nodes",
-                                   json_pack("{s:b}", "flat", 1), 30000);
-    size_t k;
-    json_t *n;
-    json_array_foreach(json_object_get(r, "return"), k, n)
-    {
-        const char *name = json_string_value(json_object_get(n, "node-name"));
-        if (name && g_str_has_prefix(name, prefix)) {
-            json_decref(qmp_sync_call(fd, "blockdev-del",
-                                      json_pack("{s:s}", "node-name", name),
-                                      30000));
-        }
-    }
-}
-
-G_GNUC_NORETURN static void
-guardian_main(struct vmstate *v, int pipe_fd)
-{
-    char c;
-    ssize_t n;
-    int fd = -1;
-
-    /* Not our parent's terminal's signals: only its death matters. */
-    setsid();
-    signal(SIGINT, SIG_IGN);
-    signal(SIGTERM, SIG_IGN);
-    signal(SIGPIPE, SIG_IGN);
-    do {
-        n = read(pipe_fd, &c, 1);
-    } while (n < 0 && errno == EINTR);
-    if (n == 1) {
-        _exit(0); /* dismissed: qbak cleaned up itself */
-    }
-    /* qbak died: its monitor connection closed with it, QEMU takes ours. */
-    for (int i = 0; i < 300 && fd < 0; i++) {
-        fd = qmp_sync_open(v->qmp_path, 30000);
-        if (fd < 0) {
-            usleep(100000);
-        }
-    }
-    if (fd >= 0) {
-        g_autofree char *prefix = recover_qemu_prefix(v->repo);
-        guard_cancel_jobs(fd, prefix);
-        guard_undo(fd, v->was_running, v->old_bandwidth);
-        close(fd);
-        marker_remove(v->repo->vm_fd);
-    }
-    _exit(0);
-}
-
-static bool
-guardian_start(struct vmstate *v, GError **errp)
-{
-    int p[2];
-    pid_t pid;
-
-    if (pipe2(p, O_CLOEXEC) < 0) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "pipe: %s", g_strerror(errno));
-        return false;
-    }
-    pid = fork();
-    if (pid < 0) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "fork: %s", g_strerror(errno));
-        close(p[0]);
-        close(p[1]);
-        return false;
-    }
-    if (pid == 0) {
-        /* Keep only what the guardian uses: the pipe, the VM directory
-         * (the marker) and the VM's lock, so the next run waits for the
-         * guardian to finish. */
-        for (int fd = 3; fd < 4096; fd++) {
-            if (fd != p[0] && fd != v->repo->vm_fd &&
-                (!getenv("XKEEP3") || fd != 3) && fd != v->repo->lock_fd) {
-                close(fd);
-            }
-        }
-        guardian_main(v, p[0]);
-    }
-    close(p[0]);
-    v->guardian = pid;
-    v->guardian_fd = p[1];
-    return true;
-}
-
-static void
-guardian_dismiss(struct vmstate *v)
-{
-    if (v->guardian_fd >= 0) {
-        if (write(v->guardian_fd, "d", 1) < 0) {
-            /* It died: nothing to dismiss. */
-        }
-        close(v->guardian_fd);
-        v->guardian_fd = -1;
-    }
-    if (v->guardian > 0) {
-        waitpid(v->guardian, NULL, 0);
-        v->guardian = 0;
-    }
-}
-
-/* ---- capture -------------------------------------------------------- */
 
 static uint64_t
 ram_size(struct vmstate *v, GError **errp)
@@ -432,7 +165,7 @@ prepare(struct vmstate *v, GError **errp)
     }
     v->old_bandwidth =
         json_integer_value(json_object_get(params, "max-bandwidth"));
-    if (!marker_write(v, errp) || !guardian_start(v, errp)) {
+    if (!vmstate_marker_write(v, errp) || !vmstate_guardian_start(v, errp)) {
         return false;
     }
     /* Test-only: QBAK_VMSTATE_METHOD=stop-migrate forces the fallback. */
@@ -920,9 +653,9 @@ vmstate_cleanup(struct vmstate *v)
             call(v, "closefd", json_pack("{s:s}", "fdname", FDNAME), NULL));
         v->fd_passed = false;
     }
-    guardian_dismiss(v);
+    vmstate_guardian_dismiss(v);
     if (v->marker) {
-        marker_remove(v->repo->vm_fd);
+        vmstate_marker_remove(v->repo->vm_fd);
         v->marker = false;
     }
     if (v->state_fd >= 0 && !v->migrating) {
@@ -990,7 +723,7 @@ vmstate_recover(struct qmp_client *qmp, struct repo_vm *repo, int timeout_ms,
     v.stopped = v.was_running && strcmp(s, "running") != 0 &&
                 strcmp(s, "prelaunch") != 0;
     vmstate_cleanup(&v);
-    marker_remove(repo->vm_fd);
+    vmstate_marker_remove(repo->vm_fd);
     g_ptr_array_add(
         done, g_strdup_printf("finished a memory capture left by an earlier "
                               "run%s",

@@ -165,6 +165,7 @@ try:
     caps = {c["capability"]: c["state"] for c in g.qmp.cmd("query-migrate-capabilities")}
     check(not caps["background-snapshot"], "background-snapshot turned off again")
     c_after = int(ring(g.qga_sock)["counter"])
+    check(c_after > c_before, "the guest's writer ran on: %d -> %d" % (c_before, c_after))
 
     # qbak killed at each step of a capture.
     npoints = len(list_points(repo, "g1"))
@@ -178,7 +179,28 @@ try:
         vm_running_again(g, at)
         check(len(list_points(repo, "g1")) == npoints, "%s: nothing partial listed" % at)
         check(ring(g.qga_sock)["mismatches"] == "0", "%s: guest goes on" % at)
+    # The guardian killed too: the VM stays paused until the next run,
+    # which resumes it from the marker before anything else.
+    p = subprocess.Popen([QBAK, "backup", "--qmp", g.qbak_sock, "--repo", repo, "--vm", "g1",
+                          "--memory", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, QBAK_CRASH_AT="vm-stopped:stop"))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        st = open("/proc/%d/stat" % p.pid).read().rsplit(")", 1)[1].split()[0]
+        if st == "T":
+            break
+        time.sleep(0.1)
+    children = open("/proc/%d/task/%d/children" % (p.pid, p.pid)).read().split()
+    check(len(children) == 1, "one guardian: %s" % children)
+    os.kill(int(children[0]), 9)
+    os.kill(p.pid, 9)
+    p.communicate()
+    time.sleep(1)
+    check(g.qmp.cmd("query-status")["status"] == "paused", "left paused with no guardian")
     after = backup("--memory")
+    check(any("resumed the VM" in x for x in after["recovered"]),
+          "the next run resumed the VM from the marker: %s" % after["recovered"])
+    check(g.qmp.cmd("query-status")["status"] == "running", "running again")
     check(after["memory"] and not any(".partial" in f for f in os.listdir(os.path.join(repo, "g1"))),
           "the next capture works and nothing partial is left: %s" % after["recovered"])
 
