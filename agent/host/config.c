@@ -23,7 +23,7 @@ static const char *const known_keys[] = {
     "repo",        "qmp",         "qga",        "quiesce",       "disks",
     "rpo",         "speed",       "timeout",    "stall-timeout", "wait",
     "keep-last",   "keep-hourly", "keep-daily", "keep-weekly",   "keep-monthly",
-    "keep-yearly", "full",
+    "keep-yearly", "full",        "memory",
 };
 
 #define VM_PREFIX "vm "
@@ -220,6 +220,7 @@ host_vm_free(struct host_vm *vm)
     g_free(vm->qmp);
     g_free(vm->qga);
     g_free(vm->quiesce);
+    g_free(vm->memory);
     g_strfreev(vm->disks);
     g_free(vm);
 }
@@ -321,6 +322,15 @@ apply_key(struct scan *s, GKeyFile *kf, const char *group, const char *key,
         }
         g_free(vm->quiesce);
         vm->quiesce = g_steal_pointer(&v);
+        return true;
+    }
+    if (strcmp(key, "memory") == 0) {
+        if (strcmp(v, "on") && strcmp(v, "try") && strcmp(v, "off")) {
+            return fail_at(s, errp, group, key, "'%s': must be on, try or off",
+                           v);
+        }
+        g_free(vm->memory);
+        vm->memory = g_steal_pointer(&v);
         return true;
     }
     if (strcmp(key, "disks") == 0) {
@@ -432,6 +442,7 @@ vm_from(struct scan *s, GKeyFile *kf, const struct host_vm *defaults,
     vm->qmp = g_strdup(defaults->qmp);
     vm->qga = g_strdup(defaults->qga);
     vm->quiesce = g_strdup(defaults->quiesce);
+    vm->memory = g_strdup(defaults->memory);
     vm->disks = g_strdupv(defaults->disks);
     vm->rpo_s = defaults->rpo_s;
     vm->speed = defaults->speed;

@@ -34,6 +34,7 @@ struct host_vm {
     char *qmp;
     char *qga;
     char *quiesce; /* auto, require or off */
+    char *memory;  /* on, try or off (backup --memory) */
     char **disks;  /* NULL: every disk */
     int64_t rpo_s;
     bool full;         /* every backup full (backup --full) */

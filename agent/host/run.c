@@ -126,6 +126,9 @@ backup_argv(const struct host_run_opts *o, struct host_vm *vm)
     if (vm->quiesce) {
         g_ptr_array_add(a, g_strdup_printf("--quiesce=%s", vm->quiesce));
     }
+    if (vm->memory) {
+        g_ptr_array_add(a, g_strdup_printf("--memory=%s", vm->memory));
+    }
     for (char **d = vm->disks; d && *d; d++) {
         g_ptr_array_add(a, g_strdup_printf("--disk=%s", *d));
     }
