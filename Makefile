@@ -3,7 +3,7 @@
 
 CC      ?= cc
 CFLAGS  ?= -O2 -g
-PKGS     = jansson glib-2.0 liburing libxxhash
+PKGS     = jansson glib-2.0 liburing libxxhash libnbd
 WARN     = -Wall -Wextra -Wshadow -Wvla -Wformat=2 -Wstrict-prototypes \
            -Wwrite-strings -Wno-unused-parameter
 override CFLAGS += -std=gnu11 -D_GNU_SOURCE $(WARN) -I. $(shell pkg-config --cflags $(PKGS))

@@ -25,6 +25,12 @@ struct backup_opts {
     int wait_ms;    /* how long to wait for a busy VM lock (0: fail at once) */
     bool progress;  /* progress lines on stderr */
     bool verbose;   /* each phase with its time on stderr */
+    /* Pull mode (agent/backup_pull.h): QEMU keeps the point in time in
+     * scratch, qbak reads it; push: QEMU's backup job sends it to qbak. */
+    bool pull;
+    bool pull_fallback; /* pull by default: push on a QEMU too old for it */
+    const char *scratch_dir;
+    uint64_t scratch_max; /* bytes for all disks' scratch, 0: unbounded */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

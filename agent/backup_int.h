@@ -57,6 +57,7 @@ struct backup {
     struct quiesce *quiesce;
     bool committed;
     gint64 start_us;
+    struct pull *pull; /* pull mode's state (backup_pull.c), or NULL */
 };
 
 /* Wait until every job is pending (all data received), or one failed. */
