@@ -206,7 +206,9 @@ take_status(struct pull_copy *pc)
 
     pc->status_done = false;
     if (pc->status_err) {
-        copy_fail(pc, g_strdup_printf("block status at %" PRIu64 ": %s",
+        copy_fail(pc, g_strdup_printf("block status at %" PRIu64 ": %s (the "
+                                      "point in time is gone: scratch full "
+                                      "or failing, or QEMU failed)",
                                       pc->cursor, g_strerror(pc->status_err)));
         return;
     }
@@ -393,7 +395,12 @@ pull_copy_step(struct pull_copy *pc)
         copy_fail(pc, g_strdup(te));
     }
     if (ce && !pc->error) {
-        copy_fail(pc, g_strdup(ce));
+        /* QEMU's server drops the connection when a read of the source
+         * fails, as when QEMU itself goes. */
+        copy_fail(pc, g_strdup_printf("reading the point in time from "
+                                      "QEMU's NBD export failed (a source "
+                                      "read error, or QEMU gone): %s",
+                                      ce));
     }
     check_stall(pc, g_get_monotonic_time());
     for (unsigned i = 0; i < READ_SLOTS && !pc->error; i++) {

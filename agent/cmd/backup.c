@@ -24,10 +24,22 @@ parse_size(const char *s, uint64_t *out)
     }
     v = g_ascii_strtoull(s, &end, 10);
     switch (g_ascii_toupper(*end)) {
-    case 'K': shift = 10; end++; break;
-    case 'M': shift = 20; end++; break;
-    case 'G': shift = 30; end++; break;
-    case 'T': shift = 40; end++; break;
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 'T':
+        shift = 40;
+        end++;
+        break;
     }
     if (*end || v > (G_MAXUINT64 >> 1 >> shift)) {
         return false;

@@ -30,7 +30,7 @@ BLKDEBUG = {1: "inject-error.0.event=read_aio,inject-error.0.errno=5,"
 
 
 def backup(env=None, slow=False):
-    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"]
+    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"] + mode_args()
     if slow:
         args += ["--speed", str(2 << 20)]
     return subprocess.Popen(args, env=dict(os.environ, **(env or {})),

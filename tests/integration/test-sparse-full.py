@@ -33,7 +33,8 @@ def full_racing(vm, name, writes):
     must equal the disk as it was when the job started."""
     before = vm.reference("vd0", os.path.join(w, "before-%s.raw" % name))
     proc = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                             "--vm", name, "--speed", str(2 << 20), "--json"],
+                             "--vm", name, "--speed", str(2 << 20), "--json",
+                             "--mode", "push"],  # watches QEMU's job
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not [j for j in vm.jobs() if j["status"] == "running"]:
