@@ -888,7 +888,8 @@ def report(args, lay, res, meta):
         i, d = st["idle"], st["during_full"]
         for q_ in ("median", "p99"):
             v = ratio(d.get(q_), i.get(q_))
-            target("guest %s latency %s: during pull full / idle (x)" % (st["label"], q_),
+            target("guest %s latency %s: during %s full / idle (x)"
+                   % (st["label"], q_, args.guest_mode or "pull"),
                    v, v is not None and v <= 1.5, "<= 1.5")
     P("")
     P("for comparison (no target)")
@@ -1018,6 +1019,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
+    ap.add_argument("--guest-mode", choices=["pull", "push"],
+                    help="mode of the guest-impact backups (default: qbak's default)")
     ap.add_argument("--shape", default="reference", choices=sorted(SHAPES),
                     help="disk shape: reference (40 %% data, 20 %% zeroes) or second "
                     "(30 %% data, 10 %% zeroes; issue 13's 2 GiB disk)")

@@ -223,6 +223,8 @@ def guest_step(args, work, res, b):
                    "--quiesce", "require", "--repo", repo, "--vm", VMNAME, "--json"]
             if full:
                 cmd.append("--full")
+            if args and getattr(args, "guest_mode", None):
+                cmd += ["--mode", args.guest_mode]
             t0 = time.time()
             wall, ru, rc, out, err, _ = b.timed(cmd)
             t1 = time.time()
