@@ -111,7 +111,7 @@ static bool
 write_marker(struct backup *b, GError **errp)
 {
     struct pull *p = b->pull;
-    json_t *disks = json_array();
+    json_t *disks = json_array(), *m;
     g_autofree char *text = NULL;
     int fd;
     bool ok;
@@ -126,7 +126,9 @@ write_marker(struct backup *b, GError **errp)
                       "scr", pd->scr, "cbw", pd->cbw, "acc", pd->acc, "bitmap",
                       pd->exp_bitmap, "export", pd->export_id));
     }
-    text = json_dumps(json_pack("{s:o}", "disks", disks), JSON_COMPACT);
+    m = json_pack("{s:o}", "disks", disks);
+    text = json_dumps(m, JSON_COMPACT);
+    json_decref(m);
     fd = openat(b->repo->vm_fd, MARKER ".tmp",
                 O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
     ok = fd >= 0 && write(fd, text, strlen(text)) == (ssize_t)strlen(text) &&
