@@ -546,7 +546,7 @@ pull_copy_free(struct pull_copy *pc)
         g_free(pc->slots[i].ext);
         g_free(pc->slots[i].rw);
     }
-    g_queue_free_full(&pc->runs, g_free);
+    g_queue_clear_full(&pc->runs, g_free); /* embedded: clear, not free */
     g_array_free(pc->base.e, true);
     g_array_free(pc->dirty.e, true);
     g_free(pc->bitmap_context);
