@@ -4,7 +4,7 @@
 CC      ?= cc
 VERSION  = 0.1.0
 CFLAGS  ?= -O2 -g
-PKGS     = jansson glib-2.0 liburing libxxhash libguestfs
+PKGS     = jansson glib-2.0 liburing libxxhash libguestfs libnbd
 WARN     = -Wall -Wextra -Wshadow -Wvla -Wformat=2 -Wstrict-prototypes \
            -Wwrite-strings -Wno-unused-parameter
 override CFLAGS += -std=gnu11 -D_GNU_SOURCE -DQBAK_VERSION='"$(VERSION)"' $(WARN) -I. $(shell pkg-config --cflags $(PKGS))

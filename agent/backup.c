@@ -20,6 +20,7 @@
 #include "agent/backup_int.h"
 #include "agent/damage.h"
 #include "agent/prune.h"
+#include "agent/backup_pull.h"
 #include "agent/recover.h"
 #include "io/qcow2_sums.h"
 #include "agent/vm/settings.h"
@@ -563,7 +564,7 @@ make_manifest(struct backup *b, const char *parent, double duration)
 static bool
 commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
 {
-    if (!backup_jobs_still_pending(b, errp)) {
+    if (!b->pull && !backup_jobs_still_pending(b, errp)) {
         return false;
     }
     for (guint k = 0; k < b->disks->len; k++) {
@@ -704,6 +705,33 @@ explain_full(struct backup *b, struct disk *d, const char *last_point)
     }
 }
 
+/* Pull mode's data (agent/backup_pull.h): fleecing set up, the point in
+ * time inside the freeze window, the copy, and QEMU's graph back as it was
+ * before the commit (the guest's writes stop going through the filter as
+ * soon as the data is in). */
+static bool
+pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
+{
+    bool started;
+
+    if (!backup_pull_prepare(b, errp)) {
+        return false;
+    }
+    trace(b, "fleecing nodes added");
+    if (!add_bitmaps(b, errp) || !quiesce_freeze(b->quiesce, errp)) {
+        return false;
+    }
+    started = backup_pull_point(b, errp);
+    quiesce_thaw(b->quiesce);
+    trace(b, "filters inserted (point in time)");
+    if (!started || !backup_pull_copy(b, errp)) {
+        return false;
+    }
+    trace(b, "all data read");
+    backup_pull_release(b, warnings);
+    return true;
+}
+
 json_t *
 backup_run(const struct backup_opts *o, GError **errp)
 {
@@ -765,7 +793,8 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     trace(&b, "QMP connected");
-    if (!recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
+    if (!backup_pull_recover(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
+        !recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
         !vmstate_recover(b.qmp, b.repo, o->timeout_ms, recovered, errp)) {
         goto out;
     }
@@ -809,6 +838,17 @@ backup_run(const struct backup_opts *o, GError **errp)
             goto out;
         }
     }
+    if (o->pull && qmp_client_qemu_version(b.qmp) < BACKUP_PULL_MIN_QEMU &&
+        o->pull_fallback) {
+        g_ptr_array_add(warnings, g_strdup("QEMU older than 7.1: push mode "
+                                           "(pull needs "
+                                           "on-cbw-error=break-snapshot)"));
+    } else if (o->pull) {
+        if (!pull_data(&b, warnings, errp)) {
+            goto out;
+        }
+        goto copied;
+    }
     /* The freeze comes last and the thaw right after the transaction:
      * the window is as short as QEMU makes it. */
     if (!vmstate_save_first(b.vmstate, errp) || !start_targets(&b, errp)) {
@@ -838,11 +878,14 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (b.vmstate && !vmstate_finish(b.vmstate, errp)) {
         goto out;
     }
+copied:
     if (!commit(&b, parent, &manifest, errp)) {
         goto out;
     }
     trace(&b, "committed");
-    backup_jobs_finalize(&b, warnings);
+    if (!b.pull) {
+        backup_jobs_finalize(&b, warnings);
+    }
     trace(&b, "finalized");
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
@@ -853,11 +896,13 @@ backup_run(const struct backup_opts *o, GError **errp)
     release_qemu(&b, false, warnings);
     trace(&b, "NBD nodes released");
     result = result_json(&b, manifest, warnings, recovered);
+    backup_pull_result(&b, result);
 out:
     if (b.quiesce) {
         quiesce_thaw(b.quiesce); /* before any clean-up that may block */
     }
     vmstate_free(b.vmstate); /* the VM runs again, the snapshot stops */
+    backup_pull_release(&b, b.committed ? warnings : NULL);
     if (b.partial_made || b.disks->len) {
         release_qemu(&b, !b.committed, b.committed ? warnings : NULL);
     }
@@ -869,6 +914,7 @@ out:
         close(b.partial_fd);
     }
     json_decref(manifest);
+    backup_pull_free(&b);
     g_ptr_array_free(b.disks, true);
     qmp_client_free(b.qmp);
     json_decref(b.block);

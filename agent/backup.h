@@ -28,6 +28,12 @@ struct backup_opts {
     int progress_fd; /* > 0: progress reports to this fd instead (run) */
     bool verbose;    /* each phase with its time on stderr */
     enum vmstate_mode memory; /* capture the guest's memory with the disks */
+    /* Pull mode (agent/backup_pull.h): QEMU keeps the point in time in
+     * scratch, qbak reads it; push: QEMU's backup job sends it to qbak. */
+    bool pull;
+    bool pull_fallback; /* pull by default: push on a QEMU too old for it */
+    const char *scratch_dir;
+    uint64_t scratch_max; /* bytes for all disks' scratch, 0: unbounded */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

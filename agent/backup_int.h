@@ -59,6 +59,7 @@ struct backup {
     gint64 start_us;
     json_t *settings;         /* vm.json (agent/vm/settings.h) */
     struct vmstate *vmstate;  /* NULL without --memory */
+    struct pull *pull; /* pull mode's state (backup_pull.c), or NULL */
 };
 
 /* Wait until every job is pending (all data received), or one failed. */

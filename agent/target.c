@@ -340,6 +340,9 @@ backup_target_new(struct ring *ring, int dir_fd, const char *file,
         tr->ext = g_new0(struct qcow2_extent, tr->max_ext);
         tr->rw = g_new0(struct ring_rw, tr->max_ext);
     }
+    if (!client_fd) {
+        return t; /* pull mode: the caller feeds the writer */
+    }
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "%s: socketpair: %s", disk, g_strerror(errno));
@@ -391,7 +394,9 @@ backup_target_free(struct backup_target *t)
             t->recycle_pending) &&
            ring_run_once(t->ring, -1) >= 0) {
     }
-    nbd_server_free(t->server);
+    if (t->server) {
+        nbd_server_free(t->server);
+    }
     for (unsigned i = 0; i < NBD_SLOTS; i++) {
         g_free(t->reqs[i].ext);
         g_free(t->reqs[i].rw);
@@ -479,7 +484,7 @@ const char *
 backup_target_error(struct backup_target *t)
 {
     /* Every message names its disk, the server's too. */
-    if (!t->error && nbd_server_error(t->server)) {
+    if (!t->error && t->server && nbd_server_error(t->server)) {
         t->error =
             g_strdup_printf("%s: %s", t->disk, nbd_server_error(t->server));
     }
@@ -489,13 +494,13 @@ backup_target_error(struct backup_target *t)
 bool
 backup_target_connected(const struct backup_target *t)
 {
-    return nbd_server_connected(t->server);
+    return t->server && nbd_server_connected(t->server);
 }
 
 bool
 backup_target_finished(const struct backup_target *t)
 {
-    return nbd_server_finished(t->server);
+    return !t->server || nbd_server_finished(t->server);
 }
 
 bool
@@ -548,4 +553,34 @@ uint64_t
 backup_target_data_bytes(const struct backup_target *t)
 {
     return qcow2_writer_data_bytes(t->writer);
+}
+
+/* Pull mode: see target.h. */
+struct qcow2_writer *
+backup_target_writer(struct backup_target *t)
+{
+    return t->writer;
+}
+
+int
+backup_target_fd(const struct backup_target *t)
+{
+    return t->fd;
+}
+
+void
+backup_target_wrote(struct backup_target *t, uint64_t host_off, size_t len)
+{
+    t->dirty_bytes += len;
+    start_writeback(t);
+    t->written_end = MAX(t->written_end, host_off + len);
+    start_recycle(t);
+}
+
+void
+backup_target_fail(struct backup_target *t, const char *msg)
+{
+    if (!t->error) {
+        t->error = g_strdup_printf("%s: %s", t->disk, msg);
+    }
 }

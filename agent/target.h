@@ -15,7 +15,8 @@ struct backup_target;
 
 /* Creates `file` in dir_fd (O_EXCL) and serves it over a new socketpair:
  * *client_fd is the other end, for the NBD client (QEMU), and the caller's
- * to close once it has handed it on.
+ * to close once it has handed it on.  client_fd NULL: no server (pull
+ * mode, below).
  * backing_file/backing: see qcow2_writer_new (backing borrowed). */
 struct backup_target *backup_target_new(struct ring *ring, int dir_fd,
                                         const char *file, const char *disk,
@@ -43,6 +44,17 @@ bool backup_target_finished(const struct backup_target *t);
  * (<file>.sums, io/qcow2_sums.h) durably beside it.  Fails if any earlier write
  * or fsync failed: a failed fsync is never retried into a success. */
 bool backup_target_commit(struct backup_target *t, GError **errp);
+
+/* Pull mode (client_fd NULL in backup_target_new): no NBD server; the
+ * caller maps its data through the layer's writer, writes the extents to
+ * the file itself, and reports each completed write with
+ * backup_target_wrote() (write-back and page-cache recycling as above). */
+struct qcow2_writer *backup_target_writer(struct backup_target *t);
+int backup_target_fd(const struct backup_target *t);
+void backup_target_wrote(struct backup_target *t, uint64_t host_off,
+                         size_t len);
+/* Fail the target (the first message is kept), as a failed write would. */
+void backup_target_fail(struct backup_target *t, const char *msg);
 
 uint64_t backup_target_file_size(const struct backup_target *t);
 uint64_t backup_target_data_bytes(const struct backup_target *t);

@@ -216,12 +216,20 @@ def wait_event(qmp, pred, timeout=3600):
 
 # ---------------------------------------------------------- reference disk
 
+# Disk shapes: fractions of random data and written zeroes (the rest is never
+# allocated).  "reference": the reference disk; "second": issue 13's second
+# disk (2 GiB at full size), 30 % data, 10 % zeroes, 60 % never written.
+SHAPES = {"reference": (0.4, 0.2), "second": (0.3, 0.1)}
+SHAPE = "reference"
+
+
 def layout_for(size, seed):
     """Cluster layout: runs of 1..32 clusters, each random data, written
-    zeroes or never allocated, 40/20/40 % of the clusters; plus the clusters
-    each incremental rewrites."""
+    zeroes or never allocated (40/20/40 % of the clusters for the reference
+    shape); plus the clusters each incremental rewrites."""
     n = size // CLUSTER
-    rng = random.Random("qbak-bench-layout-%d" % seed)
+    rng = random.Random("qbak-bench-layout-%d%s" % (seed, "" if SHAPE == "reference"
+                                                        else "-" + SHAPE))
     runs = []
     pos = 0
     while pos < n:
@@ -230,7 +238,7 @@ def layout_for(size, seed):
         pos += k
     order = list(range(len(runs)))
     rng.shuffle(order)
-    quota = {"random": round(n * 0.4), "zero": round(n * 0.2)}
+    quota = {"random": round(n * SHAPES[SHAPE][0]), "zero": round(n * SHAPES[SHAPE][1])}
     got = {"random": 0, "zero": 0, "none": 0}
     for i in order:
         kind = "none"
@@ -262,7 +270,8 @@ def coalesce(runs):
 
 
 def reference_disk(size, seed):
-    base = os.path.join(OUT, "ref-%s-seed%d" % (size, seed))
+    base = os.path.join(OUT, "ref-%s-seed%d%s" % (size, seed, "" if SHAPE == "reference"
+                                                   else "-" + SHAPE))
     img, meta = base + ".qcow2", base + ".json"
     if os.path.exists(img) and os.path.exists(meta):
         try:
@@ -365,10 +374,12 @@ def run_qbak(args, vm=None, what="qbak"):
     return s
 
 
-def qbak_backup(vm, repo, full=False, what="qbak backup"):
+def qbak_backup(vm, repo, full=False, what="qbak backup", mode=None):
     args = ["backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", VMNAME, "--json"]
     if full:
         args.append("--full")
+    if mode:
+        args += ["--mode", mode]
     s = run_qbak(args, vm, what)
     want = "full" if full else "incremental"
     if s["types"] != [want]:
@@ -500,6 +511,37 @@ def write_limit(path, nbytes, seed):
     return Sample(wall=wall, bytes=nbytes, gib_s=nbytes / GiB / wall)
 
 
+def read_limit(path):
+    """The disk's read limit for the source's allocated data: the source
+    image file read whole with O_DIRECT in 4 MiB requests (its allocated
+    clusters, headers and tables; holes read as the file system's zeroes)."""
+    bs = 4 * MiB
+    buf = mmap.mmap(-1, bs)
+    nbytes = os.stat(path).st_blocks * 512
+    drop_caches()
+    t0 = time.monotonic()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        off, end = 0, os.fstat(fd).st_size
+        while off < end:
+            # Only the file's data: SEEK_DATA skips its holes.
+            try:
+                off = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fd, off, os.SEEK_HOLE)
+            while off < hole:
+                n = os.preadv(fd, [buf], off)
+                if n <= 0:
+                    break
+                off += n
+    finally:
+        os.close(fd)
+    wall = time.monotonic() - t0
+    buf.close()
+    return Sample(wall=wall, bytes=nbytes, gib_s=nbytes / GiB / wall)
+
+
 # ----------------------------------------------------------------- the runs
 
 def one_run(r, args, ref, lay, work, res):
@@ -512,7 +554,9 @@ def one_run(r, args, ref, lay, work, res):
     nbd_proc = None
     try:
         repo = os.path.join(rdir, "repo")
-        methods = ["qbak", "native"]
+        push_repo = os.path.join(rdir, "repo-push")
+        # "qbak": the default (pull) mode; "push": qbak --mode push.
+        methods = ["qbak", "push", "native"]
         pushers = {"native": QemuPush(vm, "native", rdir, size)}
         if "nbd" not in args.skip:
             nbd_proc, nbd_sock = start_nbdkit(rdir, size)
@@ -527,6 +571,9 @@ def one_run(r, args, ref, lay, work, res):
         def step(phase, m, full=False):
             if m == "qbak":
                 s = qbak_backup(vm, repo, full=full, what="%s qbak" % phase)
+            elif m == "push":
+                s = qbak_backup(vm, push_repo, full=full, what="%s qbak push" % phase,
+                                mode="push")
             else:
                 s = pushers[m].backup()
             res.add("%s.%s" % (phase, m), s)
@@ -545,6 +592,10 @@ def one_run(r, args, ref, lay, work, res):
             s["implied_for_qbak"] = qfull["bytes"] / GiB / s["gib_s"]
             res.add("full.limit", s)
             note("run %d full   limit  %.3f s (%.2f GiB/s)" % (r + 1, s["wall"], s["gib_s"]))
+            rl = read_limit(src)
+            res.add("full.readlimit", rl)
+            note("run %d full   read limit %.3f s (%.2f GiB/s, %s)"
+                 % (r + 1, rl["wall"], rl["gib_s"], human(rl["bytes"])))
 
         for phase in ("1%", "10%", "0.1%a", "0.1%b", "0.1%c"):
             t = guest_rewrite(vm, lay["incrementals"][phase])
@@ -553,6 +604,7 @@ def one_run(r, args, ref, lay, work, res):
             key = "inc" + phase.rstrip("abc")
             if phase.startswith("0.1%"):
                 step(key, "qbak")
+                step(key, "push")
             else:
                 for m in order:
                     step(key, m)
@@ -711,9 +763,9 @@ def report(args, lay, res, meta):
     lines = []
     P = lines.append
     P("")
-    P("qbak benchmark: %s qcow2 source, 64 KiB clusters (%s random, %s written zeroes, "
+    P("qbak benchmark: %s qcow2 source (%s shape), 64 KiB clusters (%s random, %s written zeroes, "
       "%s never allocated; %s allocated)"
-      % (human(size), human(lay["counts"]["random"] * CLUSTER),
+      % (human(size), SHAPE, human(lay["counts"]["random"] * CLUSTER),
          human(lay["counts"]["zero"] * CLUSTER), human(lay["counts"]["none"] * CLUSTER),
          human(alloc)))
     P("QEMU %s, %d cores, %s; seed %d; %d run(s): median [min-max]; page cache dropped "
@@ -724,11 +776,14 @@ def report(args, lay, res, meta):
     P("")
     cols = [("full", "full, durable"), ("inc1%", "1 % inc"), ("inc10%", "10 % inc"),
             ("inc0.1%", "0.1 % inc"), ("restore", "restore (full+5)")]
-    rows = [("qbak", "qbak (whole command)", ["full", "inc1%", "inc10%", "inc0.1%"], "qbak"),
+    rows = [("qbak", "qbak pull (default, whole cmd)", ["full", "inc1%", "inc10%", "inc0.1%"],
+             "qbak"),
+            ("push", "qbak --mode push (whole cmd)", ["full", "inc1%", "inc10%", "inc0.1%"], None),
             ("native", "QEMU blockdev-backup -> local qcow2", ["full", "inc1%", "inc10%"], None),
             ("nbd", "QEMU blockdev-backup -> nbdkit null", ["full", "inc1%", "inc10%"], None),
             ("virtnbd", "virtnbdbackup, libvirt pull + fsync", ["full", "inc1%", "inc10%"], None),
             ("limit", "disk write limit, qbak's bytes", ["full"], None),
+            ("readlimit", "disk read limit, allocated data", ["full"], None),
             ("convert", "qemu-img convert + fsync", [], None)]
     w0 = 38
     P("%-*s" % (w0, "time") + "".join("%-24s" % c[1] for c in cols))
@@ -740,6 +795,8 @@ def report(args, lay, res, meta):
                 cells.append(fmt_t(res.vals(k)) if k else "")
             elif m == "limit" and key == "full":
                 cells.append(fmt_t(res.vals("full.limit", "implied_for_qbak")))
+            elif m == "readlimit" and key == "full":
+                cells.append(fmt_t(res.vals("full.readlimit")))
             elif key in phases:
                 cells.append(fmt_t(res.vals("%s.%s" % (key, m))))
             else:
@@ -751,7 +808,8 @@ def report(args, lay, res, meta):
     P("qbak's own duration_s (median: from its start of work to its commit)")
     P("%-28s %9s %9s %9s %12s %10s %10s" % ("step", "qbak/tool", "QEMU", "nbdkit", "written",
                                           "peak RSS", "qbak says"))
-    for key in ["full.qbak", "full.native", "full.nbd", "full.virtnbd", "full.limit", "inc1%.qbak",
+    for key in ["full.qbak", "full.push", "inc1%.push", "inc10%.push", "inc0.1%.push",
+                "full.readlimit", "full.native", "full.nbd", "full.virtnbd", "full.limit", "inc1%.qbak",
                 "inc1%.native", "inc1%.nbd", "inc1%.virtnbd", "inc10%.qbak", "inc10%.native",
                 "inc10%.nbd", "inc10%.virtnbd", "inc0.1%.qbak",
                 "restore.qbak", "restore.convert", "bigfull.64G", "bigfull.1G", "zero.64G",
@@ -823,6 +881,40 @@ def report(args, lay, res, meta):
     target("peak RSS of qbak, full of the %s disk (MiB)" % human(size), v,
            v is not None and v < 64, "< 64", "%.1f")
     bench_prune.targets(res, target, ratio)
+    P("")
+    P("CPU seconds per GiB backed up (median CPU / median bytes written): qbak + QEMU")
+    for key in ("full.qbak", "full.push", "full.native", "inc10%.qbak", "inc10%.push",
+                "inc10%.native", "inc1%.qbak", "inc1%.push", "inc1%.native"):
+        b = res.med(key, "bytes")
+        if not b:
+            continue
+        qc, ec = res.med(key, "cpu"), res.med(key, "qemu_cpu")
+        P("  %-16s qbak %6s  QEMU %6s  (s/GiB)" % (
+            key, "%.2f" % (qc / (b / GiB)) if qc is not None else "-",
+            "%.2f" % (ec / (b / GiB)) if ec is not None else "-"))
+    P("")
+    P("targets (issue 13: pull mode, the default), from the medians above")
+    q = res.med("full.qbak")
+    v = ratio(res.med("full.native"), q)
+    target("full: pull speedup over QEMU native (x)", v, v is not None and v >= 1.5, ">= 1.5")
+    lim = None
+    if res.med("full.limit", "implied_for_qbak") and res.med("full.readlimit"):
+        lim = res.med("full.limit", "implied_for_qbak") + res.med("full.readlimit")
+    v = ratio(q, lim)
+    target("full: pull / disk limit (read + write of its bytes) (x)", v,
+           v is not None and v <= 1.3, "<= 1.3")
+    for inc in ("inc10%", "inc1%"):
+        v = ratio(res.med(inc + ".native"), res.med(inc + ".qbak"))
+        target("%s incremental: QEMU native / pull (x)" % inc[3:], v,
+               v is not None and v >= 1.2, ">= 1.2")
+    gr = res.guest or {}
+    for st in (gr.get("streams") or {}).values():
+        i, d = st["idle"], st["during_full"]
+        for q_ in ("median", "p99"):
+            v = ratio(d.get(q_), i.get(q_))
+            target("guest %s latency %s: during %s full / idle (x)"
+                   % (st["label"], q_, args.guest_mode or "pull"),
+                   v, v is not None and v <= 1.5, "<= 1.5")
     P("")
     P("for comparison (no target)")
     for name, a, b in (("full: QEMU -> nbdkit null / qbak (x)", "full.nbd", "full.qbak"),
@@ -963,6 +1055,8 @@ def main():
     if args.runs < 1:
         raise BenchError("--runs must be at least 1")
     args.skip = set(s for s in args.skip.split(",") if s)
+    global SHAPE
+    SHAPE = args.shape
     preflight()
     os.makedirs(TMP, exist_ok=True)
     clean_stale_tmp()

@@ -4,7 +4,7 @@
 set -eu
 pkgs=(
     gcc make pkg-config libc6-dev           # build
-    libjansson-dev libglib2.0-dev liburing-dev libxxhash-dev
+    libjansson-dev libglib2.0-dev liburing-dev libxxhash-dev libnbd-dev
     qemu-system-x86 qemu-utils              # the real peer and the oracles
     python3 groff-base                      # integration tests (stdlib only; groff checks the man pages)
     clang                                   # make fuzz (libFuzzer)

@@ -11,6 +11,43 @@
 #include "io/qcow2.h"
 #include "qmp/parser.h"
 
+/* SIZE: bytes, or with a K, M, G or T suffix (powers of 1024). */
+static bool
+parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    guint64 v;
+    unsigned shift = 0;
+
+    if (!s || !g_ascii_isdigit(*s)) {
+        return false;
+    }
+    v = g_ascii_strtoull(s, &end, 10);
+    switch (g_ascii_toupper(*end)) {
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'G':
+        shift = 30;
+        end++;
+        break;
+    case 'T':
+        shift = 40;
+        end++;
+        break;
+    }
+    if (*end || v > (G_MAXUINT64 >> 1 >> shift)) {
+        return false;
+    }
+    *out = v << shift;
+    return true;
+}
+
 static void
 print_backup_human(json_t *res)
 {
@@ -100,6 +137,9 @@ cmd_backup(int argc, char **argv)
     gint stall = 30;
     g_autofree gchar *qga = NULL;
     g_autofree gchar *quiesce = NULL;
+    g_autofree gchar *mode = NULL;
+    g_autofree gchar *scratch = NULL;
+    g_autofree gchar *scratch_max = NULL;
     gint wait = 0;
     gint progress_fd = -1;
     GError *err = NULL;
@@ -140,6 +180,18 @@ cmd_backup(int argc, char **argv)
          "point in time (on); try: if that fails, commit the disks alone "
          "and say so; off (default)",
          "on|try|off"},
+        {"mode", 0, 0, G_OPTION_ARG_STRING, &mode,
+         "push (default): QEMU's backup job sends the point to qbak; "
+         "pull: QEMU keeps the point in scratch, qbak reads it",
+         "MODE"},
+        {"scratch", 0, 0, G_OPTION_ARG_FILENAME, &scratch,
+         "pull mode: directory for QEMU's copies of data the guest "
+         "overwrites during the backup (default /var/tmp)",
+         "DIR"},
+        {"scratch-max", 0, 0, G_OPTION_ARG_STRING, &scratch_max,
+         "pull mode: at most SIZE bytes of scratch (K, M, G, T suffixes); "
+         "past it the backup fails, the guest goes on",
+         "SIZE"},
         {"json", 0, 0, G_OPTION_ARG_NONE, &json,
          "print the result as one JSON object", NULL},
         {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
@@ -182,6 +234,26 @@ cmd_backup(int argc, char **argv)
     }
     if (o.quiesce == QUIESCE_REQUIRE && !qga) {
         fprintf(stderr, "qbak backup: --quiesce require needs --qga\n");
+        return QBAK_EXIT_USAGE;
+    }
+    /* Push is the default: one transaction makes every disk's point the
+     * same instant, while pull mode's filters go in one disk after the
+     * other (atomic only inside a guest freeze). */
+    o.pull = mode && strcmp(mode, "pull") == 0;
+    o.pull_fallback = false;
+    if (mode && !o.pull && strcmp(mode, "push") != 0) {
+        fprintf(stderr, "qbak backup: --mode must be push or pull\n");
+        return QBAK_EXIT_USAGE;
+    }
+    if (o.pull && memory_mode != VMSTATE_OFF) {
+        fprintf(stderr, "qbak backup: --memory needs --mode push\n");
+        return QBAK_EXIT_USAGE;
+    }
+    o.scratch_dir = scratch ? scratch : "/var/tmp";
+    if (scratch_max && (!parse_size(scratch_max, &o.scratch_max) ||
+                        o.scratch_max < (1u << 20))) {
+        fprintf(stderr, "qbak backup: --scratch-max must be a size of at "
+                        "least 1M\n");
         return QBAK_EXIT_USAGE;
     }
     o.qmp_path = qmp;

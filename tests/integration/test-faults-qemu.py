@@ -30,7 +30,7 @@ BLKDEBUG = {1: "inject-error.0.event=read_aio,inject-error.0.errno=5,"
 
 
 def backup(env=None, slow=False):
-    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"]
+    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"] + mode_args()
     if slow:
         args += ["--speed", str(2 << 20)]
     return subprocess.Popen(args, env=dict(os.environ, **(env or {})),
@@ -81,7 +81,7 @@ try:
         status = vm.qmp.cmd("query-status")["status"]
         random_writes(vm, "vd0", S0, rng, 10)
         vm.io("vd1", "write -P 0x24 0 16M")
-        if how == "running":
+        if how == "running" and backup_mode() == "push":
             p = backup(slow=True)
             deadline = time.time() + 20
             while not [j for j in vm.jobs() if j["status"] == "running"]:
@@ -89,9 +89,10 @@ try:
                 time.sleep(0.02)
             vm.kill()
         else:
-            # qbak stops itself once every job is pending; QEMU dies; qbak
-            # goes on and must not commit what QEMU can no longer finalize.
-            p = backup({"QBAK_CRASH_AT": "pending:stop"})
+            # qbak stops itself once every job is pending (pull mode: once
+            # it reads the point, or has read it all); QEMU dies; qbak goes
+            # on and must not commit what QEMU can no longer vouch for.
+            p = backup({"QBAK_CRASH_AT": "%s:stop" % how})
             deadline = time.time() + 30
             while not os.path.exists("/proc/%d" % p.pid) or \
                     open("/proc/%d/stat" % p.pid).read().split()[2] != "T":

@@ -38,7 +38,7 @@ def failing_backup(env_extra, expect_in_err, racing_writes=False):
     before_points = list_points(repo, "vm1")
     before_bitmaps = bitmap_state()
     env = dict(os.environ, **env_extra)
-    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"]
+    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"] + mode_args()
     if racing_writes:
         args += ["--speed", str(4 << 20)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE,

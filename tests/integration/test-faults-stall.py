@@ -30,7 +30,8 @@ try:
     env = dict(os.environ, QBAK_FAULT_STALL_WRITE="2:%d" % HOLD)
     t0 = time.time()
     proc = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                             "--vm", "vm1", "--stall-timeout", "1"], env=env,
+                             "--vm", "vm1", "--stall-timeout", "1",
+                             "--mode", "push"], env=env,  # the job's watchdog
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not vm.jobs():

@@ -467,7 +467,8 @@ def run_case(case, binary, tag):
     t0 = time.monotonic()
     try:
         p = subprocess.run([binary, "backup", "--qmp", sock, "--repo", repo,
-                            "--vm", VM, "--timeout", str(case.timeout), "--json"],
+                            "--vm", VM, "--timeout", str(case.timeout), "--json",
+                            "--mode", "push"],  # the fake speaks push
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            env=env, timeout=hang)
         rc, out, err = p.returncode, p.stdout, p.stderr

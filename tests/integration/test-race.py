@@ -24,7 +24,8 @@ def backup_while_writing(kind, writes):
     before = vm.reference("vd0", os.path.join(w, "before-%s.raw" % kind))
     # 4 MiB/s: the job takes seconds, so the writes below race it.
     proc = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                             "--vm", "vm1", "--speed", str(4 << 20), "--json"],
+                             "--vm", "vm1", "--speed", str(4 << 20), "--json",
+                             "--mode", "push"],  # races QEMU's job
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not [j for j in vm.jobs() if j["status"] == "running"]:

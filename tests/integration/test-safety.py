@@ -62,7 +62,8 @@ try:
     # the first runs (slowed), and the first is untouched.
     vm.io("vd0", "write -P 0x62 0 %d" % SIZE)
     ref = vm.reference("vd0", os.path.join(w, "ref.raw"))
-    slow = subprocess.Popen([QBAK] + backup_args() + ["--full", "--speed", str(4 << 20), "--json"],
+    slow = subprocess.Popen([QBAK] + backup_args() + ["--full", "--speed", str(4 << 20), "--json",
+                                                      "--mode", "push"],  # a job to watch
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not vm.jobs():

@@ -33,7 +33,8 @@ def full_racing(vm, name, writes):
     must equal the disk as it was when the job started."""
     before = vm.reference("vd0", os.path.join(w, "before-%s.raw" % name))
     proc = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                             "--vm", name, "--speed", str(2 << 20), "--json"],
+                             "--vm", name, "--speed", str(2 << 20), "--json",
+                             "--mode", "push"],  # watches QEMU's job
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not [j for j in vm.jobs() if j["status"] == "running"]:
@@ -82,7 +83,8 @@ vm = VM(w, [("vd0", overlay, "qcow2")])
 try:
     vm.io("vd0", "write -P 0xb1 4M 1M")
     ref = vm.reference("vd0", os.path.join(w, "overlay.raw"))
-    res = qbak_json("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "overlay")
+    res = qbak_json("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "overlay",
+                    "--mode", "push")  # watches QEMU's job
     check(res["disks"][0]["type"] == "full", "expected a full: %s" % res)
     img_compare(os.path.join(repo, "overlay", res["point"], "vd0.qcow2"), ref, fmt_a="qcow2")
     lens = job_lengths(vm)

@@ -766,3 +766,35 @@ def files_mbr_fixture():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return raw
+
+
+# Backup mode under test: QBAK_MODE=push|pull adds --mode to every `qbak
+# backup` these helpers run (unset: qbak's default).  A test that runs qbak
+# itself adds mode_args().  Wrappers such as test-crash-pull.py run a test
+# again in the other mode.
+BACKUP_MODE = os.environ.get("QBAK_MODE") or None
+_qbak_any_mode = qbak
+
+
+def mode_args():
+    return ["--mode", BACKUP_MODE] if BACKUP_MODE else []
+
+
+def backup_mode():
+    """The mode backups run in: the one asked for, else qbak's default."""
+    return BACKUP_MODE or "push"
+
+
+def qbak(*args, check_rc=True, env=None):  # noqa: F811
+    if args and args[0] == "backup" and BACKUP_MODE and "--mode" not in args:
+        args = tuple(args) + ("--mode", BACKUP_MODE)
+    return _qbak_any_mode(*args, check_rc=check_rc, env=env)
+
+
+def run_in_mode(test_name, mode):
+    """Body of a wrapper test: runs tests/integration/<test_name> with
+    QBAK_MODE=mode."""
+    os.environ["QBAK_MODE"] = mode
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                        "integration", test_name)
+    os.execv(sys.executable, [sys.executable, path])

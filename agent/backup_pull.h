@@ -1,0 +1,49 @@
+/* Pull mode: QEMU keeps the point in time (fleecing), qbak reads it.
+ *
+ * Per disk, QEMU gets a scratch qcow2 image on local storage, a
+ * copy-before-write filter above the device's node that copies old data
+ * there before a guest write overwrites it (on-cbw-error=break-snapshot,
+ * cbw-timeout: a failing or slow scratch breaks the backup, never the
+ * guest's write), and a snapshot-access node that reads the point in time.
+ * QEMU's NBD server exports it, with the chain's bitmap as a meta context
+ * for an incremental, and qbak reads it with libnbd (agent/pull_copy.c).
+ * Everything in QEMU and every scratch file is listed in a marker in the
+ * VM's directory before it is made, so recovery after a crash undoes it.
+ */
+#ifndef QBAK_AGENT_BACKUP_PULL_H
+#define QBAK_AGENT_BACKUP_PULL_H
+
+#include <glib.h>
+#include <jansson.h>
+#include <stdbool.h>
+
+#include "agent/repo.h"
+#include "qmp/client.h"
+
+struct backup;
+
+/* Oldest QEMU pull mode runs on: copy-before-write's on-cbw-error and
+ * cbw-timeout, and block-export-add bitmaps on another node, are 7.1's. */
+#define BACKUP_PULL_MIN_QEMU 70100
+
+/* Scratch files, the QEMU nodes and the targets; nothing changes for the
+ * guest yet.  Called after the disks are planned. */
+bool backup_pull_prepare(struct backup *b, GError **errp);
+/* The point in time: each device's writes go through its filter from now
+ * on; an incremental's bitmap is copied for the export. */
+bool backup_pull_point(struct backup *b, GError **errp);
+/* Export the point over NBD and copy it into the targets. */
+bool backup_pull_copy(struct backup *b, GError **errp);
+/* Undo everything in QEMU, remove the scratch files and the marker.
+ * Idempotent; problems become warnings (NULL: dropped). */
+void backup_pull_release(struct backup *b, GPtrArray *warnings);
+void backup_pull_free(struct backup *b);
+/* Adds "mode", "scratch_dir" and "scratch_peak_bytes" to a result. */
+void backup_pull_result(struct backup *b, json_t *result);
+
+/* What a crashed pull run left: in QEMU (through the marker) and in the
+ * scratch directory.  Each action is appended to `done`. */
+bool backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r,
+                         int timeout_ms, GPtrArray *done, GError **errp);
+
+#endif
