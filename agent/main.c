@@ -14,23 +14,23 @@
 
 static const struct cli_command commands[] = {
     {"backup", cmd_backup, "back up a running VM's disks into a repository"},
-    {"config", cmd_config, "check the host's configuration file"},
-    {"list", cmd_list, "list committed restore points"},
     {"restore", cmd_restore, "write one disk at one point as an image"},
+    {"list", cmd_list, "list committed restore points"},
     {"verify", cmd_verify, "check every stored cluster against its checksums"},
     {"prune", cmd_prune,
      "keep what a retention policy selects, remove the "
      "rest"},
     {"protect", cmd_protect, "protect a restore point from prune"},
     {"unprotect", cmd_unprotect, "let prune remove a restore point again"},
-    {"run", cmd_run, "back up (and prune) every VM of the host that is due"},
-    {"status", cmd_status, "each VM's newest point against its RPO"},
     {"ls", cmd_ls, "list a directory of a restore point"},
     {"find", cmd_find, "find files across restore points"},
     {"get", cmd_get, "copy files out of a restore point"},
     {"mount", cmd_mount, "show a restore point as a read-only directory"},
     {"umount", cmd_umount, "end a qbak mount"},
     {"index", cmd_index, "write the file catalogs of restore points"},
+    {"run", cmd_run, "back up (and prune) every VM of the host that is due"},
+    {"status", cmd_status, "each VM's newest point against its RPO"},
+    {"config", cmd_config, "check the host's configuration file"},
 };
 
 static void
