@@ -6,6 +6,7 @@
 #define QBAK_AGENT_ERROR_H
 
 #include <glib.h>
+#include <stdbool.h>
 
 #define QBAK_ERROR (qbak_error_quark())
 GQuark qbak_error_quark(void);
@@ -17,5 +18,10 @@ enum qbak_error {
     QBAK_ERROR_NOT_FOUND, /* no such VM, point, disk or file */
     QBAK_ERROR_REFUSED,   /* the request is refused as unsafe */
 };
+
+/* Sets a G_FILE_ERROR for errno value err: "<what>: <strerror>", what
+ * formatted from fmt.  Always returns false ("return qbak_errno(...)"). */
+bool qbak_errno(GError **errp, int err, const char *fmt, ...)
+    G_GNUC_PRINTF(3, 4);
 
 #endif

@@ -1,6 +1,8 @@
 /* qbak prune, protect, unprotect: the policy side.  See prune.h. */
 #include "agent/prune.h"
 
+#include "agent/damage.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -473,9 +475,9 @@ prune_protect(const char *repo, const char *vm, const char *point, bool protect,
                     "%s/%s: %s", vm, point, g_strerror(errno));
         goto out;
     }
-    was = faccessat(pfd, PRUNE_PROTECTED, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+    was = faccessat(pfd, PROTECTED_NAME, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
     if (was != protect &&
-        !prune_marker_set(pfd, PRUNE_PROTECTED, protect, errp)) {
+        !prune_marker_set(pfd, PROTECTED_NAME, protect, errp)) {
         g_prefix_error(errp, "%s/%s/", vm, point);
         close(pfd);
         goto out;

@@ -39,10 +39,7 @@
 
 /* The intent log, in the VM directory. */
 #define PRUNE_JOURNAL ".prune.json"
-/* Markers in a point directory: an empty file protecting the point from
- * prune; the damage record that keeps prune from merging it. */
-#define PRUNE_PROTECTED "protected"
-#define PRUNE_DAMAGED "damaged.json"
+/* The markers prune honours (protected, damaged.json) are agent/damage.h's. */
 
 struct prune_opts {
     const char *repo;

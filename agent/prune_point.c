@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "agent/damage.h"
 #include "agent/error.h"
 #include "agent/recover.h"
 #include "io/qcow2.h"
@@ -17,23 +18,7 @@
 #define FILE_MODE 0640
 #define PRUNED_PREFIX ".pruned-"
 
-static bool set_errno_error(GError **errp, int err, const char *fmt, ...)
-    G_GNUC_PRINTF(3, 4);
 static bool create_marker(int dirfd, const char *name, GError **errp);
-
-static bool
-set_errno_error(GError **errp, int err, const char *fmt, ...)
-{
-    va_list ap;
-    g_autofree char *what = NULL;
-
-    va_start(ap, fmt);
-    what = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s",
-                what, g_strerror(err));
-    return false;
-}
 
 static int
 open_dir(int dirfd, const char *name, GError **errp)
@@ -42,7 +27,7 @@ open_dir(int dirfd, const char *name, GError **errp)
         openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 
     if (fd < 0) {
-        set_errno_error(errp, errno, "%s", name);
+        qbak_errno(errp, errno, "%s", name);
     }
     return fd;
 }
@@ -51,7 +36,7 @@ static bool
 fsync_dir(int fd, const char *what, GError **errp)
 {
     if (fsync(fd) < 0) {
-        return set_errno_error(errp, errno, "%s: fsync", what);
+        return qbak_errno(errp, errno, "%s: fsync", what);
     }
     return true;
 }
@@ -91,20 +76,20 @@ write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
         openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                FILE_MODE);
     if (fd < 0) {
-        return set_errno_error(errp, errno, "%s: create", tmp);
+        return qbak_errno(errp, errno, "%s: create", tmp);
     }
     if (!write_all(fd, text, strlen(text)) || !write_all(fd, "\n", 1) ||
         fsync(fd) < 0) {
         int err = errno;
         close(fd);
         unlinkat(dirfd, tmp, 0);
-        return set_errno_error(errp, err, "%s: write", tmp);
+        return qbak_errno(errp, err, "%s: write", tmp);
     }
     close(fd);
     if (renameat(dirfd, tmp, dirfd, name) < 0) {
         int err = errno;
         unlinkat(dirfd, tmp, 0);
-        return set_errno_error(errp, err, "%s: rename", name);
+        return qbak_errno(errp, err, "%s: rename", name);
     }
     return fsync_dir(dirfd, name, errp);
 }
@@ -114,7 +99,7 @@ prune_marker_set(int dirfd, const char *name, bool present, GError **errp)
 {
     if (!present) {
         if (unlinkat(dirfd, name, 0) < 0 && errno != ENOENT) {
-            return set_errno_error(errp, errno, "%s: unlink", name);
+            return qbak_errno(errp, errno, "%s: unlink", name);
         }
         return fsync_dir(dirfd, name, errp);
     }
@@ -130,7 +115,7 @@ create_marker(int dirfd, const char *name, GError **errp)
                     FILE_MODE);
 
     if (fd < 0) {
-        return set_errno_error(errp, errno, "%s: create", name);
+        return qbak_errno(errp, errno, "%s: create", name);
     }
     close(fd);
     return fsync_dir(dirfd, name, errp);
@@ -162,12 +147,12 @@ read_damage(int pfd)
     json_t *j;
     char *why;
 
-    if (faccessat(pfd, PRUNE_DAMAGED, F_OK, AT_SYMLINK_NOFOLLOW) < 0) {
+    if (faccessat(pfd, DAMAGE_NAME, F_OK, AT_SYMLINK_NOFOLLOW) < 0) {
         return NULL;
     }
-    j = repo_read_json(pfd, PRUNE_DAMAGED, &err);
+    j = repo_read_json(pfd, DAMAGE_NAME, &err);
     if (!j) {
-        return g_strdup_printf("%s: %s", PRUNE_DAMAGED, err->message);
+        return g_strdup_printf("%s: %s", DAMAGE_NAME, err->message);
     }
     why = g_strdup_printf("%s%s%s",
                           json_string_value(json_object_get(j, "disk"))
@@ -192,7 +177,7 @@ prune_scan(struct repo_vm *r, GError **errp)
     struct dirent *de;
 
     if (!d) {
-        set_errno_error(errp, errno, "%s/%s", r->repo_path, r->vm);
+        qbak_errno(errp, errno, "%s/%s", r->repo_path, r->vm);
         if (fd >= 0) {
             close(fd);
         }
@@ -227,7 +212,7 @@ prune_scan(struct repo_vm *r, GError **errp)
         p->delisted =
             faccessat(pfd, REPO_POINT_PRUNING, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
         p->protected =
-            faccessat(pfd, PRUNE_PROTECTED, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+            faccessat(pfd, PROTECTED_NAME, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
         p->damaged = read_damage(pfd);
         close(pfd);
         g_ptr_array_add(dirs, p);
@@ -301,28 +286,6 @@ live(struct prune_ctx *c, struct prune_dir *x, const char *disk)
     return false;
 }
 
-/* The damage record for a point whose stored data failed its checksums
- * during a merge; an existing record is kept. */
-static void
-record_damage(int pfd, const char *disk, const char *reason)
-{
-    g_autofree char *now = repo_time_now();
-    /* io/ names the guest offset of a cluster that fails its checksum. */
-    const char *at = strstr(reason, "guest offset ");
-    json_t *j, *offset;
-
-    if (faccessat(pfd, PRUNE_DAMAGED, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
-        return;
-    }
-    offset = at ? json_integer((json_int_t)g_ascii_strtoull(
-                      at + strlen("guest offset "), NULL, 10))
-                : json_null();
-    j = json_pack("{s:s, s:o, s:s, s:s, s:s}", "disk", disk, "offset", offset,
-                  "reason", reason, "found_by", "prune", "time", now);
-    write_json_durable(pfd, PRUNE_DAMAGED, j, NULL);
-    json_decref(j);
-}
-
 static void
 merge_progress(void *opaque, uint64_t done)
 {
@@ -388,7 +351,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     target = openat(pfd, pfile, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
     if (target < 0) {
         qcow2_reader_free(chain);
-        return set_errno_error(errp, errno, "%s/%s", p->id, pfile);
+        return qbak_errno(errp, errno, "%s/%s", p->id, pfile);
     }
     ok = qcow2_merge_top(chain, target, &merged, &stats, merge_progress, c,
                          &err);
@@ -396,7 +359,14 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     close(target); /* the merge made it durable */
     if (!ok) {
         if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
-            record_damage(cfd, disk, err->message);
+            /* io/ names the guest offset of a cluster that fails its
+             * checksum. */
+            const char *at = strstr(err->message, "guest offset ");
+            int64_t off = at ? (int64_t)g_ascii_strtoull(
+                                   at + strlen("guest offset "), NULL, 10)
+                             : -1;
+
+            damage_mark(c->r, ch->id, disk, off, err->message, "prune", NULL);
             g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
                         "point %s, disk %s: damaged, not merged into point "
                         "%s: %s",
@@ -424,7 +394,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
             return false;
         }
         if (renameat(cfd, sums_tmp, cfd, sums) < 0) {
-            return set_errno_error(errp, errno, "%s/%s: rename", ch->id, sums);
+            return qbak_errno(errp, errno, "%s/%s: rename", ch->id, sums);
         }
         if (!fsync_dir(cfd, ch->id, errp)) {
             return false;
@@ -434,12 +404,12 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
             return false;
         }
     } else if (errno != ENOENT) {
-        return set_errno_error(errp, errno, "%s/%s: unlink", ch->id, sums);
+        return qbak_errno(errp, errno, "%s/%s: unlink", ch->id, sums);
     }
     recover_crash_point("prune-renaming");
     if (renameat(pfd, pfile, cfd, cfile) < 0) {
-        return set_errno_error(errp, errno, "%s/%s: rename to %s", p->id, pfile,
-                               cpath);
+        return qbak_errno(errp, errno, "%s/%s: rename to %s", p->id, pfile,
+                          cpath);
     }
     /* C's directory only: should P's old entry survive a power loss
      * too, it is a second name of the merged file, which recovery finds
@@ -627,7 +597,7 @@ remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
     remove_dir_contents(fd);
     close(fd);
     if (unlinkat(r->vm_fd, name, AT_REMOVEDIR) < 0) {
-        return set_errno_error(errp, errno, "%s: rmdir", name);
+        return qbak_errno(errp, errno, "%s: rmdir", name);
     }
     return true;
 }
@@ -756,7 +726,7 @@ prune_journal_remove(struct repo_vm *r, GError **errp)
         if (errno == ENOENT) {
             return true;
         }
-        return set_errno_error(errp, errno, "%s", PRUNE_JOURNAL);
+        return qbak_errno(errp, errno, "%s", PRUNE_JOURNAL);
     }
     return fsync_dir(r->vm_fd, r->vm, errp);
 }
@@ -802,7 +772,7 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
      * whole point away, and what is left of it is a leftover anyone may
      * delete. */
     if (renameat(c->r->vm_fd, p->id, c->r->vm_fd, pruned) < 0) {
-        return set_errno_error(errp, errno, "%s: rename", p->id);
+        return qbak_errno(errp, errno, "%s: rename", p->id);
     }
     /* Not fsynced here (the journal's removal is): should the rename be
      * lost, P comes back delisted with nothing building on it, and

@@ -16,23 +16,6 @@
 #define DIR_MODE 0750
 #define FILE_MODE 0640
 
-static bool set_errno_error(GError **errp, int err, const char *fmt, ...)
-    G_GNUC_PRINTF(3, 4);
-
-static bool
-set_errno_error(GError **errp, int err, const char *fmt, ...)
-{
-    va_list ap;
-    g_autofree char *what = NULL;
-
-    va_start(ap, fmt);
-    what = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err), "%s: %s",
-                what, g_strerror(err));
-    return false;
-}
-
 bool
 repo_name_valid(const char *name, const char *what, GError **errp)
 {
@@ -64,7 +47,7 @@ check_dir_safe(int fd, const char *path, GError **errp)
     struct stat st;
 
     if (fstat(fd, &st) < 0) {
-        return set_errno_error(errp, errno, "%s", path);
+        return qbak_errno(errp, errno, "%s", path);
     }
     if (!S_ISDIR(st.st_mode)) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
@@ -94,7 +77,7 @@ open_dir_at(int dirfd, const char *name, const char *path, bool create,
     int fd;
 
     if (create && mkdirat(dirfd, name, DIR_MODE) < 0 && errno != EEXIST) {
-        set_errno_error(errp, errno, "%s: mkdir", path);
+        qbak_errno(errp, errno, "%s: mkdir", path);
         return -1;
     }
     fd = openat(dirfd, name,
@@ -104,7 +87,7 @@ open_dir_at(int dirfd, const char *name, const char *path, bool create,
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                         "%s: not a directory (a symlink is refused)", path);
         } else {
-            set_errno_error(errp, errno, "%s", path);
+            qbak_errno(errp, errno, "%s", path);
         }
         return -1;
     }
@@ -131,7 +114,7 @@ read_or_create_id(int vm_fd, GError **errp)
                     FILE_MODE);
         if (fd < 0 || write(fd, id, 16) != 16 || fsync(fd) < 0 ||
             renameat(vm_fd, ".id.tmp", vm_fd, ".id") < 0) {
-            set_errno_error(errp, errno, ".id");
+            qbak_errno(errp, errno, ".id");
             if (fd >= 0) {
                 close(fd);
             }
@@ -142,7 +125,7 @@ read_or_create_id(int vm_fd, GError **errp)
         return g_strdup(id);
     }
     if (fd < 0) {
-        set_errno_error(errp, errno, ".id");
+        qbak_errno(errp, errno, ".id");
         return NULL;
     }
     n = read(fd, buf, sizeof(buf) - 1);
@@ -174,7 +157,7 @@ take_lock(int dirfd, const char *name, const char *vm_path, int op,
                     FILE_MODE);
 
     if (fd < 0) {
-        set_errno_error(errp, errno, "%s/%s", vm_path, name);
+        qbak_errno(errp, errno, "%s/%s", vm_path, name);
         return -1;
     }
     while (flock(fd, op | LOCK_NB) < 0) {
@@ -182,7 +165,7 @@ take_lock(int dirfd, const char *name, const char *vm_path, int op,
             continue;
         }
         if (errno != EWOULDBLOCK) {
-            set_errno_error(errp, errno, "%s/%s", vm_path, name);
+            qbak_errno(errp, errno, "%s/%s", vm_path, name);
         } else if (g_get_monotonic_time() < deadline) {
             g_usleep(50 * 1000);
             continue;
@@ -215,7 +198,7 @@ repo_vm_open(const char *repo_path, const char *vm, bool create,
     r->repo_path = g_strdup(repo_path);
     r->vm = g_strdup(vm);
     if (create && mkdir(repo_path, DIR_MODE) < 0 && errno != EEXIST) {
-        set_errno_error(errp, errno, "%s: mkdir", repo_path);
+        qbak_errno(errp, errno, "%s: mkdir", repo_path);
         goto fail;
     }
     r->repo_fd = open_dir_at(AT_FDCWD, repo_path, repo_path, false, true, errp);
@@ -291,7 +274,7 @@ repo_read_json(int dirfd, const char *name, GError **errp)
     int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 
     if (fd < 0) {
-        set_errno_error(errp, errno, "%s", name);
+        qbak_errno(errp, errno, "%s", name);
         return NULL;
     }
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
@@ -305,7 +288,7 @@ repo_read_json(int dirfd, const char *name, GError **errp)
     n = pread(fd, buf, st.st_size, 0);
     close(fd);
     if (n != st.st_size) {
-        set_errno_error(errp, n < 0 ? errno : EIO, "%s: read", name);
+        qbak_errno(errp, n < 0 ? errno : EIO, "%s: read", name);
         return NULL;
     }
     j = json_loadb(buf, n, JSON_REJECT_DUPLICATES, &jerr);
@@ -381,7 +364,7 @@ scan_points(struct repo_vm *r, bool damaged_too, GError **errp)
     struct dirent *de;
 
     if (fd < 0 || !(d = fdopendir(fd))) {
-        set_errno_error(errp, errno, "%s/%s", r->repo_path, r->vm);
+        qbak_errno(errp, errno, "%s/%s", r->repo_path, r->vm);
         if (fd >= 0) {
             close(fd);
         }
@@ -475,13 +458,13 @@ repo_partial_create(struct repo_vm *r, const char *id, GError **errp)
     int fd;
 
     if (mkdirat(r->vm_fd, name, DIR_MODE) < 0) {
-        set_errno_error(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
+        qbak_errno(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
         return -1;
     }
     fd =
         openat(r->vm_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
-        set_errno_error(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
+        qbak_errno(errp, errno, "%s/%s/%s", r->repo_path, r->vm, name);
     }
     return fd;
 }
@@ -567,7 +550,7 @@ repo_commit(struct repo_vm *r, int partial_fd, const char *id, json_t *manifest,
                O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, FILE_MODE);
 
     if (fd < 0) {
-        return set_errno_error(errp, errno, "%s: create", MANIFEST_NAME);
+        return qbak_errno(errp, errno, "%s: create", MANIFEST_NAME);
     }
     while (off < len) {
         ssize_t n = write(fd, text + off, len - off);
@@ -577,26 +560,25 @@ repo_commit(struct repo_vm *r, int partial_fd, const char *id, json_t *manifest,
         if (n <= 0) {
             int err = n < 0 ? errno : EIO;
             close(fd);
-            return set_errno_error(errp, err, "%s: write", MANIFEST_NAME);
+            return qbak_errno(errp, err, "%s: write", MANIFEST_NAME);
         }
         off += (size_t)n;
     }
     if (write(fd, "\n", 1) != 1 || fsync(fd) < 0) {
         int err = errno;
         close(fd);
-        return set_errno_error(errp, err, "%s: fsync", MANIFEST_NAME);
+        return qbak_errno(errp, err, "%s: fsync", MANIFEST_NAME);
     }
     close(fd);
     if (fsync(partial_fd) < 0) {
-        return set_errno_error(errp, errno, "%s: fsync", partial);
+        return qbak_errno(errp, errno, "%s: fsync", partial);
     }
     if (renameat(r->vm_fd, partial, r->vm_fd, id) < 0) {
-        return set_errno_error(errp, errno, "%s: rename to %s", partial, id);
+        return qbak_errno(errp, errno, "%s: rename to %s", partial, id);
     }
     /* The rename is the commit only once the directory entry is durable. */
     if (fsync(r->vm_fd) < 0) {
-        return set_errno_error(errp, errno, "%s/%s: fsync", r->repo_path,
-                               r->vm);
+        return qbak_errno(errp, errno, "%s/%s: fsync", r->repo_path, r->vm);
     }
     return true;
 }
