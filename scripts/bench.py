@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""qbak's benchmark (issue 5): qbak against the ways stock QEMU backs up a
+"""qbak's benchmark: qbak against the ways stock QEMU backs up a
 disk, on one reference source disk, with the page cache dropped before every
 timed step.  Run through scripts/bench.sh (`make bench`), which installs
 what is missing and builds qbak first.
@@ -8,8 +8,8 @@ what is missing and builds qbak first.
     scripts/bench.sh --quick         256 MiB, 1 run: checks the script in < 1 min
     scripts/bench.sh --size 1G --runs 5 --skip guest,bigdisk
 
-Prints a table (medians, [min-max], CPU seconds per process, the targets of
-issue 5 as PASS/MISS) and writes build/bench/results.json and
+Prints a table (medians, [min-max], CPU seconds per process, the
+the speed targets as PASS/MISS) and writes build/bench/results.json and
 build/bench/results.png.  Not part of the test suite.
 """
 import argparse
@@ -217,7 +217,7 @@ def wait_event(qmp, pred, timeout=3600):
 # ---------------------------------------------------------- reference disk
 
 # Disk shapes: fractions of random data and written zeroes (the rest is never
-# allocated).  "reference": the reference disk; "second": issue 13's second
+# allocated).  "reference": the reference disk; "second": the second
 # disk (2 GiB at full size), 30 % data, 10 % zeroes, 60 % never written.
 SHAPES = {"reference": (0.4, 0.2), "second": (0.3, 0.1)}
 SHAPE = "reference"
@@ -841,7 +841,7 @@ def report(args, lay, res, meta):
     for line in bench_files.report_lines(res.files):
         P(line)
     P("")
-    P("targets (issue 5), from the medians above")
+    P("targets (backup, restore), from the medians above")
     targets = []
 
     def target(name, value, ok, goal, fmt="%.2f"):
@@ -893,7 +893,7 @@ def report(args, lay, res, meta):
             key, "%.2f" % (qc / (b / GiB)) if qc is not None else "-",
             "%.2f" % (ec / (b / GiB)) if ec is not None else "-"))
     P("")
-    P("targets (issue 13: pull mode, the default), from the medians above")
+    P("targets (pull mode), from the medians above")
     q = res.med("full.qbak")
     v = ratio(res.med("full.native"), q)
     target("full: pull speedup over QEMU native (x)", v, v is not None and v >= 1.5, ">= 1.5")
@@ -1038,7 +1038,7 @@ def clean_stale_tmp():
 
 
 def main():
-    ap = argparse.ArgumentParser(description="qbak benchmark (issue 5); see scripts/bench.py")
+    ap = argparse.ArgumentParser(description="qbak benchmark; see scripts/bench.py")
     ap.add_argument("--size", default="4G", help="source disk size (default 4G, the reference)")
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# qbak's benchmark (issue 5; `make bench`): installs what is missing, builds
+# qbak's benchmark (`make bench`): installs what is missing, builds
 # qbak, then runs scripts/bench.py with the arguments given here:
 #   scripts/bench.sh            reference run: 4 GiB source disk, 3 runs (10+ min)
 #   scripts/bench.sh --quick    256 MiB, 1 run: checks the script in under a minute

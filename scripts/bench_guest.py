@@ -1,4 +1,4 @@
-"""Guest impact for scripts/bench.py (issue 5): the freeze window and the
+"""Guest impact for scripts/bench.py: the freeze window and the
 latency of guest writes, measured with the real Linux test guest of
 scripts/build-test-guest.sh (Debian kernel, busybox, qemu-ga) under TCG.
 

@@ -1,4 +1,4 @@
-"""The host row of scripts/bench.py (issue 12): `qbak run --all` over 1, 10
+"""The host row of scripts/bench.py: `qbak run --all` over 1, 10
 and 50 VMs (--quick: 1, 5 and 10), each a paused TCG VM with a DISK_SIZE
 qcow2 disk.  Per VM count, untimed first: a full of every VM through
 `qbak run --all` (so every disk has its bitmap).  Then, timed, with the page

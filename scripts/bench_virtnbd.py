@@ -1,4 +1,4 @@
-"""virtnbdbackup for scripts/bench.py (issue 5): the baseline "virtnbdbackup
+"""virtnbdbackup for scripts/bench.py: the baseline "virtnbdbackup
 1.9 through libvirt (pull mode)" on the same reference disk as the other
 rows: per run a fresh copy of the disk in a transient, paused libvirt domain
 (type qemu, q35, 64 MiB, one virtio disk, no network), then
