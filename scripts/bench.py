@@ -9,7 +9,7 @@ what is missing and builds qbak first.
     scripts/bench.sh --size 1G --runs 5 --skip guest,bigdisk
 
 Prints a table (medians, [min-max], CPU seconds per process, the
-the speed targets as PASS/MISS) and writes build/bench/results.json and
+speed targets as PASS/MISS) and writes build/bench/results.json and
 build/bench/results.png.  Not part of the test suite.
 """
 import argparse
