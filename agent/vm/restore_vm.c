@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -507,12 +508,22 @@ load_memory(struct rvm *r, GError **errp)
 static bool
 start_streams(struct rvm *r, GError **errp)
 {
+    /* Test only: QBAK_TEST_STREAM_SPEED=BYTES slows streaming down, so
+     * that a test can act while it runs (pinning, a crash mid-stream). */
+    const char *speed = getenv("QBAK_TEST_STREAM_SPEED");
+
     for (unsigned k = 0; k < r->ndisks; k++) {
         g_autofree char *job = g_strdup_printf(STREAM_PREFIX "%u", k);
-        json_t *ret = qmp_client_call(
-            r->qmp, "block-stream",
-            json_pack("{s:s, s:s}", "job-id", job, "device", r->disks[k].node),
-            r->o->timeout_ms, errp);
+        json_t *args =
+            json_pack("{s:s, s:s}", "job-id", job, "device", r->disks[k].node);
+        json_t *ret;
+
+        if (speed != NULL) {
+            json_object_set_new(args, "speed",
+                                json_integer(g_ascii_strtoll(speed, NULL, 10)));
+        }
+        ret = qmp_client_call(r->qmp, "block-stream", args, r->o->timeout_ms,
+                              errp);
         if (!ret) {
             g_prefix_error(errp, "%s: ", r->disk_names[k]);
             return false;
