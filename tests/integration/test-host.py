@@ -14,8 +14,10 @@ import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,6 +92,9 @@ def references(tag):
 def on_terminal(cmd):
     """Runs cmd with stderr on a pseudo-terminal; returns what it drew."""
     master, slave = pty.openpty()
+    # A wide terminal, whatever the machine's: progress lines are cut to
+    # the terminal's width, and the checks read whole lines.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     text = b""
