@@ -34,6 +34,14 @@ vm_json(const struct host_vm *vm)
     }
     json_object_set_new(j, "keep", keep);
     json_object_set_new(j, "full", json_boolean(vm->full));
+    json_object_set_new(j, "memory",
+                        vm->memory ? json_string(vm->memory) : json_null());
+    json_object_set_new(j, "mode",
+                        vm->mode ? json_string(vm->mode) : json_null());
+    json_object_set_new(j, "scratch",
+                        vm->scratch ? json_string(vm->scratch) : json_null());
+    json_object_set_new(j, "scratch_max",
+                        json_integer((json_int_t)vm->scratch_max));
     return j;
 }
 

@@ -23,7 +23,8 @@ static const char *const known_keys[] = {
     "repo",        "qmp",         "qga",        "quiesce",       "disks",
     "rpo",         "speed",       "timeout",    "stall-timeout", "wait",
     "keep-last",   "keep-hourly", "keep-daily", "keep-weekly",   "keep-monthly",
-    "keep-yearly", "full",        "memory",
+    "keep-yearly", "full",        "memory",     "mode",          "scratch",
+    "scratch-max",
 };
 
 #define VM_PREFIX "vm "
@@ -221,6 +222,8 @@ host_vm_free(struct host_vm *vm)
     g_free(vm->qga);
     g_free(vm->quiesce);
     g_free(vm->memory);
+    g_free(vm->mode);
+    g_free(vm->scratch);
     g_strfreev(vm->disks);
     g_free(vm);
 }
@@ -322,6 +325,26 @@ apply_key(struct scan *s, GKeyFile *kf, const char *group, const char *key,
         }
         g_free(vm->quiesce);
         vm->quiesce = g_steal_pointer(&v);
+        return true;
+    }
+    if (strcmp(key, "mode") == 0) {
+        if (strcmp(v, "push") && strcmp(v, "pull")) {
+            return fail_at(s, errp, group, key, "'%s': must be push or pull",
+                           v);
+        }
+        g_free(vm->mode);
+        vm->mode = g_steal_pointer(&v);
+        return true;
+    }
+    if (strcmp(key, "scratch") == 0) {
+        return absolute_path(s, group, key, v, &vm->scratch, errp);
+    }
+    if (strcmp(key, "scratch-max") == 0) {
+        if (!host_parse_size(v, &vm->scratch_max) ||
+            vm->scratch_max < (1 << 20)) {
+            return fail_at(s, errp, group, key,
+                           "'%s' is not a size of at least 1M", v);
+        }
         return true;
     }
     if (strcmp(key, "memory") == 0) {
@@ -443,6 +466,9 @@ vm_from(struct scan *s, GKeyFile *kf, const struct host_vm *defaults,
     vm->qga = g_strdup(defaults->qga);
     vm->quiesce = g_strdup(defaults->quiesce);
     vm->memory = g_strdup(defaults->memory);
+    vm->mode = g_strdup(defaults->mode);
+    vm->scratch = g_strdup(defaults->scratch);
+    vm->scratch_max = defaults->scratch_max;
     vm->disks = g_strdupv(defaults->disks);
     vm->rpo_s = defaults->rpo_s;
     vm->speed = defaults->speed;
@@ -461,6 +487,11 @@ vm_from(struct scan *s, GKeyFile *kf, const struct host_vm *defaults,
     if (!vm->repo) {
         fail_at(s, errp, group, "repo",
                 "not set here nor in [defaults]: where do points go?");
+        goto fail;
+    }
+    if (vm->mode && strcmp(vm->mode, "pull") == 0 && vm->memory &&
+        strcmp(vm->memory, "off") != 0) {
+        fail_at(s, errp, group, "memory", "needs mode = push");
         goto fail;
     }
     if (vm->quiesce && strcmp(vm->quiesce, "require") == 0 && !vm->qga) {

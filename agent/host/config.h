@@ -33,9 +33,12 @@ struct host_vm {
     char *repo;
     char *qmp;
     char *qga;
-    char *quiesce; /* auto, require or off */
-    char *memory;  /* on, try or off (backup --memory) */
-    char **disks;  /* NULL: every disk */
+    char *quiesce;       /* auto, require or off */
+    char *memory;        /* on, try or off (backup --memory) */
+    char *mode;          /* push or pull (backup --mode) */
+    char *scratch;       /* pull mode's scratch directory */
+    int64_t scratch_max; /* bytes, 0: unbounded */
+    char **disks;        /* NULL: every disk */
     int64_t rpo_s;
     bool full;         /* every backup full (backup --full) */
     int64_t speed;     /* bytes/s, 0: unlimited */

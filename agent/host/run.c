@@ -129,6 +129,16 @@ backup_argv(const struct host_run_opts *o, struct host_vm *vm)
     if (vm->memory) {
         g_ptr_array_add(a, g_strdup_printf("--memory=%s", vm->memory));
     }
+    if (vm->mode) {
+        g_ptr_array_add(a, g_strdup_printf("--mode=%s", vm->mode));
+    }
+    if (vm->scratch) {
+        g_ptr_array_add(a, g_strdup_printf("--scratch=%s", vm->scratch));
+    }
+    if (vm->scratch_max) {
+        g_ptr_array_add(a, g_strdup_printf("--scratch-max=%" G_GINT64_FORMAT,
+                                           vm->scratch_max));
+    }
     for (char **d = vm->disks; d && *d; d++) {
         g_ptr_array_add(a, g_strdup_printf("--disk=%s", *d));
     }

@@ -84,6 +84,25 @@ try:
         (GOOD.replace("timeout = 90s", "timeout = 2d"), ":18: [vm db1] timeout: must be"),
         (GOOD.replace("full = yes", "full = maybe"), ":23: [vm db1] full: 'maybe'"),
     ]
+    # The whole-VM and pull-mode keys, per VM and from [defaults].
+    modes = write("modes.conf", GOOD.replace("quiesce = auto", "quiesce = auto\nscratch-max = 2G")
+                  .replace("rpo = 5m", "rpo = 5m\nmode = pull\nscratch = /var/tmp")
+                  .replace("disks = vd0 vd1", "disks = vd0 vd1\nmemory = try"))
+    vms = {v["vm"]: v for v in qbak_json("config", "check", "--config", modes)["vms"]}
+    check(vms["web1"]["mode"] == "pull" and vms["web1"]["scratch"] == "/var/tmp"
+          and vms["web1"]["scratch_max"] == 2 << 30 and vms["web1"]["memory"] is None
+          and vms["db1"]["memory"] == "try" and vms["db1"]["mode"] is None
+          and vms["db1"]["scratch_max"] == 2 << 30,
+          "memory, mode, scratch and scratch-max: %s" % vms)
+    bad += [
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nmode = pull\nmemory = on"),
+         ":14: [vm web1] memory: needs mode = push"),
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nmode = sideways"), ":13: [vm web1] mode:"),
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nmemory = maybe"), ":13: [vm web1] memory:"),
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nscratch = tmp"),
+         ":13: [vm web1] scratch: 'tmp' is not an absolute path"),
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nscratch-max = 10K"), ":13: [vm web1] scratch-max:"),
+    ]
     for i, (text, want) in enumerate(bad):
         path = write("bad%d.conf" % i, text)
         for cmd in (["config", "check"], ["run"], ["status"]):
