@@ -6,7 +6,7 @@
  * back with nbd_aio_notify_read/_write.  One thread, one ring, many
  * requests in flight; no thread ever blocks on the socket.
  *
- * The caller issues commands on nbd_client_handle() (nbd_aio_pread,
+ * The caller sends commands on nbd_client_handle() (nbd_aio_pread,
  * nbd_aio_block_status, ...) and calls nbd_client_kick() after each batch,
  * so the polls follow what libnbd now wants.  Completion callbacks run
  * inside ring_run_once(); they must not call libnbd on the same handle.
