@@ -838,12 +838,7 @@ backup_run(const struct backup_opts *o, GError **errp)
             goto out;
         }
     }
-    if (o->pull && qmp_client_qemu_version(b.qmp) < BACKUP_PULL_MIN_QEMU &&
-        o->pull_fallback) {
-        g_ptr_array_add(warnings, g_strdup("QEMU older than 7.1: push mode "
-                                           "(pull needs "
-                                           "on-cbw-error=break-snapshot)"));
-    } else if (o->pull) {
+    if (o->pull) {
         if (!pull_data(&b, warnings, errp)) {
             goto out;
         }

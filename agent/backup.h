@@ -31,7 +31,6 @@ struct backup_opts {
     /* Pull mode (agent/backup_pull.h): QEMU keeps the point in time in
      * scratch, qbak reads it; push: QEMU's backup job sends it to qbak. */
     bool pull;
-    bool pull_fallback; /* pull by default: push on a QEMU too old for it */
     const char *scratch_dir;
     uint64_t scratch_max; /* bytes for all disks' scratch, 0: unbounded */
 };

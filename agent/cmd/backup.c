@@ -240,7 +240,6 @@ cmd_backup(int argc, char **argv)
      * same instant, while pull mode's filters go in one disk after the
      * other (atomic only inside a guest freeze). */
     o.pull = mode && strcmp(mode, "pull") == 0;
-    o.pull_fallback = false;
     if (mode && !o.pull && strcmp(mode, "push") != 0) {
         fprintf(stderr, "qbak backup: --mode must be push or pull\n");
         return QBAK_EXIT_USAGE;
