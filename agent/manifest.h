@@ -18,6 +18,11 @@
  *   consistency     string: "filesystem-frozen" or "crash-consistent"
  *   freeze          object (optional): what the guest agent reported
  *   duration_s      number (optional)
+ *   memory          object or null (optional): the memory state, when the
+ *                   point holds one (agent/vm/vmstate.h: file, bytes,
+ *                   capture_s, downtime_ms, method, capabilities)
+ *   settings        object (optional): a summary of vm.json, the VM's
+ *                   recorded settings (agent/vm/settings.h)
  *   disks           non-empty array of objects, one per disk:
  *     disk          string, the disk's name (a valid file name)
  *     type          "full" or "incremental"
