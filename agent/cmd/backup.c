@@ -8,45 +8,9 @@
 #include "agent/backup.h"
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
+#include "agent/host/config.h"
 #include "io/qcow2.h"
 #include "qmp/parser.h"
-
-/* SIZE: bytes, or with a K, M, G or T suffix (powers of 1024). */
-static bool
-parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    guint64 v;
-    unsigned shift = 0;
-
-    if (!s || !g_ascii_isdigit(*s)) {
-        return false;
-    }
-    v = g_ascii_strtoull(s, &end, 10);
-    switch (g_ascii_toupper(*end)) {
-    case 'K':
-        shift = 10;
-        end++;
-        break;
-    case 'M':
-        shift = 20;
-        end++;
-        break;
-    case 'G':
-        shift = 30;
-        end++;
-        break;
-    case 'T':
-        shift = 40;
-        end++;
-        break;
-    }
-    if (*end || v > (G_MAXUINT64 >> 1 >> shift)) {
-        return false;
-    }
-    *out = v << shift;
-    return true;
-}
 
 static void
 print_backup_human(json_t *res)
@@ -140,6 +104,7 @@ cmd_backup(int argc, char **argv)
     g_autofree gchar *mode = NULL;
     g_autofree gchar *scratch = NULL;
     g_autofree gchar *scratch_max = NULL;
+    int64_t scratch_bytes = 0;
     gint wait = 0;
     gint progress_fd = -1;
     GError *err = NULL;
@@ -249,12 +214,13 @@ cmd_backup(int argc, char **argv)
         return QBAK_EXIT_USAGE;
     }
     o.scratch_dir = scratch ? scratch : "/var/tmp";
-    if (scratch_max && (!parse_size(scratch_max, &o.scratch_max) ||
-                        o.scratch_max < (1u << 20))) {
+    if (scratch_max && (!host_parse_size(scratch_max, &scratch_bytes) ||
+                        scratch_bytes < (1 << 20))) {
         fprintf(stderr, "qbak backup: --scratch-max must be a size of at "
                         "least 1M\n");
         return QBAK_EXIT_USAGE;
     }
+    o.scratch_max = (uint64_t)scratch_bytes;
     o.qmp_path = qmp;
     o.repo = repo;
     o.vm = vm;
