@@ -230,6 +230,22 @@ give_up(struct vmstate *v, GError *err)
     v->active = false;
 }
 
+/* A step of the capture failed with err (taken): with --memory=try the
+ * backup goes on with the disks alone (give_up resumes the VM and says
+ * so), otherwise the backup fails with it. */
+static bool
+settle(struct vmstate *v, GError *err, GError **errp)
+{
+    g_prefix_error(&err, "memory: ");
+    if (v->mode == VMSTATE_TRY) {
+        give_up(v, err);
+        g_error_free(err);
+        return true;
+    }
+    g_propagate_error(errp, err);
+    return false;
+}
+
 bool
 vmstate_prepare(struct vmstate *v, GError **errp)
 {
@@ -239,14 +255,7 @@ vmstate_prepare(struct vmstate *v, GError **errp)
     if (prepare(v, &err)) {
         return true;
     }
-    g_prefix_error(&err, "memory: ");
-    if (v->mode == VMSTATE_TRY) {
-        give_up(v, err);
-        g_error_free(err);
-        return true;
-    }
-    g_propagate_error(errp, err);
-    return false;
+    return settle(v, err, errp);
 }
 
 bool
@@ -405,14 +414,7 @@ vmstate_save_first(struct vmstate *v, GError **errp)
     if (save_first(v, &err)) {
         return true;
     }
-    g_prefix_error(&err, "memory: ");
-    if (v->mode == VMSTATE_TRY) {
-        give_up(v, err); /* resumes the VM */
-        g_error_free(err);
-        return true;
-    }
-    g_propagate_error(errp, err);
-    return false;
+    return settle(v, err, errp);
 }
 
 static bool
@@ -529,14 +531,7 @@ vmstate_start(struct vmstate *v, bool transaction_ok, GError **errp)
     if (!err) {
         return true;
     }
-    g_prefix_error(&err, "memory: ");
-    if (v->mode == VMSTATE_TRY) {
-        give_up(v, err);
-        g_error_free(err);
-        return true;
-    }
-    g_propagate_error(errp, err);
-    return false;
+    return settle(v, err, errp);
 }
 
 static bool
@@ -604,14 +599,7 @@ vmstate_finish(struct vmstate *v, GError **errp)
         return true;
     }
     if (!finish(v, &err)) {
-        g_prefix_error(&err, "memory: ");
-        if (v->mode == VMSTATE_TRY) {
-            give_up(v, err);
-            g_error_free(err);
-            return true;
-        }
-        g_propagate_error(errp, err);
-        return false;
+        return settle(v, err, errp);
     }
     v->done = true;
     vmstate_cleanup(v);
