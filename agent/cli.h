@@ -51,6 +51,35 @@ void cli_print_json(json_t *j);
 /* Whether progress lines belong on stderr: a terminal, and no --json. */
 gboolean cli_progress_wanted(gboolean json);
 
+/* GOptionEntry initialisers for the options most commands share, so that
+ * each reads and helps the same way everywhere.  var is the variable the
+ * option sets; a command whose --vm means something else ("only this VM")
+ * passes its own help. */
+#define CLI_OPT_REPO(var)                                                      \
+    {                                                                          \
+        "repo", 0, 0, G_OPTION_ARG_FILENAME, &(var), "repository directory",   \
+            "DIR"                                                              \
+    }
+#define CLI_OPT_VM(var, help)                                                  \
+    {                                                                          \
+        "vm", 0, 0, G_OPTION_ARG_STRING, &(var), (help), "NAME"                \
+    }
+#define CLI_OPT_POINT(var, help)                                               \
+    {                                                                          \
+        "point", 0, 0, G_OPTION_ARG_STRING, &(var), (help), "ID"               \
+    }
+#define CLI_OPT_WAIT(var)                                                      \
+    {                                                                          \
+        "wait", 0, 0, G_OPTION_ARG_INT, &(var),                                \
+            "when another qbak holds this VM's lock, wait up to SECS for it "  \
+            "(default 0: fail at once with exit status 75)",                   \
+            "SECS"                                                             \
+    }
+#define CLI_OPT_JSON(var)                                                      \
+    {                                                                          \
+        "json", 0, 0, G_OPTION_ARG_NONE, &(var), "print JSON", NULL            \
+    }
+
 /* One entry per command: main() dispatches through this table. */
 struct cli_command {
     const char *name;

@@ -112,10 +112,8 @@ cmd_backup(int argc, char **argv)
     GOptionEntry entries[] = {
         {"qmp", 0, 0, G_OPTION_ARG_FILENAME, &qmp,
          "QMP monitor socket of the VM", "PATH"},
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name in the repository",
-         "NAME"},
+        CLI_OPT_REPO(repo),
+        CLI_OPT_VM(vm, "VM name in the repository"),
         {"qga", 0, 0, G_OPTION_ARG_FILENAME, &qga,
          "guest agent socket: freeze the guest's file systems at the point",
          "PATH"},
@@ -135,10 +133,7 @@ cmd_backup(int argc, char **argv)
          "fail the backup, rather than hold up guest writes, when a write "
          "to the repository takes longer (default 30)",
          "SECS"},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when another qbak holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
+        CLI_OPT_WAIT(wait),
         {"memory", 0, G_OPTION_FLAG_OPTIONAL_ARG, G_OPTION_ARG_CALLBACK,
          (gpointer)parse_memory,
          "also capture the guest's memory and device state at the disks' "

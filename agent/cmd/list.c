@@ -17,12 +17,10 @@ cmd_list(int argc, char **argv)
     gboolean json = FALSE;
     GError *err = NULL;
     json_t *res;
-    GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "only this VM", "NAME"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
-        {NULL}};
+    GOptionEntry entries[] = {CLI_OPT_REPO(repo),
+                              CLI_OPT_VM(vm, "only this VM"),
+                              CLI_OPT_JSON(json),
+                              {NULL}};
 
     cli_parse("list", "List committed restore points, oldest first.", NULL,
               entries, &argc, &argv);

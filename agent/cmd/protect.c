@@ -19,17 +19,12 @@ protect_main(const char *cmd, bool protect, int argc, char **argv)
     gint wait = 0;
     GError *err = NULL;
     json_t *res;
-    GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
-        {"point", 0, 0, G_OPTION_ARG_STRING, &point, "restore point id", "ID"},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "while a prune holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
-        {NULL}};
+    GOptionEntry entries[] = {CLI_OPT_REPO(repo),
+                              CLI_OPT_VM(vm, "VM name"),
+                              CLI_OPT_POINT(point, "restore point id"),
+                              CLI_OPT_WAIT(wait),
+                              CLI_OPT_JSON(json),
+                              {NULL}};
 
     cli_parse(cmd,
               protect ? "Protect a restore point from prune."

@@ -60,9 +60,8 @@ cmd_prune(int argc, char **argv)
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
+        CLI_OPT_REPO(repo),
+        CLI_OPT_VM(vm, "VM name"),
         {"keep-last", 0, 0, G_OPTION_ARG_INT, &keep[RETENTION_LAST],
          "keep the N newest points", "N"},
         {"keep-hourly", 0, 0, G_OPTION_ARG_INT, &keep[RETENTION_HOURLY],
@@ -78,11 +77,8 @@ cmd_prune(int argc, char **argv)
          "the same for years", "N"},
         {"dry-run", 0, 0, G_OPTION_ARG_NONE, &dry_run,
          "say what would be kept and removed, and why; change nothing", NULL},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when another qbak holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_WAIT(wait),
+        CLI_OPT_JSON(json),
         {NULL}};
 
     for (int r = 0; r < RETENTION_N_RULES; r++) {

@@ -93,12 +93,10 @@ cmd_restore(int argc, char **argv)
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
+        CLI_OPT_REPO(repo),
+        CLI_OPT_VM(vm, "VM name"),
         {"disk", 0, 0, G_OPTION_ARG_STRING, &disk, "disk to restore", "NAME"},
-        {"point", 0, 0, G_OPTION_ARG_STRING, &point,
-         "restore point id (default: the newest)", "ID"},
+        CLI_OPT_POINT(point, "restore point id (default: the newest)"),
         {"output", 0, 0, G_OPTION_ARG_FILENAME, &output, "image to write",
          "FILE"},
         {"format", 0, 0, G_OPTION_ARG_STRING, &format,
@@ -107,10 +105,7 @@ cmd_restore(int argc, char **argv)
          "overwrite an existing output", NULL},
         {"no-verify", 0, 0, G_OPTION_ARG_NONE, &no_verify,
          "do not check the data read against its checksums", NULL},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when another qbak holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
+        CLI_OPT_WAIT(wait),
         {"start", 0, 0, G_OPTION_ARG_NONE, &start,
          "start the whole VM from the point: its disks restored, its "
          "command line rebuilt, its memory loaded when the point holds it",
@@ -127,7 +122,7 @@ cmd_restore(int argc, char **argv)
          "with --start: boot from the disks, ignoring a memory state", NULL},
         {"dry-run", 0, 0, G_OPTION_ARG_NONE, &dry_run,
          "with --start: print the command line, start nothing", NULL},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_JSON(json),
         {NULL}};
 
     cli_parse("restore",

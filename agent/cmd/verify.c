@@ -76,18 +76,16 @@ cmd_verify(int argc, char **argv)
     json_t *res;
     int status;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "only this VM (default: all)",
-         "NAME"},
-        {"point", 0, 0, G_OPTION_ARG_STRING, &point,
-         "only this restore point (and the chain it needs)", "ID"},
+        CLI_OPT_REPO(repo),
+        CLI_OPT_VM(vm, "only this VM (default: all)"),
+        CLI_OPT_POINT(point,
+                      "only this restore point (and the chain it needs)"),
         {"disk", 0, 0, G_OPTION_ARG_STRING, &disk, "only this disk", "NAME"},
         {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
          "when another qbak holds a VM's lock, wait up to SECS for it "
          "(default 0: fail at once with exit status 75)",
          "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_JSON(json),
         {NULL}};
 
     cli_parse("verify",
