@@ -7,60 +7,44 @@
 
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
+#include "agent/cmd/files_cli.h"
 #include "agent/files/files.h"
 #include "agent/files/names.h"
 
 int
 cmd_find(int argc, char **argv)
 {
-    struct files_opts o = {0};
-    g_autofree gchar *repo = NULL, *vm = NULL, *points = NULL, *disk = NULL,
-                     *fs = NULL, *name = NULL, *path = NULL;
-    gboolean json = FALSE;
-    gint wait = 0;
+    struct files_cli c FILES_CLI_AUTO = {0};
+    struct files_opts o;
+    g_autofree gchar *name = NULL, *path = NULL;
     GError *err = NULL;
     json_t *res, *m;
     size_t i;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
-        {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
-         "disk (default: the VM's only disk)", "NAME"},
-        {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number, VG/LV or disk (default: the only one)",
-         "FS"},
-        {"points", 0, 0, G_OPTION_ARG_STRING, &points,
-         "points to search: all (default), ID, or FROM..TO", "SPEC"},
+        CLI_OPT_REPO(c.repo),
+        CLI_OPT_VM(c.vm, "VM name"),
+        FILES_CLI_DISK(c, "disk (default: the VM's only disk)"),
+        FILES_CLI_FS(c, "file system: partition number, VG/LV or disk "
+                        "(default: the only one)"),
+        FILES_CLI_POINTS(c, "points to search: all (default), ID, or FROM..TO"),
         {"name", 0, 0, G_OPTION_ARG_STRING, &name,
          "file names matching this glob (fnmatch)", "GLOB"},
         {"path", 0, 0, G_OPTION_ARG_STRING, &path,
          "paths matching this glob ('*' matches '/' too)", "GLOB"},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when a prune holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_WAIT(c.wait),
+        CLI_OPT_JSON(c.json),
         {NULL}};
 
     cli_parse("find",
               "Find files across restore points (catalogs where present; "
               "points without one are indexed).",
               NULL, entries, &argc, &argv);
-    cli_require("find", repo, "--repo");
-    cli_require("find", vm, "--vm");
-    o.repo = repo;
-    o.vm = vm;
-    o.points = points;
-    o.disk = disk;
-    o.fs = fs;
-    o.wait_ms = cli_wait_ms("find", wait);
-    o.progress = cli_progress_wanted(json);
+    files_cli_opts("find", &c, &o);
     res = files_find(&o, name, path, &err);
     if (!res) {
         return cli_fail("find", err);
     }
-    if (json) {
+    if (c.json) {
         cli_print_json(res);
     } else {
         json_array_foreach(json_object_get(res, "matches"), i, m)

@@ -7,61 +7,40 @@
 
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
+#include "agent/cmd/files_cli.h"
 #include "agent/files/files.h"
 #include "agent/files/names.h"
 
 int
 cmd_get(int argc, char **argv)
 {
-    struct files_opts o = {0};
+    struct files_cli c FILES_CLI_AUTO = {0};
+    struct files_opts o;
     struct files_get_opts go = {0};
-    g_autofree gchar *repo = NULL, *vm = NULL, *point = NULL, *disk = NULL,
-                     *fs = NULL, *output = NULL;
-    gboolean json = FALSE;
-    gint wait = 0;
+    g_autofree gchar *output = NULL;
     GError *err = NULL;
     json_t *res, *s;
     size_t i, nskipped;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
-        {"point", 0, 0, G_OPTION_ARG_STRING, &point,
-         "restore point id (default: the newest)", "ID"},
-        {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
-         "disk (default: the VM's only disk)", "NAME"},
-        {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number, VG/LV, disk or os (default: the only "
-         "one, or the guest's view of an OS disk)",
-         "FS"},
+        FILES_CLI_ONE_POINT(c),
         {"output", 0, 0, G_OPTION_ARG_FILENAME, &output,
          "where to copy: a new file, an existing directory, or - (one file "
          "to standard output)",
          "DEST"},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when a prune holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_WAIT(c.wait),
+        CLI_OPT_JSON(c.json),
         {NULL}};
 
     cli_parse("get", "Copy files or directories out of a restore point.",
               "PATH...", entries, &argc, &argv);
-    cli_require("get", repo, "--repo");
-    cli_require("get", vm, "--vm");
+    files_cli_opts("get", &c, &o);
     cli_require("get", output, "--output");
     if (argc < 2) {
         cli_usage_error("get", "at least one PATH is required");
     }
-    if (json && strcmp(output, "-") == 0) {
+    if (c.json && strcmp(output, "-") == 0) {
         cli_usage_error("get", "--json and --output - both want stdout");
     }
-    o.repo = repo;
-    o.vm = vm;
-    o.point = point;
-    o.disk = disk;
-    o.fs = fs;
-    o.wait_ms = cli_wait_ms("get", wait);
     go.paths = argv + 1;
     go.output = output;
     res = files_get(&o, &go, &err);
@@ -76,13 +55,13 @@ cmd_get(int argc, char **argv)
         fprintf(stderr, "qbak get: not copied: %s: %s\n", pp,
                 json_string_value(json_object_get(s, "reason")));
     }
-    if (json) {
+    if (c.json) {
         cli_print_json(res);
     } else if (strcmp(output, "-") != 0) {
         printf("%s: %" JSON_INTEGER_FORMAT " file(s), %" JSON_INTEGER_FORMAT
                " dir(s), %" JSON_INTEGER_FORMAT
                " symlink(s), %" JSON_INTEGER_FORMAT " bytes from %s to %s\n",
-               vm, json_integer_value(json_object_get(res, "files")),
+               c.vm, json_integer_value(json_object_get(res, "files")),
                json_integer_value(json_object_get(res, "dirs")),
                json_integer_value(json_object_get(res, "symlinks")),
                json_integer_value(json_object_get(res, "bytes")),

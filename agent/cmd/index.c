@@ -6,49 +6,35 @@
 
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
+#include "agent/cmd/files_cli.h"
 #include "agent/files/files.h"
 
 int
 cmd_index(int argc, char **argv)
 {
-    struct files_opts o = {0};
-    g_autofree gchar *repo = NULL, *vm = NULL, *points = NULL, *disk = NULL;
-    gboolean json = FALSE;
-    gint wait = 0;
+    struct files_cli c FILES_CLI_AUTO = {0};
+    struct files_opts o;
     GError *err = NULL;
     json_t *res, *p;
     size_t i, made = 0;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
-        {"points", 0, 0, G_OPTION_ARG_STRING, &points,
-         "points to index: all (default), ID, or FROM..TO", "SPEC"},
-        {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
-         "only this disk (default: every disk)", "NAME"},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when a prune holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_REPO(c.repo),
+        CLI_OPT_VM(c.vm, "VM name"),
+        FILES_CLI_POINTS(c, "points to index: all (default), ID, or FROM..TO"),
+        FILES_CLI_DISK(c, "only this disk (default: every disk)"),
+        CLI_OPT_WAIT(c.wait),
+        CLI_OPT_JSON(c.json),
         {NULL}};
 
     cli_parse("index",
               "Write the file catalog of each point and disk that lacks one.",
               NULL, entries, &argc, &argv);
-    cli_require("index", repo, "--repo");
-    cli_require("index", vm, "--vm");
-    o.repo = repo;
-    o.vm = vm;
-    o.points = points;
-    o.disk = disk;
-    o.wait_ms = cli_wait_ms("index", wait);
-    o.progress = cli_progress_wanted(json);
+    files_cli_opts("index", &c, &o);
     res = files_index(&o, &err);
     if (!res) {
         return cli_fail("index", err);
     }
-    if (json) {
+    if (c.json) {
         cli_print_json(res);
     } else {
         json_array_foreach(json_object_get(res, "points"), i, p)

@@ -7,6 +7,7 @@
 
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
+#include "agent/cmd/files_cli.h"
 #include "agent/files/files.h"
 #include "agent/files/names.h"
 
@@ -65,50 +66,26 @@ print_human(json_t *res)
 int
 cmd_ls(int argc, char **argv)
 {
-    struct files_opts o = {0};
-    g_autofree gchar *repo = NULL, *vm = NULL, *point = NULL, *disk = NULL,
-                     *fs = NULL;
-    gboolean json = FALSE;
-    gint wait = 0;
+    struct files_cli c FILES_CLI_AUTO = {0};
+    struct files_opts o;
     GError *err = NULL;
     json_t *res;
-    GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
-        {"point", 0, 0, G_OPTION_ARG_STRING, &point,
-         "restore point id (default: the newest)", "ID"},
-        {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
-         "disk (default: the VM's only disk)", "NAME"},
-        {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number, VG/LV, disk or os (default: the only "
-         "one, or the guest's view of an OS disk)",
-         "FS"},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when a prune holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
-        {NULL}};
+    GOptionEntry entries[] = {FILES_CLI_ONE_POINT(c),
+                              CLI_OPT_WAIT(c.wait),
+                              CLI_OPT_JSON(c.json),
+                              {NULL}};
 
     cli_parse("ls", "List a directory of a restore point.", "[PATH]", entries,
               &argc, &argv);
-    cli_require("ls", repo, "--repo");
-    cli_require("ls", vm, "--vm");
+    files_cli_opts("ls", &c, &o);
     if (argc > 2) {
         cli_usage_error("ls", "one PATH at most");
     }
-    o.repo = repo;
-    o.vm = vm;
-    o.point = point;
-    o.disk = disk;
-    o.fs = fs;
-    o.wait_ms = cli_wait_ms("ls", wait);
     res = files_ls(&o, argc > 1 ? argv[1] : NULL, &err);
     if (!res) {
         return cli_fail("ls", err);
     }
-    if (json) {
+    if (c.json) {
         cli_print_json(res);
     } else {
         print_human(res);

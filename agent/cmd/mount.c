@@ -6,64 +6,43 @@
 
 #include "agent/cli.h"
 #include "agent/cmd/cmd.h"
+#include "agent/cmd/files_cli.h"
 #include "agent/files/files.h"
 
 int
 cmd_mount(int argc, char **argv)
 {
-    struct files_opts o = {0};
-    g_autofree gchar *repo = NULL, *vm = NULL, *point = NULL, *disk = NULL,
-                     *fs = NULL;
-    gboolean json = FALSE, allow_other = FALSE;
-    gint wait = 0;
+    struct files_cli c FILES_CLI_AUTO = {0};
+    struct files_opts o;
+    gboolean allow_other = FALSE;
     GError *err = NULL;
     json_t *res;
     GOptionEntry entries[] = {
-        {"repo", 0, 0, G_OPTION_ARG_FILENAME, &repo, "repository directory",
-         "DIR"},
-        {"vm", 0, 0, G_OPTION_ARG_STRING, &vm, "VM name", "NAME"},
-        {"point", 0, 0, G_OPTION_ARG_STRING, &point,
-         "restore point id (default: the newest)", "ID"},
-        {"disk", 0, 0, G_OPTION_ARG_STRING, &disk,
-         "disk (default: the VM's only disk)", "NAME"},
-        {"fs", 0, 0, G_OPTION_ARG_STRING, &fs,
-         "file system: partition number, VG/LV, disk or os (default: the only "
-         "one, or the guest's view of an OS disk)",
-         "FS"},
+        FILES_CLI_ONE_POINT(c),
         {"allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other,
          "let other users enter the mount (FUSE allow_other)", NULL},
-        {"wait", 0, 0, G_OPTION_ARG_INT, &wait,
-         "when a prune holds this VM's lock, wait up to SECS for it "
-         "(default 0: fail at once with exit status 75)",
-         "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_WAIT(c.wait),
+        CLI_OPT_JSON(c.json),
         {NULL}};
 
     cli_parse("mount",
               "Show a restore point as a read-only directory (served in the "
               "background until qbak umount).",
               "MOUNTPOINT", entries, &argc, &argv);
-    cli_require("mount", repo, "--repo");
-    cli_require("mount", vm, "--vm");
+    files_cli_opts("mount", &c, &o);
     if (argc != 2) {
         cli_usage_error("mount", "one MOUNTPOINT is required");
     }
-    o.repo = repo;
-    o.vm = vm;
-    o.point = point;
-    o.disk = disk;
-    o.fs = fs;
-    o.wait_ms = cli_wait_ms("mount", wait);
     res = files_mount_point(&o, argv[1], allow_other, &err);
     if (!res) {
         return cli_fail("mount", err);
     }
-    if (json) {
+    if (c.json) {
         cli_print_json(res);
     } else {
         printf("%s: %s %s fs %s mounted read-only on %s (qbak umount %s "
                "ends it)\n",
-               vm, json_string_value(json_object_get(res, "point")),
+               c.vm, json_string_value(json_object_get(res, "point")),
                json_string_value(json_object_get(res, "disk")),
                json_string_value(json_object_get(res, "fs")),
                json_string_value(json_object_get(res, "mountpoint")),
@@ -85,7 +64,7 @@ cmd_umount(int argc, char **argv)
          "wait up to SECS (default and at least 120) for the serving "
          "process to end",
          "SECS"},
-        {"json", 0, 0, G_OPTION_ARG_NONE, &json, "print JSON", NULL},
+        CLI_OPT_JSON(json),
         {NULL}};
 
     cli_parse("umount",
