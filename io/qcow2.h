@@ -237,8 +237,10 @@ bool qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf,
 
 /* Folding a layer into its backing file (prune's merge). */
 struct qcow2_merge_stats {
-    uint64_t data_bytes; /* data copied from the top layer */
+    uint64_t data_bytes; /* data copied from the top layer(s) */
     uint64_t zero_bytes; /* guest bytes made zero clusters */
+    int damaged_depth;   /* the layer whose checksum failed, or -1 */
+    bool header_written; /* a failure may have left the new header */
 };
 
 /* Called after each piece of data merged (bytes so far); the merge goes on
@@ -264,5 +266,19 @@ bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_merge_stats *stats,
                      qcow2_merge_progress_fn *progress_fn, void *opaque,
                      GError **errp);
+
+/* The same for the n newest layers of chain (depths 0..n-1) at once,
+ * folded into the image at depth n (parent_fd): each guest cluster is
+ * written once, from the newest of them that has it, and the merged
+ * checksums are layer n's with each newer one's over them.  The chain
+ * reads the same at every instant (every cluster written is covered by
+ * one of the n layers, untouched), so n merges of one layer each, oldest
+ * first, give the same image as this one, at the cost of one.  On a
+ * checksum failure stats->damaged_depth names the layer. */
+bool qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
+                        struct qcow2_sums **merged_sums,
+                        struct qcow2_merge_stats *stats,
+                        qcow2_merge_progress_fn *progress_fn, void *opaque,
+                        GError **errp);
 
 #endif

@@ -58,6 +58,11 @@ struct cover_range {
     uint32_t start, end; /* [start, end) within the cluster */
 };
 
+/* Host clusters [start, start + count) free to take. */
+struct free_run {
+    uint64_t start, count;
+};
+
 struct partial {
     uint64_t cluster; /* guest cluster index; also the hash key */
     uint8_t *data;    /* cluster_size bytes; uncovered bytes are zero */
@@ -99,6 +104,16 @@ struct qcow2_writer {
     bool no_sums;            /* reopened without checksums: produce none */
     struct qcow2_sums *sums; /* built by finish_tables */
     bool reopened;           /* partial clusters have no base to fill from */
+
+    /* Reopened: host clusters below old_end belong to the image as it
+     * stands until the new header replaces it, so none of its data or
+     * metadata is written over (copy on write): a guest cluster written
+     * anew gets another host cluster, first from free_runs (clusters the
+     * old image does not use, ascending, taken from free_at on), then at
+     * the end of the file. */
+    uint64_t old_end;
+    GArray *free_runs; /* struct free_run */
+    guint free_at;
 };
 
 static bool
@@ -149,13 +164,34 @@ writer_usable(const struct qcow2_writer *w, GError **errp)
 static uint64_t
 alloc_host_cluster(struct qcow2_writer *w)
 {
+    if (w->free_runs != NULL && w->free_at < w->free_runs->len) {
+        struct free_run *f =
+            &g_array_index(w->free_runs, struct free_run, w->free_at);
+        uint64_t idx = f->start++;
+
+        if (--f->count == 0) {
+            w->free_at++;
+        }
+        return idx << w->cluster_bits;
+    }
     return w->next_host_cluster++ << w->cluster_bits;
+}
+
+/* Whether host cluster offset host is the old image's (reopened). */
+static bool
+old_cluster(const struct qcow2_writer *w, uint64_t host)
+{
+    return (host >> w->cluster_bits) < w->old_end;
 }
 
 static void
 set_hash(struct qcow2_writer *w, uint64_t host, uint64_t hash)
 {
     guint idx = (guint)(host >> w->cluster_bits);
+
+    if (w->no_sums) {
+        return; /* nor an array as long as the reopened file */
+    }
 
     if (w->host_hash->len <= idx) {
         g_array_set_size(w->host_hash, idx + 1);
@@ -176,6 +212,9 @@ mark_stale(struct qcow2_writer *w, uint64_t host)
 static uint64_t
 hash_cluster(struct qcow2_writer *w, const void *buf, size_t len)
 {
+    if (w->no_sums) {
+        return 0; /* never read: a merge takes its checksums elsewhere */
+    }
     if (len == w->cluster_size) {
         return qcow2_sums_hash(buf, len);
     }
@@ -385,7 +424,7 @@ partial_flush(struct qcow2_writer *w, struct partial *p, GError **errp)
                        "partial data cluster", errp)) {
         return false;
     }
-    set_hash(w, host, qcow2_sums_hash(out, (size_t)w->cluster_size));
+    set_hash(w, host, hash_cluster(w, out, (size_t)w->cluster_size));
     partial_drop(w, p);
     l2_set(w, c, host);
     return true;
@@ -543,6 +582,58 @@ reopen_load(struct qcow2_writer *w, struct qcow2_reader *chain, unsigned depth,
     return true;
 }
 
+/* Marks (2) in `used' the old image's metadata: the header cluster, the
+ * L1 table, the L2 tables, the refcount table and blocks.  False when
+ * the image holds anything else that is not data (snapshots) or its
+ * tables cannot be read: then no cluster of it counts as free. */
+static bool
+mark_metadata(struct qcow2_writer *w, uint8_t *used, uint64_t n_host)
+{
+    uint8_t h[QCOW2_V3_HEADER_LEN];
+    uint64_t l1_off, rt_off, l1_bytes, rt_bytes;
+    g_autofree uint8_t *buf = NULL;
+
+    if (pread(w->fd, h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
+        qcow2_load_be32(h + 60) != 0) { /* nb_snapshots */
+        return false;
+    }
+    l1_off = qcow2_load_be64(h + QCOW2_HDR_L1_OFFSET);
+    l1_bytes = (uint64_t)qcow2_load_be32(h + QCOW2_HDR_L1_SIZE) * 8;
+    rt_off = qcow2_load_be64(h + QCOW2_HDR_REFTABLE_OFFSET);
+    rt_bytes = (uint64_t)qcow2_load_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS)
+               << w->cluster_bits;
+    if (l1_bytes > QCOW2_MAX_L1_BYTES || rt_bytes > QCOW2_MAX_REFTABLE_BYTES) {
+        return false;
+    }
+    used[0] = 2;
+    for (int t = 0; t < 2; t++) {
+        uint64_t off = t == 0 ? l1_off : rt_off;
+        uint64_t bytes = t == 0 ? l1_bytes : rt_bytes;
+
+        /* The table's own clusters, then those its entries point at. */
+        for (uint64_t b = 0; b < bytes; b += w->cluster_size) {
+            uint64_t idx = (off + b) >> w->cluster_bits;
+            if (idx >= n_host) {
+                return false;
+            }
+            used[idx] = 2;
+        }
+        buf = g_realloc(buf, MAX(bytes, 1));
+        if (bytes && pread(w->fd, buf, bytes, (off_t)off) != (ssize_t)bytes) {
+            return false;
+        }
+        for (uint64_t i = 0; i < bytes / 8; i++) {
+            uint64_t idx =
+                (qcow2_load_be64(buf + i * 8) & QCOW2_L1E_OFFSET_MASK) >>
+                w->cluster_bits;
+            if (idx != 0 && idx < n_host) {
+                used[idx] = 2;
+            }
+        }
+    }
+    return true;
+}
+
 struct qcow2_writer *
 qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
                     GError **errp)
@@ -581,15 +672,33 @@ qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
         qcow2_writer_free(w);
         return NULL;
     }
-    /* Whatever the old image used for anything but data (its tables,
-     * clusters a crashed merge appended) is free from now on: new tables
-     * go after the end of the file, so the old header and tables stay
-     * valid until the new header replaces them. */
+    /* The old header and tables stay valid until the new header replaces
+     * them: their clusters are free only then (orphans).  Clusters the
+     * old image does not use at all (holes punched by an earlier merge,
+     * clusters a crashed merge appended) are free now; with snapshots, or
+     * tables that do not read, nothing is. */
+    bool reuse = mark_metadata(w, used, n_host);
+    w->free_runs = g_array_new(FALSE, FALSE, sizeof(struct free_run));
     for (uint64_t idx = 1; idx < n_host; idx++) {
-        if (!used[idx]) {
+        if (used[idx] == 1) {
+            continue;
+        }
+        if (used[idx] == 2 || !reuse) {
             g_array_append_val(w->orphans, idx);
+            continue;
+        }
+        struct free_run *last =
+            w->free_runs->len ? &g_array_index(w->free_runs, struct free_run,
+                                               w->free_runs->len - 1)
+                              : NULL;
+        if (last && last->start + last->count == idx) {
+            last->count++;
+        } else {
+            struct free_run f = {idx, 1};
+            g_array_append_val(w->free_runs, f);
         }
     }
+    w->old_end = n_host;
     w->next_host_cluster = n_host;
     return w;
 }
@@ -611,6 +720,9 @@ qcow2_writer_free(struct qcow2_writer *w)
     g_free(w->l1);
     g_free(w->backing_file);
     g_array_unref(w->orphans);
+    if (w->free_runs != NULL) {
+        g_array_unref(w->free_runs);
+    }
     g_array_unref(w->host_hash);
     g_array_unref(w->stale);
     qcow2_sums_free(w->sums);
@@ -656,6 +768,19 @@ add_extent(struct qcow2_extent *ext, size_t *n_ext, uint64_t host,
     (*n_ext)++;
 }
 
+/* The bytes of the disk's last cluster past the disk's end, zero: its
+ * checksum covers them as zeroes, and a host cluster taken from the free
+ * ones may hold old bytes there. */
+static bool
+zero_tail(struct qcow2_writer *w, uint64_t host, uint64_t valid, GError **errp)
+{
+    if (w->zero_buf == NULL) {
+        w->zero_buf = g_malloc0(w->cluster_size);
+    }
+    return writer_pwrite(w, w->zero_buf, (size_t)(w->cluster_size - valid),
+                         host + valid, "end of the last cluster", errp);
+}
+
 bool
 qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
                    size_t len, struct qcow2_extent *ext, size_t *n_ext,
@@ -679,7 +804,7 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
 
         bool whole = in_off == 0 && pos + n == cluster_end;
 
-        if (e != ENTRY_UNSET && e != ENTRY_ZERO) {
+        if (e != ENTRY_UNSET && e != ENTRY_ZERO && !old_cluster(w, e)) {
             if (whole) {
                 set_hash(w, e, hash_cluster(w, src + buf_offset, (size_t)n));
             } else {
@@ -692,6 +817,9 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
                 partial_drop(w, p);
             }
             uint64_t host = alloc_host_cluster(w);
+            if (n < w->cluster_size && !zero_tail(w, host, n, errp)) {
+                return false;
+            }
             l2_set(w, c, host);
             set_hash(w, host, hash_cluster(w, src + buf_offset, (size_t)n));
             add_extent(ext, n_ext, host, buf_offset, (size_t)n);
@@ -747,6 +875,13 @@ zero_piece(struct qcow2_writer *w, uint64_t c, uint64_t in_off, uint64_t n,
     struct partial *p;
 
     if (e != ENTRY_UNSET && e != ENTRY_ZERO) {
+        if (old_cluster(w, e)) {
+            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                        "qcow2: part of guest cluster %" PRIu64
+                        " zeroed in a reopened image",
+                        c);
+            return false;
+        }
         if (w->zero_buf == NULL) {
             w->zero_buf = g_malloc0(w->cluster_size);
         }
@@ -1101,6 +1236,16 @@ qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp)
     g_autofree uint8_t *l1_buf = g_malloc0(l1_clusters * w->cluster_size);
     if (!write_l2_tables(w, l1_buf, errp)) {
         return false;
+    }
+    /* Free clusters left over get refcount 0 like any other orphan. */
+    for (; w->free_runs != NULL && w->free_at < w->free_runs->len;
+         w->free_at++) {
+        struct free_run *f =
+            &g_array_index(w->free_runs, struct free_run, w->free_at);
+        for (uint64_t k = 0; k < f->count; k++) {
+            uint64_t idx = f->start + k;
+            g_array_append_val(w->orphans, idx);
+        }
     }
     uint64_t l1_offset = w->next_host_cluster << w->cluster_bits;
     w->next_host_cluster += l1_clusters;
