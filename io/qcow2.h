@@ -109,12 +109,14 @@ bool qcow2_writer_write_header(struct qcow2_writer *w, GError **errp);
 /* Layer depth of chain (borrowed), an existing image whose file is fd
  * (open read-write, the same file; borrowed), made writable again to
  * fold another layer into it: guest writes of whole clusters overwrite
- * its data clusters in place or append new ones (a write of part of a
- * cluster it lacks fails), and finish writes fresh tables after the end of
- * the file and a header that points at them, the old tables becoming free
- * clusters.  Backing file name, cluster size and virtual size stay.  A
- * reopened writer keeps no checksums (qcow2_writer_sums returns NULL):
- * those of a merge come from the layers' own (qcow2_sums_overlay). */
+ * its data clusters in place or take new ones, first clusters the image
+ * does not use (holes an earlier merge punched), then at the end of the
+ * file (a write of part of a cluster it lacks fails), and finish writes
+ * fresh tables after the end of the file and a header that points at
+ * them, the old tables becoming free clusters.  Backing file name, cluster size
+ * and virtual size stay.  A reopened writer keeps no checksums
+ * (qcow2_writer_sums returns NULL): those of a merge come from the layers' own
+ * (qcow2_sums_overlay). */
 struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *chain,
                                          unsigned depth, GError **errp);
 /* After the header written by a reopened writer is durable: gives the
@@ -257,10 +259,10 @@ typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
  * except for clusters the top layer covers; any failure or crash before
  * it leaves the chain (top over parent) reading as before, so the merge
  * can simply be run again.
- * Every cluster read from the top layer is checked against its checksums
- * before it is written: damage fails the merge (G_FILE_ERROR_INVAL), the
- * header unwritten.  *merged_sums: the parent's checksums with the top's over
- * them, or NULL when either layer has none. */
+ * Every cluster to merge is read and checked against its checksums before
+ * the first is written: damage fails the merge (G_FILE_ERROR_INVAL) with
+ * the parent untouched.  *merged_sums: the parent's checksums with the top's
+ * over them, or NULL when either layer has none. */
 bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_sums **merged_sums,
                      struct qcow2_merge_stats *stats,

@@ -1,9 +1,9 @@
-/* Folding the top layer of a chain into its backing image: see
- * qcow2_merge_top in qcow2.h.
+/* Folding the top layer(s) of a chain into the image below them: see
+ * qcow2_merge_top and qcow2_merge_layers in qcow2.h.
  *
  * Why the chain reads the same at every instant: the parent's clusters
- * that change are exactly those the top layer covers (data or zero), and
- * the top layer, untouched, still answers for them; clusters appended to
+ * that change are exactly those the top layers cover (data or zero), and
+ * those layers, untouched, still answer for them; clusters appended to
  * the parent are referenced only by tables the new header points at.  So
  * until that header is written the chain reads as before, and after it
  * the parent alone reads as the chain did.  The merged checksums come from
@@ -137,7 +137,8 @@ struct merge {
     void *opaque;
     struct data_run *runs;
     size_t n_runs;
-    unsigned into; /* the depth of the image written into */
+    unsigned into;   /* the depth of the image written into */
+    bool check_only; /* the first pass: read and check, write nothing */
 };
 
 /* Host bytes a run occupies: whole clusters (the last cluster of a disk
@@ -189,6 +190,10 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
                 return false;
             }
         }
+        if (m->check_only) {
+            pos += whole;
+            continue;
+        }
         if (!qcow2_writer_write(m->w, r->guest, buf, (size_t)r->len, m->ext,
                                 &n_ext, errp)) {
             return false;
@@ -204,7 +209,7 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
         pos += whole;
         m->stats->data_bytes += r->len;
     }
-    if (m->progress_fn != NULL) {
+    if (m->progress_fn != NULL && !m->check_only) {
         m->progress_fn(m->opaque, m->stats->data_bytes);
     }
     return true;
@@ -304,6 +309,36 @@ merged_sums_of(struct qcow2_reader *chain, unsigned n)
     return acc;
 }
 
+/* One pass over the guest disk: newest data wins, each guest cluster
+ * taken once, from the newest of the n layers that has it. */
+static bool
+merge_walk(struct merge *m, uint64_t size, GError **errp)
+{
+    uint64_t off = 0;
+
+    while (off < size) {
+        struct qcow2_layer_run run = {0};
+        unsigned depth = 0;
+
+        if (!newest_run(m->chain, m->into, off, size - off, &run, &depth,
+                        errp)) {
+            return false;
+        }
+        if (run.kind == QCOW2_LAYER_DATA) {
+            if (!add_data_run(m, depth, off, &run, errp)) {
+                return false;
+            }
+        } else if (run.kind == QCOW2_LAYER_ZERO && !m->check_only) {
+            if (!qcow2_writer_zero(m->w, off, run.len, errp)) {
+                return false;
+            }
+            m->stats->zero_bytes += run.len;
+        }
+        off += run.len;
+    }
+    return merge_batch(m, errp);
+}
+
 bool
 qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                 struct qcow2_sums **merged_sums,
@@ -329,7 +364,7 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
     struct merge m;
     const char *top_name = qcow2_reader_layer_name(chain, 0);
     const char *into_name;
-    uint64_t size, off = 0;
+    uint64_t size;
     bool ok = false;
 
     *merged_sums = NULL;
@@ -364,29 +399,18 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
     ext = g_new(struct qcow2_extent, qcow2_writer_max_extents(w, MERGE_CHUNK));
     runs = g_new(struct data_run, MERGE_BATCH_RUNS);
     m = (struct merge){chain,       w,      parent_fd, buf, ext, stats,
-                       progress_fn, opaque, runs,      0,   n};
-    /* Newest data wins: each guest cluster is written once, from the
-     * newest layer that has it. */
-    while (off < size) {
-        struct qcow2_layer_run run;
-        unsigned depth;
-
-        if (!newest_run(chain, n, off, size - off, &run, &depth, errp)) {
-            goto out;
-        }
-        if (run.kind == QCOW2_LAYER_DATA) {
-            if (!add_data_run(&m, depth, off, &run, errp)) {
-                goto out;
-            }
-        } else if (run.kind == QCOW2_LAYER_ZERO) {
-            if (!qcow2_writer_zero(w, off, run.len, errp)) {
-                goto out;
-            }
-            stats->zero_bytes += run.len;
-        }
-        off += run.len;
+                       progress_fn, opaque, runs,      0,   n,   false};
+    /* Every cluster is checked before the first is written over in the
+     * parent: damage found half way would leave the parent changed where
+     * it is written in place.  The second pass reads what the first left
+     * in the page cache (for all but huge merges), so the price is a
+     * second checksum, not a second read from the disk. */
+    m.check_only = true;
+    if (!merge_walk(&m, size, errp)) {
+        goto out;
     }
-    if (!merge_batch(&m, errp)) {
+    m.check_only = false;
+    if (!merge_walk(&m, size, errp)) {
         goto out;
     }
     /* Data and tables durable before the header points at them, the

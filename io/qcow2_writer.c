@@ -105,13 +105,8 @@ struct qcow2_writer {
     struct qcow2_sums *sums; /* built by finish_tables */
     bool reopened;           /* partial clusters have no base to fill from */
 
-    /* Reopened: host clusters below old_end belong to the image as it
-     * stands until the new header replaces it, so none of its data or
-     * metadata is written over (copy on write): a guest cluster written
-     * anew gets another host cluster, first from free_runs (clusters the
-     * old image does not use, ascending, taken from free_at on), then at
-     * the end of the file. */
-    uint64_t old_end;
+    /* Reopened: clusters the old image does not use at all (ascending,
+     * taken from free_at on), handed out before the end of the file. */
     GArray *free_runs; /* struct free_run */
     guint free_at;
 };
@@ -175,13 +170,6 @@ alloc_host_cluster(struct qcow2_writer *w)
         return idx << w->cluster_bits;
     }
     return w->next_host_cluster++ << w->cluster_bits;
-}
-
-/* Whether host cluster offset host is the old image's (reopened). */
-static bool
-old_cluster(const struct qcow2_writer *w, uint64_t host)
-{
-    return (host >> w->cluster_bits) < w->old_end;
 }
 
 static void
@@ -698,7 +686,6 @@ qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
             g_array_append_val(w->free_runs, f);
         }
     }
-    w->old_end = n_host;
     w->next_host_cluster = n_host;
     return w;
 }
@@ -804,7 +791,7 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
 
         bool whole = in_off == 0 && pos + n == cluster_end;
 
-        if (e != ENTRY_UNSET && e != ENTRY_ZERO && !old_cluster(w, e)) {
+        if (e != ENTRY_UNSET && e != ENTRY_ZERO) {
             if (whole) {
                 set_hash(w, e, hash_cluster(w, src + buf_offset, (size_t)n));
             } else {
@@ -875,13 +862,6 @@ zero_piece(struct qcow2_writer *w, uint64_t c, uint64_t in_off, uint64_t n,
     struct partial *p;
 
     if (e != ENTRY_UNSET && e != ENTRY_ZERO) {
-        if (old_cluster(w, e)) {
-            g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                        "qcow2: part of guest cluster %" PRIu64
-                        " zeroed in a reopened image",
-                        c);
-            return false;
-        }
         if (w->zero_buf == NULL) {
             w->zero_buf = g_malloc0(w->cluster_size);
         }
