@@ -12,6 +12,7 @@
  * directory or renames: the caller decides when the merged image takes
  * the top layer's place. */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,12 @@
 
 /* Data moved per read and write. */
 #define MERGE_CHUNK (UINT64_C(4) << 20)
+
+/* The layers to fold, newest first, that the kernel is asked to read
+ * ahead while the parent's tables load, up to this many bytes in all
+ * (the rest is read as the merge goes: bounded, so a huge merge does not
+ * push the page cache out for nothing). */
+#define MERGE_PREFETCH (UINT64_C(128) << 20)
 
 static bool
 sync_fd(int fd, const char *name, GError **errp)
@@ -390,6 +397,14 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
                         qcow2_reader_layer_name(chain, d));
             return false;
         }
+    }
+    for (uint64_t d = 0, left = 0; d < n && left < MERGE_PREFETCH; d++) {
+        uint64_t len =
+            MIN(MERGE_PREFETCH - left, qcow2_reader_layer_file_size(chain, d));
+
+        (void)posix_fadvise(qcow2_reader_layer_fd(chain, (unsigned)d), 0,
+                            (off_t)len, POSIX_FADV_WILLNEED);
+        left += len;
     }
     w = qcow2_writer_reopen(parent_fd, chain, n, errp);
     if (w == NULL) {
