@@ -119,6 +119,10 @@ bool qcow2_writer_write_header(struct qcow2_writer *w, GError **errp);
  * (qcow2_sums_overlay). */
 struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *chain,
                                          unsigned depth, GError **errp);
+/* Reopened: whether a write of the guest cluster at off goes over a data
+ * cluster of the image as it was (in place), rather than to a cluster the
+ * old image does not reference, which nothing reads until the new header. */
+bool qcow2_writer_in_place(const struct qcow2_writer *w, uint64_t off);
 /* After the header written by a reopened writer is durable: gives the
  * free clusters back to the file system (hole punching; where the file
  * system cannot, they stay as they are).  Best effort, no error. */

@@ -183,40 +183,58 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
     uint64_t cluster = UINT64_C(1) << bits;
     const char *parent_name = qcow2_reader_layer_name(chain, m->into);
     uint64_t pos = 0;
+    bool wrote = false;
 
     for (size_t i = 0; i < n; i++) {
         const struct data_run *r = &runs[i];
         uint8_t *buf = m->buf + pos;
         uint64_t whole = run_host_len(m, r);
-        size_t n_ext = 0;
+        uint64_t k = 0;
 
-        for (uint64_t k = 0; k < whole; k += cluster) {
+        for (k = 0; k < whole; k += cluster) {
             if (!qcow2_reader_check_cluster(
                     chain, r->depth, (r->guest + k) >> bits, buf + k, errp)) {
                 m->stats->damaged_depth = (int)r->depth;
                 return false;
             }
         }
-        if (m->check_only) {
-            pos += whole;
-            continue;
-        }
-        if (!qcow2_writer_write(m->w, r->guest, buf, (size_t)r->len, m->ext,
-                                &n_ext, errp)) {
-            return false;
-        }
-        for (size_t e = 0; e < n_ext; e++) {
-            const struct qcow2_extent *x = &m->ext[e];
+        /* The first pass writes what lands where the old image reads
+         * nothing (nothing sees it before the new header), the second
+         * what goes over the old image's data in place.  Pieces of whole
+         * clusters, alike all along. */
+        for (k = 0; k < r->len;) {
+            bool in_place = qcow2_writer_in_place(m->w, r->guest + k);
+            uint64_t end = k + cluster;
+            size_t n_ext = 0;
 
-            if (!pwrite_full(m->parent_fd, buf + x->buf_offset, x->len,
-                             x->host_offset, parent_name, errp)) {
+            while (end < r->len &&
+                   qcow2_writer_in_place(m->w, r->guest + end) == in_place) {
+                end += cluster;
+            }
+            end = MIN(end, r->len);
+            if (in_place == m->check_only) {
+                k = end;
+                continue;
+            }
+            if (!qcow2_writer_write(m->w, r->guest + k, buf + k,
+                                    (size_t)(end - k), m->ext, &n_ext, errp)) {
                 return false;
             }
+            for (size_t e = 0; e < n_ext; e++) {
+                const struct qcow2_extent *x = &m->ext[e];
+
+                if (!pwrite_full(m->parent_fd, buf + k + x->buf_offset, x->len,
+                                 x->host_offset, parent_name, errp)) {
+                    return false;
+                }
+            }
+            m->stats->data_bytes += end - k;
+            wrote = true;
+            k = end;
         }
         pos += whole;
-        m->stats->data_bytes += r->len;
     }
-    if (m->progress_fn != NULL && !m->check_only) {
+    if (m->progress_fn != NULL && wrote) {
         m->progress_fn(m->opaque, m->stats->data_bytes);
     }
     return true;
@@ -256,11 +274,52 @@ merge_batch(struct merge *m, GError **errp)
     return true;
 }
 
-/* Adds a data run of the top layer, in pieces of at most MERGE_CHUNK
- * (runs start on a cluster boundary, so every piece does). */
+static bool add_pieces(struct merge *m, unsigned depth, uint64_t off,
+                       const struct qcow2_layer_run *run, GError **errp);
+
+/* Adds a data run of a layer to read: all of it in the first pass (every
+ * cluster is checked), only the pieces to write in place in the second. */
 static bool
 add_data_run(struct merge *m, unsigned depth, uint64_t off,
              const struct qcow2_layer_run *run, GError **errp)
+{
+    uint64_t cluster = UINT64_C(1)
+                       << qcow2_reader_layer_cluster_bits(m->chain, 0);
+
+    if (!m->check_only) {
+        /* The second pass reads again only the pieces written in place
+         * (the rest was written by the first). */
+        for (uint64_t k = 0; k < run->len;) {
+            uint64_t end = k;
+            struct qcow2_layer_run piece;
+
+            while (end < run->len && !qcow2_writer_in_place(m->w, off + end)) {
+                end += cluster;
+            }
+            k = MIN(end, run->len);
+            while (end < run->len && qcow2_writer_in_place(m->w, off + end)) {
+                end += cluster;
+            }
+            end = MIN(end, run->len);
+            if (end > k) {
+                piece = (struct qcow2_layer_run){run->kind,
+                                                 run->host_offset + k, end - k};
+                if (!add_pieces(m, depth, off + k, &piece, errp)) {
+                    return false;
+                }
+            }
+            k = end;
+        }
+        return true;
+    }
+    return add_pieces(m, depth, off, run, errp);
+}
+
+/* Adds a run in pieces of at most MERGE_CHUNK (runs start on a cluster
+ * boundary, so every piece does). */
+static bool
+add_pieces(struct merge *m, unsigned depth, uint64_t off,
+           const struct qcow2_layer_run *run, GError **errp)
 {
     for (uint64_t done = 0; done < run->len; done += MERGE_CHUNK) {
         if (m->n_runs == MERGE_BATCH_RUNS && !merge_batch(m, errp)) {

@@ -109,6 +109,10 @@ struct qcow2_writer {
      * taken from free_at on), handed out before the end of the file. */
     GArray *free_runs; /* struct free_run */
     guint free_at;
+    /* Reopened: one byte per host cluster of the file as it was, 1 for
+     * the old image's data clusters (what a write overwrites in place). */
+    uint8_t *old_use;
+    uint64_t old_n;
 };
 
 static bool
@@ -629,7 +633,7 @@ qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
     struct stat st, layer_st;
     struct qcow2_writer *w;
     uint64_t n_host;
-    g_autofree uint8_t *used = NULL;
+    uint8_t *used;
     const char *name = qcow2_reader_layer_name(chain, depth);
 
     if (fstat(fd, &st) < 0 ||
@@ -656,6 +660,8 @@ qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
     n_host = ((uint64_t)st.st_size + w->cluster_size - 1) >> w->cluster_bits;
     n_host = MAX(n_host, 1);
     used = g_malloc0(n_host);
+    w->old_use = used;
+    w->old_n = n_host;
     if (!reopen_load(w, chain, depth, used, n_host, errp)) {
         qcow2_writer_free(w);
         return NULL;
@@ -707,6 +713,7 @@ qcow2_writer_free(struct qcow2_writer *w)
     g_free(w->l1);
     g_free(w->backing_file);
     g_array_unref(w->orphans);
+    g_free(w->old_use);
     if (w->free_runs != NULL) {
         g_array_unref(w->free_runs);
     }
@@ -716,6 +723,17 @@ qcow2_writer_free(struct qcow2_writer *w)
     g_hash_table_unref(w->partials);
     g_free(w->zero_buf);
     g_free(w);
+}
+
+bool
+qcow2_writer_in_place(const struct qcow2_writer *w, uint64_t off)
+{
+    uint64_t c = off >> w->cluster_bits;
+    uint64_t e = c < w->n_clusters ? l2_get(w, c) : ENTRY_UNSET;
+    uint64_t idx = e >> w->cluster_bits;
+
+    return w->old_use != NULL && e != ENTRY_UNSET && e != ENTRY_ZERO &&
+           idx < w->old_n && w->old_use[idx] == 1;
 }
 
 size_t
