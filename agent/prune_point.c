@@ -601,6 +601,9 @@ fold_into_kept(struct prune_ctx *c, struct prune_dir *p, int pfd,
         x->delisted = true;
         g_ptr_array_add(delisted, x);
     }
+    if (delisted->len) {
+        recover_crash_point("prune-delisted-fold");
+    }
     rd = qcow2_reader_open(c->r->vm_fd, kpath, errp);
     if (!rd) {
         relist(c, delisted);
