@@ -16,6 +16,11 @@ and pattern each).  Then, each with the page cache dropped first:
   prune.write1   writing that incremental's data bytes once, O_DIRECT
                  4 MiB writes + fsync (the disk's write limit for them).
 
+qbak's prune does more than qemu-img commit: it checks every cluster
+against its checksums, writes the merged checksums and the manifest
+durably, and removes the ten pruned points' files, which qemu-img commit
+leaves in place.
+
 prune.keep1 and prune.commit work on two copies of the same chain, each
 timed from its process's start to its result made durable, the page
 cache dropped (sync first) before each; they alternate which goes first
