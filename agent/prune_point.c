@@ -362,7 +362,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
                             c, &err);
     qcow2_reader_free(chain);
     close(target); /* the merge made it durable */
-    *untouched = !ok && !stats.header_written;
+    *untouched = !ok && !stats.parent_changed;
     if (!ok) {
         if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
             /* io/ names the guest offset of a cluster that fails its
@@ -527,8 +527,8 @@ fold_group(struct prune_ctx *c, struct prune_dir *ch, const char *disk,
     return group;
 }
 
-/* Lists again the points delist_group delisted, after a failure that
- * left every layer as it was.  Best effort: one left delisted is
+/* Lists again the points fold_into_kept delisted, after a failure that
+ * left every file reading as it did.  Best effort: one left delisted is
  * completed by the next prune. */
 static void
 relist(struct prune_ctx *c, GPtrArray *delisted)

@@ -246,7 +246,9 @@ struct qcow2_merge_stats {
     uint64_t data_bytes; /* data copied from the top layer(s) */
     uint64_t zero_bytes; /* guest bytes made zero clusters */
     int damaged_depth;   /* the layer whose checksum failed, or -1 */
-    bool header_written; /* a failure may have left the new header */
+    /* A failure may have left the parent reading differently: data
+     * written over its own in place, or the new header. */
+    bool parent_changed;
 };
 
 /* Called after each piece of data merged (bytes so far); the merge goes on

@@ -220,6 +220,7 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
                                     (size_t)(end - k), m->ext, &n_ext, errp)) {
                 return false;
             }
+            m->stats->parent_changed |= in_place;
             for (size_t e = 0; e < n_ext; e++) {
                 const struct qcow2_extent *x = &m->ext[e];
 
@@ -395,6 +396,7 @@ merge_walk(struct merge *m, uint64_t size, GError **errp)
                 return false;
             }
         } else if (run.kind == QCOW2_LAYER_ZERO && !m->check_only) {
+            m->stats->parent_changed = true; /* it may write zeroes */
             if (!qcow2_writer_zero(m->w, off, run.len, errp)) {
                 return false;
             }
@@ -493,7 +495,7 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
         !sync_fd(parent_fd, into_name, errp)) {
         goto out;
     }
-    stats->header_written = true; /* from here on, it may have been */
+    stats->parent_changed = true; /* the header, from here on */
     if (!qcow2_writer_write_header(w, errp) ||
         !sync_fd(parent_fd, into_name, errp)) {
         goto out;
