@@ -5,13 +5,15 @@ CC      ?= cc
 VERSION  = 0.1.0
 CFLAGS  ?= -O2 -g
 PKGS     = jansson glib-2.0 liburing libxxhash libguestfs libnbd
+# Loaded when first used (io/lazy_libs.c): headers only, not linked.
+LAZY_PKGS = libguestfs libnbd
 WARN     = -Wall -Wextra -Wshadow -Wvla -Wformat=2 -Wstrict-prototypes \
            -Wwrite-strings -Wno-unused-parameter
 override CFLAGS += -std=gnu11 -D_GNU_SOURCE -DQBAK_VERSION='"$(VERSION)"' $(WARN) -I. $(shell pkg-config --cflags $(PKGS))
 ifeq ($(CI),true)
 override CFLAGS += -Werror
 endif
-LDLIBS  += $(shell pkg-config --libs $(PKGS))
+LDLIBS  += $(shell pkg-config --libs $(filter-out $(LAZY_PKGS),$(PKGS)))
 
 B        = build
 # The binary's path: check-asan builds a second one into build/asan.

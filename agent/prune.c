@@ -151,6 +151,11 @@ run_removals(struct prune_ctx *c, GPtrArray *order, GError **errp)
     GError *first = NULL;
     unsigned more = 0, skipped = 0;
 
+    /* A removal that merges may fold the layers of later doomed points
+     * along with its child's (prune_remove_point). */
+    for (guint i = 0; i < order->len; i++) {
+        ((struct prune_dir *)order->pdata[i])->doomed = true;
+    }
     for (guint i = 0; i < order->len; i++) {
         struct prune_dir *p = order->pdata[i];
         GError *err = NULL;

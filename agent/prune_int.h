@@ -15,6 +15,7 @@ struct prune_dir {
     bool protected;
     char *damaged; /* why, from damaged.json, or NULL */
     bool gone;     /* removed by this run */
+    bool doomed;   /* to be removed by this run (listed until its turn) */
 };
 
 struct prune_ctx {

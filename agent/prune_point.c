@@ -308,12 +308,16 @@ same_file(int fd, int dirfd, const char *name)
 }
 
 /* Step 3 for one disk: C's layer folded into P's file, the merged
- * checksums made C's, P's file renamed over C's layer. */
+ * checksums made C's, P's file renamed over C's layer.  With a group
+ * (the doomed points between P and C, oldest first), their layers are
+ * folded along with C's, in one pass.  *untouched: a failure left P's
+ * file the image it was. */
 static bool
 merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
             const char *pfile, struct prune_dir *ch, int cfd, const char *cfile,
-            const char *disk, GError **errp)
+            const char *disk, GPtrArray *group, bool *untouched, GError **errp)
 {
+    unsigned n = group ? group->len + 1 : 1;
     g_autofree char *cpath = g_strdup_printf("%s/%s", ch->id, cfile);
     g_autofree char *sums = g_strdup_printf("%s%s", cfile, QCOW2_SUMS_SUFFIX);
     g_autofree char *sums_tmp = g_strdup_printf("%s.prune", sums);
@@ -324,12 +328,13 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     int target;
     bool ok;
 
+    *untouched = true;
     chain = qcow2_reader_open_with_sums(c->r->vm_fd, cpath, errp);
     if (!chain) {
         return false;
     }
-    if (qcow2_reader_chain_depth(chain) < 2 ||
-        !same_file(qcow2_reader_layer_fd(chain, 1), pfd, pfile)) {
+    if (qcow2_reader_chain_depth(chain) < n + 1 ||
+        !same_file(qcow2_reader_layer_fd(chain, n), pfd, pfile)) {
         qcow2_reader_free(chain);
         g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
                     "%s: its backing file is not %s/%s", cpath, p->id, pfile);
@@ -338,9 +343,9 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     /* A merge of layers of different geometry is not damage: refuse it
      * before io/ would fail it as a bad image. */
     if (qcow2_reader_layer_cluster_bits(chain, 0) !=
-            qcow2_reader_layer_cluster_bits(chain, 1) ||
+            qcow2_reader_layer_cluster_bits(chain, n) ||
         qcow2_reader_layer_virtual_size(chain, 0) !=
-            qcow2_reader_layer_virtual_size(chain, 1)) {
+            qcow2_reader_layer_virtual_size(chain, n)) {
         qcow2_reader_free(chain);
         g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
                     "point %s, disk %s: cannot merge into point %s: the "
@@ -353,10 +358,11 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
         qcow2_reader_free(chain);
         return qbak_errno(errp, errno, "%s/%s", p->id, pfile);
     }
-    ok = qcow2_merge_top(chain, target, &merged, &stats, merge_progress, c,
-                         &err);
+    ok = qcow2_merge_layers(chain, n, target, &merged, &stats, merge_progress,
+                            c, &err);
     qcow2_reader_free(chain);
     close(target); /* the merge made it durable */
+    *untouched = !ok && !stats.parent_changed;
     if (!ok) {
         if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
             /* io/ names the guest offset of a cluster that fails its
@@ -366,11 +372,17 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
                                    at + strlen("guest offset "), NULL, 10)
                              : -1;
 
-            damage_mark(c->r, ch->id, disk, off, err->message, "prune", NULL);
+            /* Depth 0 is C, the group's points lie below it. */
+            struct prune_dir *bad =
+                stats.damaged_depth > 0 && group
+                    ? group->pdata[group->len - (guint)stats.damaged_depth]
+                    : ch;
+
+            damage_mark(c->r, bad->id, disk, off, err->message, "prune", NULL);
             g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
                         "point %s, disk %s: damaged, not merged into point "
                         "%s: %s",
-                        ch->id, disk, p->id, err->message);
+                        bad->id, disk, p->id, err->message);
             g_error_free(err);
         } else {
             g_propagate_prefixed_error(errp, err, "point %s, disk %s: ", p->id,
@@ -491,6 +503,146 @@ update_manifest(struct prune_dir *p, json_t *pentry, struct prune_dir *ch,
     return true;
 }
 
+/* ch and the points above it whose layers of disk fold into P's file
+ * with it: every doomed or delisted one, up to the first point that
+ * stays, *kept (NULL when none does: nothing kept reads through them).
+ * Empty when ch itself stays. */
+static GPtrArray *
+fold_group(struct prune_ctx *c, struct prune_dir *ch, const char *disk,
+           struct prune_dir **kept)
+{
+    GPtrArray *group = g_ptr_array_new();
+    struct prune_dir *x = ch;
+    unsigned steps = 0;
+
+    while (x && (x->delisted || x->doomed) && steps++ <= c->dirs->len) {
+        json_t *e = prune_manifest_disk(x->manifest, disk);
+
+        g_ptr_array_add(group, x);
+        x = e && entry_str(e, "file")
+                ? prune_child(c, x, disk, entry_str(e, "file"))
+                : NULL;
+    }
+    *kept = x && !x->delisted && !x->doomed ? x : NULL;
+    return group;
+}
+
+/* Lists again the points fold_into_kept delisted, after a failure that
+ * left every file reading as it did.  Best effort: one left delisted is
+ * completed by the next prune. */
+static void
+relist(struct prune_ctx *c, GPtrArray *delisted)
+{
+    for (guint i = 0; i < delisted->len; i++) {
+        struct prune_dir *x = delisted->pdata[i];
+        int fd = open_dir(c->r->vm_fd, x->id, NULL);
+
+        if (fd >= 0 && prune_marker_set(fd, REPO_POINT_PRUNING, false, NULL)) {
+            x->delisted = false;
+        }
+        if (fd >= 0) {
+            close(fd);
+        }
+    }
+}
+
+/* Step 3 for one disk of P when the points above P up to a kept point K
+ * all go (a prune to the newest point, say): the group's layers and K's
+ * are folded into P's file at once, each cluster written once, and P's
+ * file becomes K's layer.  The group's points are delisted first: once
+ * P's file holds newer data they no longer read as they did.  After a
+ * crash, K's header says whether P's file is K's layer already; before
+ * that, the fold is run again (the chain reads the same throughout). */
+static bool
+fold_into_kept(struct prune_ctx *c, struct prune_dir *p, int pfd,
+               json_t *pentry, GPtrArray *group, struct prune_dir *k,
+               GError **errp)
+{
+    const char *disk = entry_str(pentry, "disk");
+    const char *pfile = entry_str(pentry, "file");
+    struct prune_dir *top = group->pdata[group->len - 1];
+    json_t *kentry = prune_manifest_disk(k->manifest, disk);
+    const char *kfile = entry_str(kentry, "file");
+    const char *tfile =
+        entry_str(prune_manifest_disk(top->manifest, disk), "file");
+    g_autoptr(GPtrArray) delisted = g_ptr_array_new();
+    g_autofree char *kpath = NULL, *kback = NULL;
+    struct qcow2_reader *rd;
+    const char *named;
+    bool ok = true, untouched = true;
+    int kfd;
+
+    if (!kfile || !tfile || !repo_name_valid(kfile, "layer file", errp)) {
+        if (errp && !*errp) {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                        "disk %s: no layer file in its manifest", disk);
+        }
+        g_prefix_error(errp, "point %s: ", kfile ? top->id : k->id);
+        return false;
+    }
+    kpath = g_strdup_printf("%s/%s", k->id, kfile);
+    kback = g_strdup_printf("../%s/%s", top->id, tfile);
+    for (guint i = 0; i < group->len; i++) {
+        struct prune_dir *x = group->pdata[i];
+        int xfd;
+
+        if (x->delisted) {
+            continue;
+        }
+        xfd = open_dir(c->r->vm_fd, x->id, errp);
+        if (xfd < 0 || !create_marker(xfd, REPO_POINT_PRUNING, errp)) {
+            if (xfd >= 0) {
+                close(xfd);
+            }
+            relist(c, delisted);
+            return false;
+        }
+        close(xfd);
+        x->delisted = true;
+        g_ptr_array_add(delisted, x);
+    }
+    if (delisted->len) {
+        recover_crash_point("prune-delisted-fold");
+    }
+    rd = qcow2_reader_open(c->r->vm_fd, kpath, errp);
+    if (!rd) {
+        relist(c, delisted);
+        g_prefix_error(errp, "point %s: ", k->id);
+        return false;
+    }
+    named = qcow2_reader_backing_file(rd);
+    if (g_strcmp0(named, kback) != 0 &&
+        g_strcmp0(named, entry_str(pentry, "backing")) != 0) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
+                    "%s: backing file %s is neither %s nor %s", kpath,
+                    named ? named : "(none)", kback,
+                    entry_str(pentry, "backing") ? entry_str(pentry, "backing")
+                                                 : "(none)");
+        qcow2_reader_free(rd);
+        relist(c, delisted);
+        return false;
+    }
+    bool folded = g_strcmp0(named, kback) != 0;
+    qcow2_reader_free(rd);
+    kfd = open_dir(c->r->vm_fd, k->id, errp);
+    if (kfd < 0) {
+        relist(c, delisted);
+        return false;
+    }
+    if (!folded) {
+        ok = merge_layer(c, p, pfd, pfile, k, kfd, kfile, disk, group,
+                         &untouched, errp);
+        if (!ok && untouched) {
+            relist(c, delisted);
+        }
+    }
+    if (ok && g_strcmp0(entry_str(kentry, "backing"), kback) == 0) {
+        ok = update_manifest(p, pentry, k, kfd, disk, errp);
+    }
+    close(kfd);
+    return ok;
+}
+
 /* Step 3 for one disk of P, from whatever state a crash left. */
 static bool
 remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
@@ -499,7 +651,8 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
     const char *disk = entry_str(pentry, "disk");
     const char *pfile = entry_str(pentry, "file");
     g_autofree char *pback = NULL;
-    struct prune_dir *ch;
+    struct prune_dir *ch, *kept;
+    GPtrArray *group;
     json_t *centry;
     const char *cfile, *named;
     g_autofree char *cpath = NULL;
@@ -516,6 +669,13 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
     if (!ch) {
         return true; /* nothing builds on this layer: it goes with P */
     }
+    group = fold_group(c, ch, disk, &kept);
+    if (group->len > 0 && kept != NULL) {
+        ok = fold_into_kept(c, p, pfd, pentry, group, kept, errp);
+        g_ptr_array_free(group, true);
+        return ok;
+    }
+    g_ptr_array_free(group, true);
     centry = prune_manifest_disk(ch->manifest, disk);
     cfile = entry_str(centry, "file");
     if (!cfile || !repo_name_valid(cfile, "layer file", errp)) {
@@ -555,7 +715,9 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
     }
     ok = true;
     if (names_p) {
-        ok = merge_layer(c, p, pfd, pfile, ch, cfd, cfile, disk, errp);
+        bool untouched;
+        ok = merge_layer(c, p, pfd, pfile, ch, cfd, cfile, disk, NULL,
+                         &untouched, errp);
     }
     if (ok && g_strcmp0(entry_str(centry, "backing"), pback) == 0) {
         ok = update_manifest(p, pentry, ch, cfd, disk, errp);
@@ -672,14 +834,36 @@ check_damage(struct prune_ctx *c, struct prune_dir *p, json_t *e, GError **errp)
     const char *disk = entry_str(e, "disk");
     const char *file = entry_str(e, "file");
     struct prune_dir *ch = disk && file ? prune_child(c, p, disk, file) : NULL;
+    struct prune_dir *kept, *bad = p->damaged ? p : NULL;
+    g_autoptr(GPtrArray) group = NULL;
 
-    if (!ch || !live(c, ch, disk) || !(p->damaged || ch->damaged)) {
+    if (!ch) {
+        return true;
+    }
+    /* Every layer that would be folded into P's file: ch's, and those of
+     * the doomed points above it up to the point that stays. */
+    group = fold_group(c, ch, disk, &kept);
+    if (group->len > 0) {
+        if (!kept) {
+            return true; /* nothing kept reads through them: no merge */
+        }
+        g_ptr_array_add(group, kept);
+    } else {
+        if (!live(c, ch, disk)) {
+            return true;
+        }
+        g_ptr_array_add(group, ch);
+    }
+    for (guint i = 0; i < group->len && !bad; i++) {
+        struct prune_dir *x = group->pdata[i];
+        bad = x->damaged ? x : NULL;
+    }
+    if (!bad) {
         return true;
     }
     g_set_error(errp, QBAK_ERROR, QBAK_ERROR_DAMAGED,
-                "point %s is damaged (%s): not merging %s into %s",
-                p->damaged ? p->id : ch->id,
-                p->damaged ? p->damaged : ch->damaged, ch->id, p->id);
+                "point %s is damaged (%s): not merging %s into %s", bad->id,
+                bad->damaged, bad == p ? ch->id : bad->id, p->id);
     return false;
 }
 

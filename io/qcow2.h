@@ -109,14 +109,20 @@ bool qcow2_writer_write_header(struct qcow2_writer *w, GError **errp);
 /* Layer depth of chain (borrowed), an existing image whose file is fd
  * (open read-write, the same file; borrowed), made writable again to
  * fold another layer into it: guest writes of whole clusters overwrite
- * its data clusters in place or append new ones (a write of part of a
- * cluster it lacks fails), and finish writes fresh tables after the end of
- * the file and a header that points at them, the old tables becoming free
- * clusters.  Backing file name, cluster size and virtual size stay.  A
- * reopened writer keeps no checksums (qcow2_writer_sums returns NULL):
- * those of a merge come from the layers' own (qcow2_sums_overlay). */
+ * its data clusters in place or take new ones, first clusters the image
+ * does not use (holes an earlier merge punched), then at the end of the
+ * file (a write of part of a cluster it lacks fails), and finish writes
+ * fresh tables after the end of the file and a header that points at
+ * them, the old tables becoming free clusters.  Backing file name, cluster size
+ * and virtual size stay.  A reopened writer keeps no checksums
+ * (qcow2_writer_sums returns NULL): those of a merge come from the layers' own
+ * (qcow2_sums_overlay). */
 struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *chain,
                                          unsigned depth, GError **errp);
+/* Reopened: whether a write of the guest cluster at off goes over a data
+ * cluster of the image as it was (in place), rather than to a cluster the
+ * old image does not reference, which nothing reads until the new header. */
+bool qcow2_writer_in_place(const struct qcow2_writer *w, uint64_t off);
 /* After the header written by a reopened writer is durable: gives the
  * free clusters back to the file system (hole punching; where the file
  * system cannot, they stay as they are).  Best effort, no error. */
@@ -237,8 +243,12 @@ bool qcow2_reader_pread(struct qcow2_reader *r, uint64_t off, void *buf,
 
 /* Folding a layer into its backing file (prune's merge). */
 struct qcow2_merge_stats {
-    uint64_t data_bytes; /* data copied from the top layer */
+    uint64_t data_bytes; /* data copied from the top layer(s) */
     uint64_t zero_bytes; /* guest bytes made zero clusters */
+    int damaged_depth;   /* the layer whose checksum failed, or -1 */
+    /* A failure may have left the parent reading differently: data
+     * written over its own in place, or the new header. */
+    bool parent_changed;
 };
 
 /* Called after each piece of data merged (bytes so far); the merge goes on
@@ -255,14 +265,28 @@ typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
  * except for clusters the top layer covers; any failure or crash before
  * it leaves the chain (top over parent) reading as before, so the merge
  * can simply be run again.
- * Every cluster read from the top layer is checked against its checksums
- * before it is written: damage fails the merge (G_FILE_ERROR_INVAL), the
- * header unwritten.  *merged_sums: the parent's checksums with the top's over
- * them, or NULL when either layer has none. */
+ * Every cluster to merge is read and checked against its checksums before
+ * the first is written: damage fails the merge (G_FILE_ERROR_INVAL) with
+ * the parent untouched.  *merged_sums: the parent's checksums with the top's
+ * over them, or NULL when either layer has none. */
 bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_sums **merged_sums,
                      struct qcow2_merge_stats *stats,
                      qcow2_merge_progress_fn *progress_fn, void *opaque,
                      GError **errp);
+
+/* The same for the n newest layers of chain (depths 0..n-1) at once,
+ * folded into the image at depth n (parent_fd): each guest cluster is
+ * written once, from the newest of them that has it, and the merged
+ * checksums are layer n's with each newer one's over them.  The chain
+ * reads the same at every instant (every cluster written is covered by
+ * one of the n layers, untouched), so n merges of one layer each, oldest
+ * first, give the same image as this one, at the cost of one.  On a
+ * checksum failure stats->damaged_depth names the layer. */
+bool qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
+                        struct qcow2_sums **merged_sums,
+                        struct qcow2_merge_stats *stats,
+                        qcow2_merge_progress_fn *progress_fn, void *opaque,
+                        GError **errp);
 
 #endif

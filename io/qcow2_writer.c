@@ -58,6 +58,11 @@ struct cover_range {
     uint32_t start, end; /* [start, end) within the cluster */
 };
 
+/* Host clusters [start, start + count) free to take. */
+struct free_run {
+    uint64_t start, count;
+};
+
 struct partial {
     uint64_t cluster; /* guest cluster index; also the hash key */
     uint8_t *data;    /* cluster_size bytes; uncovered bytes are zero */
@@ -99,6 +104,15 @@ struct qcow2_writer {
     bool no_sums;            /* reopened without checksums: produce none */
     struct qcow2_sums *sums; /* built by finish_tables */
     bool reopened;           /* partial clusters have no base to fill from */
+
+    /* Reopened: clusters the old image does not use at all (ascending,
+     * taken from free_at on), handed out before the end of the file. */
+    GArray *free_runs; /* struct free_run */
+    guint free_at;
+    /* Reopened: one byte per host cluster of the file as it was, 1 for
+     * the old image's data clusters (what a write overwrites in place). */
+    uint8_t *old_use;
+    uint64_t old_n;
 };
 
 static bool
@@ -149,6 +163,16 @@ writer_usable(const struct qcow2_writer *w, GError **errp)
 static uint64_t
 alloc_host_cluster(struct qcow2_writer *w)
 {
+    if (w->free_runs != NULL && w->free_at < w->free_runs->len) {
+        struct free_run *f =
+            &g_array_index(w->free_runs, struct free_run, w->free_at);
+        uint64_t idx = f->start++;
+
+        if (--f->count == 0) {
+            w->free_at++;
+        }
+        return idx << w->cluster_bits;
+    }
     return w->next_host_cluster++ << w->cluster_bits;
 }
 
@@ -156,6 +180,10 @@ static void
 set_hash(struct qcow2_writer *w, uint64_t host, uint64_t hash)
 {
     guint idx = (guint)(host >> w->cluster_bits);
+
+    if (w->no_sums) {
+        return; /* nor an array as long as the reopened file */
+    }
 
     if (w->host_hash->len <= idx) {
         g_array_set_size(w->host_hash, idx + 1);
@@ -176,6 +204,9 @@ mark_stale(struct qcow2_writer *w, uint64_t host)
 static uint64_t
 hash_cluster(struct qcow2_writer *w, const void *buf, size_t len)
 {
+    if (w->no_sums) {
+        return 0; /* never read: a merge takes its checksums elsewhere */
+    }
     if (len == w->cluster_size) {
         return qcow2_sums_hash(buf, len);
     }
@@ -385,7 +416,7 @@ partial_flush(struct qcow2_writer *w, struct partial *p, GError **errp)
                        "partial data cluster", errp)) {
         return false;
     }
-    set_hash(w, host, qcow2_sums_hash(out, (size_t)w->cluster_size));
+    set_hash(w, host, hash_cluster(w, out, (size_t)w->cluster_size));
     partial_drop(w, p);
     l2_set(w, c, host);
     return true;
@@ -543,6 +574,58 @@ reopen_load(struct qcow2_writer *w, struct qcow2_reader *chain, unsigned depth,
     return true;
 }
 
+/* Marks (2) in `used' the old image's metadata: the header cluster, the
+ * L1 table, the L2 tables, the refcount table and blocks.  False when
+ * the image holds anything else that is not data (snapshots) or its
+ * tables cannot be read: then no cluster of it counts as free. */
+static bool
+mark_metadata(struct qcow2_writer *w, uint8_t *used, uint64_t n_host)
+{
+    uint8_t h[QCOW2_V3_HEADER_LEN];
+    uint64_t l1_off, rt_off, l1_bytes, rt_bytes;
+    g_autofree uint8_t *buf = NULL;
+
+    if (pread(w->fd, h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
+        qcow2_load_be32(h + 60) != 0) { /* nb_snapshots */
+        return false;
+    }
+    l1_off = qcow2_load_be64(h + QCOW2_HDR_L1_OFFSET);
+    l1_bytes = (uint64_t)qcow2_load_be32(h + QCOW2_HDR_L1_SIZE) * 8;
+    rt_off = qcow2_load_be64(h + QCOW2_HDR_REFTABLE_OFFSET);
+    rt_bytes = (uint64_t)qcow2_load_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS)
+               << w->cluster_bits;
+    if (l1_bytes > QCOW2_MAX_L1_BYTES || rt_bytes > QCOW2_MAX_REFTABLE_BYTES) {
+        return false;
+    }
+    used[0] = 2;
+    for (int t = 0; t < 2; t++) {
+        uint64_t off = t == 0 ? l1_off : rt_off;
+        uint64_t bytes = t == 0 ? l1_bytes : rt_bytes;
+
+        /* The table's own clusters, then those its entries point at. */
+        for (uint64_t b = 0; b < bytes; b += w->cluster_size) {
+            uint64_t idx = (off + b) >> w->cluster_bits;
+            if (idx >= n_host) {
+                return false;
+            }
+            used[idx] = 2;
+        }
+        buf = g_realloc(buf, MAX(bytes, 1));
+        if (bytes && pread(w->fd, buf, bytes, (off_t)off) != (ssize_t)bytes) {
+            return false;
+        }
+        for (uint64_t i = 0; i < bytes / 8; i++) {
+            uint64_t idx =
+                (qcow2_load_be64(buf + i * 8) & QCOW2_L1E_OFFSET_MASK) >>
+                w->cluster_bits;
+            if (idx != 0 && idx < n_host) {
+                used[idx] = 2;
+            }
+        }
+    }
+    return true;
+}
+
 struct qcow2_writer *
 qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
                     GError **errp)
@@ -550,7 +633,7 @@ qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
     struct stat st, layer_st;
     struct qcow2_writer *w;
     uint64_t n_host;
-    g_autofree uint8_t *used = NULL;
+    uint8_t *used;
     const char *name = qcow2_reader_layer_name(chain, depth);
 
     if (fstat(fd, &st) < 0 ||
@@ -577,17 +660,36 @@ qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
     n_host = ((uint64_t)st.st_size + w->cluster_size - 1) >> w->cluster_bits;
     n_host = MAX(n_host, 1);
     used = g_malloc0(n_host);
+    w->old_use = used;
+    w->old_n = n_host;
     if (!reopen_load(w, chain, depth, used, n_host, errp)) {
         qcow2_writer_free(w);
         return NULL;
     }
-    /* Whatever the old image used for anything but data (its tables,
-     * clusters a crashed merge appended) is free from now on: new tables
-     * go after the end of the file, so the old header and tables stay
-     * valid until the new header replaces them. */
+    /* The old header and tables stay valid until the new header replaces
+     * them: their clusters are free only then (orphans).  Clusters the
+     * old image does not use at all (holes punched by an earlier merge,
+     * clusters a crashed merge appended) are free now; with snapshots, or
+     * tables that do not read, nothing is. */
+    bool reuse = mark_metadata(w, used, n_host);
+    w->free_runs = g_array_new(FALSE, FALSE, sizeof(struct free_run));
     for (uint64_t idx = 1; idx < n_host; idx++) {
-        if (!used[idx]) {
+        if (used[idx] == 1) {
+            continue;
+        }
+        if (used[idx] == 2 || !reuse) {
             g_array_append_val(w->orphans, idx);
+            continue;
+        }
+        struct free_run *last =
+            w->free_runs->len ? &g_array_index(w->free_runs, struct free_run,
+                                               w->free_runs->len - 1)
+                              : NULL;
+        if (last && last->start + last->count == idx) {
+            last->count++;
+        } else {
+            struct free_run f = {idx, 1};
+            g_array_append_val(w->free_runs, f);
         }
     }
     w->next_host_cluster = n_host;
@@ -611,12 +713,27 @@ qcow2_writer_free(struct qcow2_writer *w)
     g_free(w->l1);
     g_free(w->backing_file);
     g_array_unref(w->orphans);
+    g_free(w->old_use);
+    if (w->free_runs != NULL) {
+        g_array_unref(w->free_runs);
+    }
     g_array_unref(w->host_hash);
     g_array_unref(w->stale);
     qcow2_sums_free(w->sums);
     g_hash_table_unref(w->partials);
     g_free(w->zero_buf);
     g_free(w);
+}
+
+bool
+qcow2_writer_in_place(const struct qcow2_writer *w, uint64_t off)
+{
+    uint64_t c = off >> w->cluster_bits;
+    uint64_t e = c < w->n_clusters ? l2_get(w, c) : ENTRY_UNSET;
+    uint64_t idx = e >> w->cluster_bits;
+
+    return w->old_use != NULL && e != ENTRY_UNSET && e != ENTRY_ZERO &&
+           idx < w->old_n && w->old_use[idx] == 1;
 }
 
 size_t
@@ -656,6 +773,19 @@ add_extent(struct qcow2_extent *ext, size_t *n_ext, uint64_t host,
     (*n_ext)++;
 }
 
+/* The bytes of the disk's last cluster past the disk's end, zero: its
+ * checksum covers them as zeroes, and a host cluster taken from the free
+ * ones may hold old bytes there. */
+static bool
+zero_tail(struct qcow2_writer *w, uint64_t host, uint64_t valid, GError **errp)
+{
+    if (w->zero_buf == NULL) {
+        w->zero_buf = g_malloc0(w->cluster_size);
+    }
+    return writer_pwrite(w, w->zero_buf, (size_t)(w->cluster_size - valid),
+                         host + valid, "end of the last cluster", errp);
+}
+
 bool
 qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
                    size_t len, struct qcow2_extent *ext, size_t *n_ext,
@@ -692,6 +822,9 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
                 partial_drop(w, p);
             }
             uint64_t host = alloc_host_cluster(w);
+            if (n < w->cluster_size && !zero_tail(w, host, n, errp)) {
+                return false;
+            }
             l2_set(w, c, host);
             set_hash(w, host, hash_cluster(w, src + buf_offset, (size_t)n));
             add_extent(ext, n_ext, host, buf_offset, (size_t)n);
@@ -1101,6 +1234,16 @@ qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp)
     g_autofree uint8_t *l1_buf = g_malloc0(l1_clusters * w->cluster_size);
     if (!write_l2_tables(w, l1_buf, errp)) {
         return false;
+    }
+    /* Free clusters left over get refcount 0 like any other orphan. */
+    for (; w->free_runs != NULL && w->free_at < w->free_runs->len;
+         w->free_at++) {
+        struct free_run *f =
+            &g_array_index(w->free_runs, struct free_run, w->free_at);
+        for (uint64_t k = 0; k < f->count; k++) {
+            uint64_t idx = f->start + k;
+            g_array_append_val(w->orphans, idx);
+        }
     }
     uint64_t l1_offset = w->next_host_cluster << w->cluster_bits;
     w->next_host_cluster += l1_clusters;

@@ -4,8 +4,10 @@ On a copy of the reference disk, per run: a qbak full and 10 incrementals,
 each after guest writes of 1 % of the disk's clusters (a fresh random set
 and pattern each).  Then, each with the page cache dropped first:
 
-  prune.keep1    `qbak prune --keep-last 1` of that chain: ten merges, one
-                 full left holding the newest point's content (durable);
+  prune.keep1    `qbak prune --keep-last 1` of that chain: the ten
+                 incrementals folded into the full in one merge, one full
+                 left holding the newest point's content (durable), the
+                 ten other point directories removed;
   prune.commit   stock QEMU doing the same to a copy of the chain:
                  `qemu-img commit -b <full> <newest>` (every layer above
                  the full folded into it), then an fsync of the full;
@@ -14,8 +16,17 @@ and pattern each).  Then, each with the page cache dropped first:
   prune.write1   writing that incremental's data bytes once, O_DIRECT
                  4 MiB writes + fsync (the disk's write limit for them).
 
-prune.keep1 and prune.commit alternate which goes first from run to run.
-The rows carry qbak's CPU seconds and peak RSS (GNU time).
+qbak's prune does more than qemu-img commit: it checks every cluster
+against its checksums, writes the merged checksums and the manifest
+durably, and removes the ten pruned points' files, which qemu-img commit
+leaves in place.
+
+prune.keep1 and prune.commit work on two copies of the same chain, each
+timed from its process's start to its result made durable, the page
+cache dropped (sync first) before each; they alternate which goes first
+from run to run.  prune.merge1 is timed the same way, whole command, and
+prune.write1 from the file's open to its fsync.  The rows carry qbak's
+CPU seconds and peak RSS (GNU time).
 
 bench.py calls prune_step(), and report_lines()/targets() from its report;
 `b` is the bench module, passed in to avoid a circular import.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """qbak prune killed (SIGKILL, the model of power loss with every step
 durable in order) at each step of removing a point and merging it: after
-the intent log is written, after the point is delisted, in the middle of
+the intent log is written, after the point is delisted, after the points
+whose layers the merge folds in with it are delisted, in the middle of
 writing merged data, after the merge before any rename, between the
 checksum and the layer renames, after the layer rename, after the
 manifest update, before and after the directory removal.
@@ -23,9 +24,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from qbaktest import *  # noqa: E402,F403
 
-CRASH_POINTS = ["prune-journal", "prune-delisted", "prune-merging", "prune-merged",
-                "prune-renaming", "prune-renamed", "prune-manifest", "prune-removing",
-                "prune-removed"]
+CRASH_POINTS = ["prune-journal", "prune-delisted", "prune-delisted-fold", "prune-merging",
+                "prune-merged", "prune-renaming", "prune-renamed", "prune-manifest",
+                "prune-removing", "prune-removed"]
 
 require_qemu()
 w = workdir("prune-crash")

@@ -12,7 +12,9 @@
   offset, records the damage, and nothing kept changes;
 - ENOSPC (a small tmpfs repository) and EIO (QBAK_FAULT_MERGE_WRITE, a
   test-only hook failing the Nth write of a merge) during a merge: a
-  one-line error, nothing kept damaged, and a later prune completes.
+  one-line error, nothing kept damaged, and a later prune completes; also
+  EIO after the merge wrote over the full's own data in place: the points
+  being folded in stay delisted.
 """
 import json
 import os
@@ -231,10 +233,33 @@ def no_space_and_eio():
     verify(repo, [res["points"][-1]["point"]])
 
 
+def eio_in_place():
+    """EIO on the second write of a merge whose every cluster goes over the
+    full's own data in place: the first write changed the full's file, so
+    the points whose layers were being folded in must not be listed again
+    (they would read the changed file); every listed point still restores
+    right, and the next prune completes."""
+    repo = os.path.join(w, "repo-inplace")
+    vm.io("vd0", "write -P 0x5a 0 %d" % SIZE)
+    pts = [backup(repo, 0, full=True)]
+    for i in range(3):
+        vm.io("vd0", "write -P 0x%02x %d %d" % (0x60 + i, (2 + 6 * i) << 20, 2 << 20))
+        pts.append(backup(repo, 0))
+    err = must_fail(prune_args(repo), ["Input/output error"],
+                    env=dict(os.environ, QBAK_FAULT_MERGE_WRITE="2:EIO"))
+    log("EIO in place: " + err.strip())
+    verify(repo)
+    check(set(list_points(repo, "vm1")) >= {pts[-1]}, "the newest point is listed")
+    res = qbak_json(*prune_args(repo))
+    verify(repo, [pts[-1]])
+    log("completed: %s" % res["recovered"])
+
+
 try:
     busy_both_ways()
     damaged()
     no_space_and_eio()
+    eio_in_place()
 finally:
     vm.stop()
     for m in mounted:

@@ -468,6 +468,9 @@ test_merge_refuses_damaged_top(void)
     g_assert_cmpuint(peek_be64(m.p0, 40), ==, header_l1);
     g_assert_null(sums);
     assert_qemu_check(m.p0);
+    /* Every cluster is checked before the first is written: the parent
+     * reads as before. */
+    assert_qemu_content(m.p0, m.full.want, DISK_SIZE);
     merge_case_clear(&m);
 }
 
@@ -531,6 +534,114 @@ test_merge_chain_oldest_first(void)
     tmpdir_remove(g_steal_pointer(&dir));
 }
 
+/* The same chain folded at once: the three incrementals into the full in
+ * one merge, newest data winning; killed at its first progress report it
+ * leaves the chain reading as it did; redone, the
+ * full alone reads as the newest point, and a bad cluster in a middle
+ * layer is named by its depth. */
+static void
+test_merge_layers_at_once(void)
+{
+    g_autofree char *dir = tmpdir_new();
+    g_autoptr(GRand) rand = g_rand_new_with_seed(56);
+    g_autoptr(GError) err = NULL;
+    struct image img[4];
+    char *path[4];
+    struct qcow2_sums *sums = NULL;
+    struct qcow2_merge_stats st;
+    struct qcow2_reader *chain, *r;
+    int fd, status;
+    pid_t pid;
+
+    for (unsigned i = 0; i < 4; i++) {
+        g_autofree char *d = g_strdup_printf("%s/p%u", dir, i);
+        g_assert_cmpint(g_mkdir(d, 0755), ==, 0);
+        path[i] = g_strdup_printf("%s/vd0.qcow2", d);
+        img[i] = (struct image){.fd = -1};
+    }
+    make_full(&img[0], path[0], rand);
+    for (unsigned i = 1; i < 4; i++) {
+        g_autofree char *name = g_strdup_printf("../p%u/vd0.qcow2", i - 1);
+        make_incremental(&img[i], path[i], name, path[i - 1], img[i - 1].want,
+                         rand, 30);
+    }
+    pid = fork();
+    if (pid == 0) {
+        GError *e = NULL;
+        chain = open_sums(path[3]);
+        fd = open(path[0], O_RDWR | O_CLOEXEC);
+        qcow2_merge_layers(chain, 3, fd, &sums, &st, exit_now, NULL, &e);
+        _exit(3);
+    }
+    g_assert_cmpint(waitpid(pid, &status, 0), ==, pid);
+    g_assert_true(WIFEXITED(status));
+    g_assert_cmpint(WEXITSTATUS(status), ==, 0);
+    assert_reader_content(AT_FDCWD, path[3], img[3].want, DISK_SIZE);
+    assert_qemu_check(path[0]);
+
+    chain = open_sums(path[3]);
+    fd = open(path[0], O_RDWR | O_CLOEXEC);
+    g_assert_true(
+        qcow2_merge_layers(chain, 3, fd, &sums, &st, NULL, NULL, &err));
+    g_assert_no_error(err);
+    close(fd);
+    qcow2_reader_free(chain);
+    g_assert_cmpuint(st.data_bytes, >, 0);
+    /* Every point of the chain still reads through (the full is now the
+     * newest's content under all three), and the full alone reads as the
+     * newest point. */
+    assert_reader_content(AT_FDCWD, path[3], img[3].want, DISK_SIZE);
+    assert_qemu_check(path[0]);
+    assert_qemu_content(path[0], img[3].want, DISK_SIZE);
+    g_autofree char *sp = g_strconcat(path[0], QCOW2_SUMS_SUFFIX, NULL);
+    g_unlink(sp);
+    g_assert_true(qcow2_sums_write(AT_FDCWD, sp, sums, &err));
+    g_assert_no_error(err);
+    qcow2_sums_free(sums);
+    r = open_sums(path[0]);
+    g_assert_cmpuint(qcow2_reader_chain_depth(r), ==, 1);
+    assert_sums_describe_layer(r, 0);
+    qcow2_reader_free(r);
+
+    /* A flipped bit in p2's data, found when p1 and p2 are folded into p0
+     * (p2 on top: nothing covers the cluster); p0 keeps its content. */
+    struct qcow2_layer_run run = {0};
+    uint64_t off = 0;
+    r = open_sums(path[2]);
+    while (off < DISK_SIZE) {
+        g_assert_true(
+            qcow2_reader_layer_map(r, 0, off, DISK_SIZE - off, &run, &err));
+        if (run.kind == QCOW2_LAYER_DATA) {
+            break;
+        }
+        off += run.len;
+    }
+    qcow2_reader_free(r);
+    g_assert_cmpint(run.kind, ==, QCOW2_LAYER_DATA);
+    uint8_t byte;
+    fd = open(path[2], O_RDWR);
+    g_assert_cmpint(pread(fd, &byte, 1, (off_t)run.host_offset + 7), ==, 1);
+    byte ^= 0x40;
+    g_assert_cmpint(pwrite(fd, &byte, 1, (off_t)run.host_offset + 7), ==, 1);
+    close(fd);
+    chain = open_sums(path[2]);
+    fd = open(path[0], O_RDWR | O_CLOEXEC);
+    g_assert_false(
+        qcow2_merge_layers(chain, 2, fd, &sums, &st, NULL, NULL, &err));
+    g_assert_error(err, G_FILE_ERROR, G_FILE_ERROR_INVAL);
+    g_assert_cmpint(st.damaged_depth, ==, 0);
+    g_assert_false(st.parent_changed);
+    g_assert_null(sums);
+    close(fd);
+    qcow2_reader_free(chain);
+    assert_qemu_content(path[0], img[3].want, DISK_SIZE);
+    for (unsigned i = 0; i < 4; i++) {
+        image_clear(&img[i]);
+        g_free(path[i]);
+    }
+    tmpdir_remove(g_steal_pointer(&dir));
+}
+
 int
 main(int argc, char **argv)
 {
@@ -555,5 +666,6 @@ main(int argc, char **argv)
                     test_merge_refuses_damaged_top);
     g_test_add_func("/qcow2/merge/chain-oldest-first",
                     test_merge_chain_oldest_first);
+    g_test_add_func("/qcow2/merge/layers-at-once", test_merge_layers_at_once);
     return g_test_run();
 }
