@@ -8,9 +8,21 @@
  *                                                     --> file (scratch dir)
  *   snapshot-access (--file--> cbw) <-- QEMU's NBD export <-- qbak (libnbd)
  *
- * The point in time is the moment the device's drive becomes the filter
- * (qom-set): from then on the filter copies old data to scratch before a
- * guest write lands.  The raw layer bounds the scratch file: a copy past
+ * The point in time is the moment the device's writes start going through
+ * the filter: from then on it copies old data to scratch before a guest
+ * write lands.  With one disk that is a qom-set of the device's drive to
+ * the filter.  With several, every disk's point must be the same instant,
+ * and QMP has no transaction for qom-set: each device first goes onto a
+ * pass node (raw, no offset: it passes everything through) above its own
+ * node, before the point; then one blockdev-reopen turns every pass
+ * node's file child to its filter.  QEMU drains all of them around one
+ * reopen, so no guest write lands on any disk while some disks are
+ * switched and others not, and the vCPUs never stop:
+ *
+ *   device --> pass (raw) --file--> the disk's node      before the point
+ *   device --> pass (raw) --file--> cbw --file--> node    after it
+ *
+ * The raw layer bounds the scratch file: a copy past
  * the limit fails with ENOSPC, which, like any scratch failure or a copy
  * slower than cbw-timeout, breaks the snapshot (on-cbw-error=
  * break-snapshot) and lets the guest's write through: the backup fails
@@ -21,6 +33,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -42,16 +55,20 @@
 struct pull_disk {
     char *qdev;
     char *scr, *cbw, *acc, *exp_bitmap, *export_id;
+    char *pass; /* several disks: a raw node the device sits on (below) */
     char *scratch_path;
     int scratch_fd; /* read-only, to measure the scratch file */
     uint64_t scratch_limit;
-    bool scr_added, cbw_added, acc_added, swapped, bitmap_added, export_added;
+    bool scr_added, cbw_added, acc_added, bitmap_added, export_added;
+    bool pass_added, pass_on_cbw;
+    bool swapped; /* the device is off its own node (on pass or cbw) */
     struct nbd_client *client;
     struct pull_copy *copy;
 };
 
 struct pull {
     GPtrArray *disks; /* struct pull_disk *, as b->disks */
+    bool multi;       /* several disks: the point goes through pass nodes */
     bool server_started;
     bool marker;
     uint64_t scratch_peak;
@@ -125,6 +142,10 @@ write_marker(struct backup *b, GError **errp)
                       pd->qdev, "node", d->node, "scratch", pd->scratch_path,
                       "scr", pd->scr, "cbw", pd->cbw, "acc", pd->acc, "bitmap",
                       pd->exp_bitmap, "export", pd->export_id));
+        if (pd->pass) {
+            json_object_set_new(json_array_get(disks, k), "pass",
+                                json_string(pd->pass));
+        }
     }
     m = json_pack("{s:o}", "disks", disks);
     text = json_dumps(m, JSON_COMPACT);
@@ -179,6 +200,61 @@ make_scratch(struct pull_disk *pd, uint64_t size, GError **errp)
     return true;
 }
 
+/* A pass node's options, its file child `file` (blockdev-add and
+ * blockdev-reopen alike: a reopen resets what it does not name). */
+static json_t *
+pass_options(struct pull_disk *pd, const char *file)
+{
+    return json_pack("{s:s, s:s, s:s, s:s}", "driver", "raw", "node-name",
+                     pd->pass, "file", file, "discard", "unmap");
+}
+
+/* Test-only: QBAK_TEST_POINT_GAP_MS spreads the per-disk changes to QEMU's
+ * graph out in time, so a test can prove the point is one instant anyway
+ * (tests/integration/test-pull-atomic.py). */
+static void
+test_point_gap(void)
+{
+    const char *ms = getenv("QBAK_TEST_POINT_GAP_MS");
+
+    if (ms) {
+        g_usleep((gulong)atol(ms) * 1000);
+    }
+}
+
+/* The point for several disks: one reopen turns every pass node to its
+ * filter (to_cbw) or back to the disk's own node. */
+static bool
+reopen_passes(struct backup *b, bool to_cbw, GError **errp)
+{
+    struct pull *p = b->pull;
+    json_t *opts = json_array();
+
+    for (guint k = 0; k < p->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        if (pd->pass_added && pd->pass_on_cbw != to_cbw) {
+            json_array_append_new(opts,
+                                  pass_options(pd, to_cbw ? pd->cbw : d->node));
+        }
+    }
+    if (json_array_size(opts) == 0) {
+        json_decref(opts);
+        return true;
+    }
+    if (!call_ok(b, "disks", "blockdev-reopen",
+                 json_pack("{s:o}", "options", opts), errp)) {
+        return false;
+    }
+    for (guint k = 0; k < p->disks->len; k++) {
+        struct pull_disk *pd = p->disks->pdata[k];
+        if (pd->pass_added) {
+            pd->pass_on_cbw = to_cbw;
+        }
+    }
+    return true;
+}
+
 static bool
 add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
 {
@@ -192,15 +268,33 @@ add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
         return false;
     }
     pd->scr_added = true;
+    /* discard=unmap on the nodes put above the disk's: a node without it
+     * drops the guest's discards instead of passing them down. */
     if (!call_ok(b, d->name, "blockdev-add",
-                 json_pack("{s:s, s:s, s:s, s:s, s:s, s:i}", "driver",
+                 json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s}", "driver",
                            "copy-before-write", "node-name", pd->cbw, "file",
                            d->node, "target", pd->scr, "on-cbw-error",
-                           "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S),
+                           "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S,
+                           "discard", "unmap"),
                  errp)) {
         return false;
     }
     pd->cbw_added = true;
+    if (!pd->pass) {
+        return true;
+    }
+    if (!call_ok(b, d->name, "blockdev-add", pass_options(pd, d->node), errp)) {
+        return false;
+    }
+    pd->pass_added = true;
+    if (!call_ok(b, d->name, "qom-set",
+                 json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
+                           "drive", "value", pd->pass),
+                 errp)) {
+        return false;
+    }
+    pd->swapped = true;
+    test_point_gap();
     return true;
 }
 
@@ -222,6 +316,7 @@ backup_pull_prepare(struct backup *b, GError **errp)
     }
     p = b->pull = g_new0(struct pull, 1);
     p->disks = g_ptr_array_new();
+    p->multi = b->disks->len > 1;
     for (guint k = 0; k < b->disks->len; k++) {
         total += ((struct disk *)b->disks->pdata[k])->size;
     }
@@ -244,6 +339,9 @@ backup_pull_prepare(struct backup *b, GError **errp)
         pd->acc = g_strdup_printf("%s-a", base);
         pd->exp_bitmap = g_strdup_printf("%s-x", base);
         pd->export_id = g_strdup_printf("%s-e", base);
+        if (p->multi) {
+            pd->pass = g_strdup_printf("%s-p", base);
+        }
         pd->scratch_path = g_build_filename(o->scratch_dir, sname, NULL);
         /* The limit is shared in proportion to the disks' sizes; without
          * one, scratch may hold the whole disk and its tables. */
@@ -279,10 +377,16 @@ backup_pull_point(struct backup *b, GError **errp)
     json_t *actions = json_array();
 
     /* Each device's writes go through its filter from here on: this is
-     * the point in time (inside the freeze window when there is one). */
-    for (guint k = 0; k < b->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
+     * the point in time (inside the freeze window when there is one), one
+     * instant for all disks (see the top of this file). */
+    if (p->multi) {
+        if (!reopen_passes(b, true, errp)) {
+            json_decref(actions);
+            return false;
+        }
+    } else {
+        struct disk *d = b->disks->pdata[0];
+        struct pull_disk *pd = p->disks->pdata[0];
         if (!call_ok(b, d->name, "qom-set",
                      json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
                                "drive", "value", pd->cbw),
@@ -618,18 +722,30 @@ backup_pull_release(struct backup *b, GPtrArray *warnings)
     if (b->qmp) {
         undo(b, &p->server_started, "NBD", "nbd-server-stop", NULL, warnings);
     }
+    /* The readers go first (with a parent, a filter unshares writes on
+     * the disk's node), then the pass nodes leave the filters, then the
+     * devices go back on their own nodes, then the filters. */
     for (guint k = 0; b->qmp && k < p->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        /* The reader goes first (with a parent, the filter unshares
-         * writes on the disk's node), then the device goes back on its
-         * own node, then the filter. */
         undo(b, &pd->acc_added, d->name, "blockdev-del",
              json_pack("{s:s}", "node-name", pd->acc), warnings);
+    }
+    if (b->qmp) {
+        g_autoptr(GError) err = NULL;
+        if (!reopen_passes(b, false, &err)) {
+            warn(warnings, err);
+        }
+    }
+    for (guint k = 0; b->qmp && k < p->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
         undo(b, &pd->swapped, d->name, "qom-set",
              json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property", "drive",
                        "value", d->node),
              warnings);
+        undo(b, &pd->pass_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->pass), warnings);
         undo(b, &pd->cbw_added, d->name, "blockdev-del",
              json_pack("{s:s}", "node-name", pd->cbw), warnings);
         undo(b, &pd->scr_added, d->name, "blockdev-del",
@@ -637,8 +753,8 @@ backup_pull_release(struct backup *b, GPtrArray *warnings)
         undo(b, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
              json_pack("{s:s, s:s}", "node", d->node, "name", pd->exp_bitmap),
              warnings);
-        all_undone &=
-            !pd->swapped && !pd->acc_added && !pd->cbw_added && !pd->scr_added;
+        all_undone &= !pd->swapped && !pd->acc_added && !pd->pass_added &&
+                      !pd->cbw_added && !pd->scr_added;
         if (pd->scratch_fd >= 0) {
             close(pd->scratch_fd);
             pd->scratch_fd = -1;
@@ -675,6 +791,7 @@ backup_pull_free(struct backup *b)
         g_free(pd->acc);
         g_free(pd->exp_bitmap);
         g_free(pd->export_id);
+        g_free(pd->pass);
         g_free(pd->scratch_path);
         g_free(pd);
     }
@@ -741,7 +858,8 @@ backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
         const char *node = json_string_value(json_object_get(disk, "node"));
         const char *scratch =
             json_string_value(json_object_get(disk, "scratch"));
-        const char *names[] = {"acc", "cbw", "scr"};
+        const char *pass = json_string_value(json_object_get(disk, "pass"));
+        const char *names[] = {"acc", "pass", "cbw", "scr"};
         g_autofree char *what = NULL;
 
         if (!qdev || !node) {
@@ -756,16 +874,25 @@ backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
                 json_pack("{s:O}", "node-name", json_object_get(disk, "acc")),
                 done, NULL);
         }
-        /* Only if the device sits on our filter now. */
+        /* A pass node leaves the filter first: the filter, with a
+         * parent, unshares writes on the disk's node. */
+        if (pass) {
+            try_call(qmp, timeout_ms, "blockdev-reopen",
+                     json_pack("{s:[{s:s, s:s, s:s, s:s}]}", "options",
+                               "driver", "raw", "node-name", pass, "file", node,
+                               "discard", "unmap"),
+                     done, NULL);
+        }
+        /* Only if the device sits on our filter or pass node now. */
         if (json_string_value(json_object_get(disk, "cbw"))) {
             json_t *cur = qmp_client_call(
                 qmp, "qom-get",
                 json_pack("{s:s, s:s}", "path", qdev, "property", "drive"),
                 timeout_ms, NULL);
-            if (json_is_string(cur) &&
-                g_strcmp0(json_string_value(cur),
-                          json_string_value(json_object_get(disk, "cbw"))) ==
-                    0) {
+            const char *on = json_string_value(cur);
+            if (on && (g_strcmp0(on, json_string_value(
+                                         json_object_get(disk, "cbw"))) == 0 ||
+                       g_strcmp0(on, pass) == 0)) {
                 try_call(qmp, timeout_ms, "qom-set",
                          json_pack("{s:s, s:s, s:s}", "path", qdev, "property",
                                    "drive", "value", node),
