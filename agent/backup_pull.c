@@ -94,6 +94,74 @@ call_ok(struct backup *b, const char *what, const char *cmd, json_t *args,
     return true;
 }
 
+/* Several QMP commands in one round trip (qmp_client_call_many), each
+ * with the flag it sets on success, so what was done can be undone. */
+struct batch {
+    struct qmp_call *calls;
+    struct batch_flag {
+        const char *what;
+        bool *flag; /* set to value on success (NULL: none) */
+        bool value;
+    } * flags;
+    size_t n, cap;
+};
+
+static void
+batch_init(struct batch *bt, size_t cap)
+{
+    bt->calls = g_new0(struct qmp_call, cap);
+    bt->flags = g_new0(struct batch_flag, cap);
+    bt->n = 0;
+    bt->cap = cap;
+}
+
+/* args taken. */
+static void
+batch_add(struct batch *bt, const char *what, const char *cmd, json_t *args,
+          bool *flag, bool value)
+{
+    g_assert(bt->n < bt->cap);
+    bt->calls[bt->n].cmd = cmd;
+    bt->calls[bt->n].args = args;
+    bt->flags[bt->n] = (struct batch_flag){what, flag, value};
+    bt->n++;
+}
+
+/* Runs and frees the batch.  The first failure goes to errp (NULL: none
+ * wanted), every failure to warnings (NULL: none wanted). */
+static bool
+batch_run(struct backup *b, struct batch *bt, GPtrArray *warnings,
+          GError **errp)
+{
+    bool ok =
+        qmp_client_call_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+
+    for (size_t i = 0; i < bt->n; i++) {
+        struct batch_flag *f = &bt->flags[i];
+        GError *e = bt->calls[i].error;
+        if (!e) {
+            if (f->flag) {
+                *f->flag = f->value;
+            }
+            continue;
+        }
+        if (warnings) {
+            g_ptr_array_add(warnings,
+                            g_strdup_printf("%s: %s", f->what, e->message));
+        }
+        if (errp && !*errp) {
+            g_set_error(errp, e->domain, e->code, "%s: %s", f->what,
+                        e->message);
+        }
+    }
+    qmp_calls_clear(bt->calls, bt->n);
+    g_free(bt->calls);
+    g_free(bt->flags);
+    bt->calls = NULL;
+    bt->flags = NULL;
+    return ok;
+}
+
 /* The device's QOM path, from query-block. */
 static char *
 qdev_of(struct backup *b, struct disk *d)
@@ -258,43 +326,40 @@ reopen_passes(struct backup *b, bool to_cbw, GError **errp)
 static bool
 add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
 {
-    json_t *scr = json_pack(
-        "{s:s, s:s, s:{s:b}, s:{s:s, s:I, s:{s:s, s:s, s:{s:b}}}}", "driver",
-        "qcow2", "node-name", pd->scr, "cache", "no-flush", 1, "file", "driver",
-        "raw", "size", (json_int_t)pd->scratch_limit, "file", "driver", "file",
-        "filename", pd->scratch_path, "cache", "no-flush", 1);
+    struct batch bt;
 
-    if (!call_ok(b, d->name, "blockdev-add", scr, errp)) {
-        return false;
-    }
-    pd->scr_added = true;
+    batch_init(&bt, 4);
+    batch_add(&bt, d->name, "blockdev-add",
+              json_pack("{s:s, s:s, s:{s:b}, s:{s:s, s:I, s:{s:s, s:s, "
+                        "s:{s:b}}}}",
+                        "driver", "qcow2", "node-name", pd->scr, "cache",
+                        "no-flush", 1, "file", "driver", "raw", "size",
+                        (json_int_t)pd->scratch_limit, "file", "driver", "file",
+                        "filename", pd->scratch_path, "cache", "no-flush", 1),
+              &pd->scr_added, true);
     /* discard=unmap on the nodes put above the disk's: a node without it
      * drops the guest's discards instead of passing them down. */
-    if (!call_ok(b, d->name, "blockdev-add",
-                 json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s}", "driver",
-                           "copy-before-write", "node-name", pd->cbw, "file",
-                           d->node, "target", pd->scr, "on-cbw-error",
-                           "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S,
-                           "discard", "unmap"),
-                 errp)) {
+    batch_add(&bt, d->name, "blockdev-add",
+              json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s}", "driver",
+                        "copy-before-write", "node-name", pd->cbw, "file",
+                        d->node, "target", pd->scr, "on-cbw-error",
+                        "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S,
+                        "discard", "unmap"),
+              &pd->cbw_added, true);
+    if (pd->pass) {
+        batch_add(&bt, d->name, "blockdev-add", pass_options(pd, d->node),
+                  &pd->pass_added, true);
+        batch_add(&bt, d->name, "qom-set",
+                  json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
+                            "drive", "value", pd->pass),
+                  &pd->swapped, true);
+    }
+    if (!batch_run(b, &bt, NULL, errp)) {
         return false;
     }
-    pd->cbw_added = true;
-    if (!pd->pass) {
-        return true;
+    if (pd->pass) {
+        test_point_gap();
     }
-    if (!call_ok(b, d->name, "blockdev-add", pass_options(pd, d->node), errp)) {
-        return false;
-    }
-    pd->pass_added = true;
-    if (!call_ok(b, d->name, "qom-set",
-                 json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
-                           "drive", "value", pd->pass),
-                 errp)) {
-        return false;
-    }
-    pd->swapped = true;
-    test_point_gap();
     return true;
 }
 
@@ -374,14 +439,12 @@ bool
 backup_pull_point(struct backup *b, GError **errp)
 {
     struct pull *p = b->pull;
-    json_t *actions = json_array();
 
     /* Each device's writes go through its filter from here on: this is
      * the point in time (inside the freeze window when there is one), one
      * instant for all disks (see the top of this file). */
     if (p->multi) {
         if (!reopen_passes(b, true, errp)) {
-            json_decref(actions);
             return false;
         }
     } else {
@@ -391,31 +454,42 @@ backup_pull_point(struct backup *b, GError **errp)
                      json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
                                "drive", "value", pd->cbw),
                      errp)) {
-            json_decref(actions);
             return false;
         }
         pd->swapped = true;
     }
     recover_crash_point("transaction");
-    /* Only now: a filter with a parent unshares writes on its node, which
-     * the device still held before the swap. */
-    for (guint k = 0; k < b->disks->len; k++) {
+    return true;
+}
+
+/* Readers of the points, the bitmaps an incremental reads, QEMU's NBD
+ * server on the listening socket handed over as fdname, and an export per
+ * disk: one round trip. */
+static bool
+export_points(struct backup *b, const char *fdname, GError **errp)
+{
+    struct pull *p = b->pull;
+    guint n = b->disks->len;
+    json_t *actions = json_array();
+    struct batch bt;
+    g_autoptr(GError) err = NULL;
+
+    batch_init(&bt, 2 * n + 2);
+    /* Only after the point: a filter with a parent unshares writes on its
+     * node, which the device still held before the switch. */
+    for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        if (!call_ok(b, d->name, "blockdev-add",
-                     json_pack("{s:s, s:s, s:s}", "driver", "snapshot-access",
-                               "node-name", pd->acc, "file", pd->cbw),
-                     errp)) {
-            json_decref(actions);
-            return false;
-        }
-        pd->acc_added = true;
+        batch_add(&bt, d->name, "blockdev-add",
+                  json_pack("{s:s, s:s, s:s}", "driver", "snapshot-access",
+                            "node-name", pd->acc, "file", pd->cbw),
+                  &pd->acc_added, true);
     }
     /* An incremental reads what the previous generation recorded: a
      * frozen copy of it, taken after the point, holds every write since
      * the previous point (and maybe a few after this one, read from the
      * snapshot all the same).  The previous generation stays as it is. */
-    for (guint k = 0; k < b->disks->len; k++) {
+    for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
         if (d->full) {
@@ -431,14 +505,48 @@ backup_pull_point(struct backup *b, GError **errp)
             json_pack("{s:s, s:{s:s, s:s, s:[s]}}", "type",
                       "block-dirty-bitmap-merge", "data", "node", d->node,
                       "target", pd->exp_bitmap, "bitmaps", d->prev_bitmap));
-        pd->bitmap_added = true;
     }
-    if (json_array_size(actions) == 0) {
+    if (json_array_size(actions) > 0) {
+        batch_add(&bt, "bitmaps", "transaction",
+                  json_pack("{s:o}", "actions", actions), NULL, true);
+    } else {
         json_decref(actions);
-        return true;
     }
-    return call_ok(b, "bitmaps", "transaction",
-                   json_pack("{s:o}", "actions", actions), errp);
+    /* QEMU has one NBD server: someone else's may be running. */
+    batch_add(&bt,
+              "NBD (pull mode needs QEMU's NBD server; with it in use "
+              "elsewhere, use --mode push)",
+              "nbd-server-start",
+              json_pack("{s:{s:s, s:{s:s}}, s:i}", "addr", "type", "fd", "data",
+                        "str", fdname, "max-connections", (int)n),
+              &p->server_started, true);
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        json_t *args = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd",
+                                 "id", pd->export_id, "node-name", pd->acc,
+                                 "name", d->name, "writable", 0);
+        if (!d->full) {
+            json_object_set_new(args, "bitmaps",
+                                json_pack("[{s:s, s:s}]", "node", d->node,
+                                          "name", pd->exp_bitmap));
+        }
+        batch_add(&bt, d->name, "block-export-add", args, &pd->export_added,
+                  true);
+    }
+    batch_run(b, &bt, NULL, &err);
+    /* Removed afterwards even if the transaction seemed to fail: without
+     * a reply (a timeout) it may have happened all the same. */
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        pd->bitmap_added = !d->full;
+    }
+    if (err) {
+        g_propagate_error(errp, g_steal_pointer(&err));
+        return false;
+    }
+    return true;
 }
 
 /* QEMU's NBD server listens on a socket qbak made in a private directory
@@ -473,15 +581,7 @@ start_server(struct backup *b, int *conn_fds, GError **errp)
     json_decref(qmp_client_call_fd(b->qmp, "getfd",
                                    json_pack("{s:s}", "fdname", fdname), lfd,
                                    b->opts->timeout_ms, NULL));
-    b->pull->server_started = true;
-    if (!call_ok(b, "NBD", "nbd-server-start",
-                 json_pack("{s:{s:s, s:{s:s}}, s:i}", "addr", "type", "fd",
-                           "data", "str", fdname, "max-connections", (int)n),
-                 errp)) {
-        /* QEMU has one NBD server: someone else's may be running. */
-        b->pull->server_started = false;
-        g_prefix_error(errp, "(pull mode needs QEMU's NBD server; with it in "
-                             "use elsewhere, use --mode push) ");
+    if (!export_points(b, fdname, errp)) {
         goto out;
     }
     for (k = 0; k < n; k++) {
@@ -524,26 +624,6 @@ measure_scratch(struct pull *p)
         }
     }
     p->scratch_peak = MAX(p->scratch_peak, sum);
-}
-
-static bool
-add_export(struct backup *b, struct disk *d, struct pull_disk *pd,
-           GError **errp)
-{
-    json_t *args = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id",
-                             pd->export_id, "node-name", pd->acc, "name",
-                             d->name, "writable", 0);
-
-    if (!d->full) {
-        json_object_set_new(
-            args, "bitmaps",
-            json_pack("[{s:s, s:s}]", "node", d->node, "name", pd->exp_bitmap));
-    }
-    if (!call_ok(b, d->name, "block-export-add", args, errp)) {
-        return false;
-    }
-    pd->export_added = true;
-    return true;
 }
 
 static bool
@@ -614,13 +694,6 @@ backup_pull_copy(struct backup *b, GError **errp)
     for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        if (ok && !(ok = add_export(b, d, pd, errp))) {
-            continue;
-        }
-    }
-    for (guint k = 0; k < n; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
         if (ok) {
             ok = connect_disk(b, d, pd, fds[k], errp);
         } else {
@@ -671,30 +744,75 @@ backup_pull_copy(struct backup *b, GError **errp)
     return true;
 }
 
+/* Queue the undoing of one step if it was done (args taken). */
 static void
-warn(GPtrArray *warnings, GError *err)
+undo(struct batch *bt, bool *done, const char *what, const char *cmd,
+     json_t *args)
 {
-    if (warnings && err) {
-        g_ptr_array_add(warnings, g_strdup(err->message));
-    }
-}
-
-/* Undo one step if it was done; a failure is a warning. */
-static void
-undo(struct backup *b, bool *done, const char *what, const char *cmd,
-     json_t *args, GPtrArray *warnings)
-{
-    g_autoptr(GError) err = NULL;
-
     if (!*done) {
         json_decref(args);
         return;
     }
-    if (!call_ok(b, what, cmd, args, &err)) {
-        warn(warnings, err);
-        return; /* still there: the marker stays for recovery */
+    batch_add(bt, what, cmd, args, done, false);
+}
+
+/* Everything qbak changed in QEMU, undone in one round trip; a failure is
+ * a warning, and what stays is in the marker for the next run.  The
+ * exports and the server go first, then the readers (with a parent, a
+ * filter unshares writes on the disk's node), then the pass nodes leave
+ * the filters, then the devices go back on their own nodes, then the
+ * filters.  A failed step fails the ones that need it, harmlessly. */
+static void
+undo_all(struct backup *b, GPtrArray *warnings)
+{
+    struct pull *p = b->pull;
+    guint n = p->disks->len;
+    json_t *reopen = json_array();
+    bool on_cbw = true;
+    struct batch bt;
+
+    batch_init(&bt, 8 * n + 2);
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        undo(&bt, &pd->export_added, d->name, "block-export-del",
+             json_pack("{s:s, s:s}", "id", pd->export_id, "mode", "hard"));
     }
-    *done = false;
+    undo(&bt, &p->server_started, "NBD", "nbd-server-stop", NULL);
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        undo(&bt, &pd->acc_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->acc));
+        if (pd->pass_added && pd->pass_on_cbw) {
+            json_array_append_new(reopen, pass_options(pd, d->node));
+        }
+    }
+    if (json_array_size(reopen) > 0) {
+        batch_add(&bt, "disks", "blockdev-reopen",
+                  json_pack("{s:o}", "options", reopen), &on_cbw, false);
+    } else {
+        json_decref(reopen);
+    }
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        undo(&bt, &pd->swapped, d->name, "qom-set",
+             json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property", "drive",
+                       "value", d->node));
+        undo(&bt, &pd->pass_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->pass));
+        undo(&bt, &pd->cbw_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->cbw));
+        undo(&bt, &pd->scr_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->scr));
+        undo(&bt, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
+             json_pack("{s:s, s:s}", "node", d->node, "name", pd->exp_bitmap));
+    }
+    batch_run(b, &bt, warnings, NULL);
+    for (guint k = 0; k < n && !on_cbw; k++) {
+        ((struct pull_disk *)p->disks->pdata[k])->pass_on_cbw = false;
+    }
 }
 
 void
@@ -712,47 +830,11 @@ backup_pull_release(struct backup *b, GPtrArray *warnings)
         g_clear_pointer(&pd->client, nbd_client_free);
         g_clear_pointer(&pd->copy, pull_copy_free);
     }
-    for (guint k = 0; b->qmp && k < p->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
-        undo(b, &pd->export_added, d->name, "block-export-del",
-             json_pack("{s:s, s:s}", "id", pd->export_id, "mode", "hard"),
-             warnings);
-    }
     if (b->qmp) {
-        undo(b, &p->server_started, "NBD", "nbd-server-stop", NULL, warnings);
+        undo_all(b, warnings);
     }
-    /* The readers go first (with a parent, a filter unshares writes on
-     * the disk's node), then the pass nodes leave the filters, then the
-     * devices go back on their own nodes, then the filters. */
-    for (guint k = 0; b->qmp && k < p->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
+    for (guint k = 0; k < p->disks->len; k++) {
         struct pull_disk *pd = p->disks->pdata[k];
-        undo(b, &pd->acc_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->acc), warnings);
-    }
-    if (b->qmp) {
-        g_autoptr(GError) err = NULL;
-        if (!reopen_passes(b, false, &err)) {
-            warn(warnings, err);
-        }
-    }
-    for (guint k = 0; b->qmp && k < p->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
-        undo(b, &pd->swapped, d->name, "qom-set",
-             json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property", "drive",
-                       "value", d->node),
-             warnings);
-        undo(b, &pd->pass_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->pass), warnings);
-        undo(b, &pd->cbw_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->cbw), warnings);
-        undo(b, &pd->scr_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->scr), warnings);
-        undo(b, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
-             json_pack("{s:s, s:s}", "node", d->node, "name", pd->exp_bitmap),
-             warnings);
         all_undone &= !pd->swapped && !pd->acc_added && !pd->pass_added &&
                       !pd->cbw_added && !pd->scr_added;
         if (pd->scratch_fd >= 0) {
