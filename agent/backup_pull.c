@@ -654,6 +654,7 @@ connect_disk(struct backup *b, struct disk *d, struct pull_disk *pd, int fd,
     pd->copy = pull_copy_new(&b->ring, pd->client, d->target, d->size,
                              b->opts->cluster_bits, ctx,
                              (gint64)b->opts->stall_ms * 1000);
+    pull_copy_set_speed(pd->copy, b->opts->speed);
     return true;
 }
 
@@ -707,6 +708,7 @@ backup_pull_copy(struct backup *b, GError **errp)
     for (;;) {
         bool all_done = true;
         gint64 now = g_get_monotonic_time();
+        int wait_ms = 250;
 
         if (backup_interrupted) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INTR,
@@ -724,6 +726,9 @@ backup_pull_copy(struct backup *b, GError **errp)
                 return false;
             }
             all_done &= pull_copy_done(pd->copy);
+            if (pull_copy_wait_ms(pd->copy) > 0) {
+                wait_ms = MIN(wait_ms, pull_copy_wait_ms(pd->copy));
+            }
         }
         if (now - last_measure > 50000) {
             measure_scratch(p);
@@ -732,7 +737,7 @@ backup_pull_copy(struct backup *b, GError **errp)
         if (all_done) {
             break;
         }
-        ring_run_once(&b->ring, 250);
+        ring_run_once(&b->ring, wait_ms);
     }
     measure_scratch(p);
     recover_crash_point("pending");

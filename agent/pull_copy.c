@@ -58,6 +58,9 @@ struct pull_copy {
     unsigned cluster_bits;
     char *bitmap_context;
     gint64 stall_us;
+    uint64_t speed;  /* bytes per second, 0: no limit */
+    gint64 start_us; /* of the paced reads */
+    uint64_t paced;  /* bytes of reads issued since start_us */
 
     uint64_t cursor; /* block status has covered [0, cursor) */
     bool status_inflight, status_done;
@@ -382,12 +385,12 @@ check_stall(struct pull_copy *pc, gint64 now)
         struct slot *s = &pc->slots[i];
         if ((s->state == SLOT_READING || s->state == SLOT_WRITING) &&
             now - s->started_us > pc->stall_us) {
-            copy_fail(pc,
-                      g_strdup_printf("%s at %" PRIu64 " took more than %.0f s",
-                                      s->state == SLOT_READING
-                                          ? "a read of the point in time"
-                                          : "a write to the repository",
-                                      s->off, (double)pc->stall_us / 1e6));
+            copy_fail(pc, g_strdup_printf("%s at %" PRIu64
+                                          " stalled: it took more than %.0f s",
+                                          s->state == SLOT_READING
+                                              ? "a read of the point in time"
+                                              : "a write to the repository",
+                                          s->off, (double)pc->stall_us / 1e6));
             return;
         }
     }
@@ -443,11 +446,12 @@ pull_copy_step(struct pull_copy *pc)
                 s = &pc->slots[i];
             }
         }
-        if (!s) {
+        if (!s || pull_copy_wait_ms(pc) > 0) {
             break;
         }
         {
             size_t len = (size_t)MIN(r->len, READ_MAX);
+            pc->paced += len;
             issue_read(pc, s, r->off, len);
             r->off += len;
             r->len -= len;
@@ -461,6 +465,30 @@ pull_copy_step(struct pull_copy *pc)
         issue_status(pc);
     }
     nbd_client_kick(pc->c);
+}
+
+/* --speed: a read goes out only once the reads before it fit the rate
+ * since the start; the first READ_MAX goes at once. */
+int
+pull_copy_wait_ms(const struct pull_copy *pc)
+{
+    gint64 due_us;
+
+    if (!pc->speed || pc->paced < READ_MAX) {
+        return 0;
+    }
+    due_us = pc->start_us +
+             (gint64)((double)(pc->paced - READ_MAX) * 1e6 / (double)pc->speed);
+    due_us -= g_get_monotonic_time();
+    return due_us > 0 ? (int)((due_us + 999) / 1000) : 0;
+}
+
+void
+pull_copy_set_speed(struct pull_copy *pc, uint64_t bytes_per_s)
+{
+    pc->speed = bytes_per_s;
+    pc->start_us = g_get_monotonic_time();
+    pc->paced = 0;
 }
 
 bool
