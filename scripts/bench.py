@@ -1050,6 +1050,17 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--seed", type=int, default=5, help="seed of the disk layout and writes")
     ap.add_argument("--quick", action="store_true", help="--size 256M --runs 1")
+    ap.add_argument("--shape", default="reference", choices=sorted(SHAPES),
+                    help="disk shape: reference (40 %% data, 20 %% zeroes) or second "
+                    "(30 %% data, 10 %% zeroes, the rest never written)")
+    ap.add_argument("--guest-mode", choices=["pull", "push"],
+                    help="mode of the guest-impact backups (default: qbak's default)")
+    ap.add_argument("--guest-args", default="",
+                    help="more arguments for the guest-impact backups, e.g. "
+                    "'--speed 20M' or '--scratch /dev/shm'")
+    ap.add_argument("--guest-dir",
+                    help="directory for the guest-impact step's disk copy and repository "
+                    "(e.g. a tmpfs, to take the disk out of the picture)")
     ap.add_argument("--skip", default="", help="comma list of: "
                     "main,native,nbd,limit,restore,bigdisk,guest,virtnbdbackup,integrity,prune,host,files,vmstate")
     ap.add_argument("--keep", action="store_true", help="keep the work dirs under build/bench/tmp")
