@@ -66,9 +66,23 @@ struct pull_disk {
     struct pull_copy *copy;
 };
 
+/* Several QMP commands in one round trip (qmp_client_call_many), each
+ * with the flag it sets on success, so what was done can be undone. */
+struct batch {
+    struct qmp_call *calls;
+    struct batch_flag {
+        const char *what;
+        bool *flag; /* set to value on success (NULL: none) */
+        bool value;
+    } * flags;
+    size_t n, cap;
+};
+
 struct pull {
     GPtrArray *disks; /* struct pull_disk *, as b->disks */
     bool multi;       /* several disks: the point goes through pass nodes */
+    struct batch teardown; /* sent, replies awaited (calls non-NULL) */
+    bool teardown_on_cbw;  /* false once the pass nodes left the filters */
     bool server_started;
     bool marker;
     uint64_t scratch_peak;
@@ -94,18 +108,6 @@ call_ok(struct backup *b, const char *what, const char *cmd, json_t *args,
     return true;
 }
 
-/* Several QMP commands in one round trip (qmp_client_call_many), each
- * with the flag it sets on success, so what was done can be undone. */
-struct batch {
-    struct qmp_call *calls;
-    struct batch_flag {
-        const char *what;
-        bool *flag; /* set to value on success (NULL: none) */
-        bool value;
-    } * flags;
-    size_t n, cap;
-};
-
 static void
 batch_init(struct batch *bt, size_t cap)
 {
@@ -127,14 +129,15 @@ batch_add(struct batch *bt, const char *what, const char *cmd, json_t *args,
     bt->n++;
 }
 
-/* Runs and frees the batch.  The first failure goes to errp (NULL: none
- * wanted), every failure to warnings (NULL: none wanted). */
+/* Waits for a sent batch's replies, sets the flags and frees the batch.
+ * The first failure goes to errp (NULL: none wanted), every failure to
+ * warnings (NULL: none wanted). */
 static bool
-batch_run(struct backup *b, struct batch *bt, GPtrArray *warnings,
-          GError **errp)
+batch_finish(struct backup *b, struct batch *bt, GPtrArray *warnings,
+             GError **errp)
 {
     bool ok =
-        qmp_client_call_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+        qmp_client_wait_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
 
     for (size_t i = 0; i < bt->n; i++) {
         struct batch_flag *f = &bt->flags[i];
@@ -160,6 +163,15 @@ batch_run(struct backup *b, struct batch *bt, GPtrArray *warnings,
     bt->calls = NULL;
     bt->flags = NULL;
     return ok;
+}
+
+/* Sends the batch, waits for it: batch_finish's. */
+static bool
+batch_run(struct backup *b, struct batch *bt, GPtrArray *warnings,
+          GError **errp)
+{
+    qmp_client_send_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+    return batch_finish(b, bt, warnings, errp);
 }
 
 /* The device's QOM path, from query-block. */
@@ -631,11 +643,12 @@ connect_disk(struct backup *b, struct disk *d, struct pull_disk *pd, int fd,
              GError **errp)
 {
     g_autofree char *ctx = NULL;
-    const char *contexts[3] = {LIBNBD_CONTEXT_BASE_ALLOCATION, NULL, NULL};
+    const char *contexts[2] = {LIBNBD_CONTEXT_BASE_ALLOCATION, NULL};
 
+    /* An incremental asks for the bitmap alone (agent/pull_copy.c). */
     if (!d->full) {
         ctx = g_strdup_printf("qemu:dirty-bitmap:%s", pd->exp_bitmap);
-        contexts[1] = ctx;
+        contexts[0] = ctx;
     }
     pd->client = nbd_client_connect(&b->ring, fd, d->name, contexts,
                                     b->opts->timeout_ms, errp);
@@ -644,8 +657,7 @@ connect_disk(struct backup *b, struct disk *d, struct pull_disk *pd, int fd,
         return false;
     }
     if (nbd_client_size(pd->client) != d->size ||
-        !nbd_client_has_context(pd->client, LIBNBD_CONTEXT_BASE_ALLOCATION) ||
-        (ctx && !nbd_client_has_context(pd->client, ctx))) {
+        !nbd_client_has_context(pd->client, contexts[0])) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "%s: QEMU's export lacks the size or a meta context",
                     d->name);
@@ -768,55 +780,83 @@ undo(struct batch *bt, bool *done, const char *what, const char *cmd,
  * the filters, then the devices go back on their own nodes, then the
  * filters.  A failed step fails the ones that need it, harmlessly. */
 static void
-undo_all(struct backup *b, GPtrArray *warnings)
+undo_send(struct backup *b)
 {
     struct pull *p = b->pull;
     guint n = p->disks->len;
     json_t *reopen = json_array();
-    bool on_cbw = true;
-    struct batch bt;
+    struct batch *bt = &p->teardown;
 
-    batch_init(&bt, 8 * n + 2);
+    p->teardown_on_cbw = true;
+    batch_init(bt, 8 * n + 2);
     for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        undo(&bt, &pd->export_added, d->name, "block-export-del",
+        undo(bt, &pd->export_added, d->name, "block-export-del",
              json_pack("{s:s, s:s}", "id", pd->export_id, "mode", "hard"));
     }
-    undo(&bt, &p->server_started, "NBD", "nbd-server-stop", NULL);
+    undo(bt, &p->server_started, "NBD", "nbd-server-stop", NULL);
     for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        undo(&bt, &pd->acc_added, d->name, "blockdev-del",
+        undo(bt, &pd->acc_added, d->name, "blockdev-del",
              json_pack("{s:s}", "node-name", pd->acc));
         if (pd->pass_added && pd->pass_on_cbw) {
             json_array_append_new(reopen, pass_options(pd, d->node));
         }
     }
     if (json_array_size(reopen) > 0) {
-        batch_add(&bt, "disks", "blockdev-reopen",
-                  json_pack("{s:o}", "options", reopen), &on_cbw, false);
+        batch_add(bt, "disks", "blockdev-reopen",
+                  json_pack("{s:o}", "options", reopen), &p->teardown_on_cbw,
+                  false);
     } else {
         json_decref(reopen);
     }
     for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        undo(&bt, &pd->swapped, d->name, "qom-set",
+        undo(bt, &pd->swapped, d->name, "qom-set",
              json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property", "drive",
                        "value", d->node));
-        undo(&bt, &pd->pass_added, d->name, "blockdev-del",
+        undo(bt, &pd->pass_added, d->name, "blockdev-del",
              json_pack("{s:s}", "node-name", pd->pass));
-        undo(&bt, &pd->cbw_added, d->name, "blockdev-del",
+        undo(bt, &pd->cbw_added, d->name, "blockdev-del",
              json_pack("{s:s}", "node-name", pd->cbw));
-        undo(&bt, &pd->scr_added, d->name, "blockdev-del",
+        undo(bt, &pd->scr_added, d->name, "blockdev-del",
              json_pack("{s:s}", "node-name", pd->scr));
-        undo(&bt, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
+        undo(bt, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
              json_pack("{s:s, s:s}", "node", d->node, "name", pd->exp_bitmap));
     }
-    batch_run(b, &bt, warnings, NULL);
-    for (guint k = 0; k < n && !on_cbw; k++) {
+    qmp_client_send_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+}
+
+static void
+undo_finish(struct backup *b, GPtrArray *warnings)
+{
+    struct pull *p = b->pull;
+
+    batch_finish(b, &p->teardown, warnings, NULL);
+    for (guint k = 0; k < p->disks->len && !p->teardown_on_cbw; k++) {
         ((struct pull_disk *)p->disks->pdata[k])->pass_on_cbw = false;
+    }
+}
+
+void
+backup_pull_release_start(struct backup *b)
+{
+    struct pull *p = b->pull;
+
+    if (!p || p->teardown.calls) {
+        return;
+    }
+    for (guint k = 0; k < p->disks->len; k++) {
+        struct pull_disk *pd = p->disks->pdata[k];
+        /* The client first: reads in flight end with it. */
+        g_clear_pointer(&pd->client, nbd_client_free);
+        g_clear_pointer(&pd->copy, pull_copy_free);
+    }
+    if (b->qmp) {
+        undo_send(b);
     }
 }
 
@@ -829,14 +869,9 @@ backup_pull_release(struct backup *b, GPtrArray *warnings)
     if (!p) {
         return;
     }
-    for (guint k = 0; k < p->disks->len; k++) {
-        struct pull_disk *pd = p->disks->pdata[k];
-        /* The client first: reads in flight end with it. */
-        g_clear_pointer(&pd->client, nbd_client_free);
-        g_clear_pointer(&pd->copy, pull_copy_free);
-    }
-    if (b->qmp) {
-        undo_all(b, warnings);
+    backup_pull_release_start(b);
+    if (p->teardown.calls) {
+        undo_finish(b, warnings);
     }
     for (guint k = 0; k < p->disks->len; k++) {
         struct pull_disk *pd = p->disks->pdata[k];

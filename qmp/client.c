@@ -343,23 +343,24 @@ qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
 }
 
 bool
-qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
+qmp_client_send_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
                      int timeout_ms)
 {
-    gint64 deadline = qmp_now_ms() + timeout_ms;
-    int64_t first = c->next_id + 1;
     GString *text = g_string_new(NULL);
     GError *send_err = NULL;
-    bool all_ok = true;
 
     /* One write for all: QEMU reads them as they come and runs them in
      * order, answering each (its queue holds 8; beyond that it simply
      * stops reading until it catches up). */
     for (size_t i = 0; i < n; i++) {
-        json_t *req = json_pack("{s:s, s:I}", "execute", calls[i].cmd, "id",
-                                (json_int_t)++c->next_id);
+        json_t *req;
         g_autofree char *json = NULL;
 
+        calls[i].id = ++c->next_id;
+        calls[i].result = NULL;
+        calls[i].error = NULL;
+        req = json_pack("{s:s, s:I}", "execute", calls[i].cmd, "id",
+                        (json_int_t)calls[i].id);
         if (calls[i].args) {
             json_object_set_new(req, "arguments", calls[i].args);
             calls[i].args = NULL;
@@ -368,9 +369,7 @@ qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
         json_decref(req);
         g_string_append(text, json);
         g_string_append_c(text, '\n');
-        g_hash_table_insert(c->waiting, (gpointer)(intptr_t)(first + i), NULL);
-        calls[i].result = NULL;
-        calls[i].error = NULL;
+        g_hash_table_insert(c->waiting, (gpointer)(intptr_t)calls[i].id, NULL);
     }
     if (c->closed) {
         closed_error(c, n ? calls[0].cmd : "qmp", &send_err);
@@ -379,14 +378,29 @@ qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
                   &send_err);
     }
     g_string_free(text, true);
+    for (size_t i = 0; send_err && i < n; i++) {
+        g_hash_table_remove(c->waiting, (gpointer)(intptr_t)calls[i].id);
+        calls[i].error = g_error_copy(send_err);
+    }
+    if (send_err) {
+        g_error_free(send_err);
+        return false;
+    }
+    return true;
+}
+
+bool
+qmp_client_wait_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
+                     int timeout_ms)
+{
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+    bool all_ok = true;
+
     for (size_t i = 0; i < n; i++) {
         json_t *reply = NULL;
 
-        if (send_err) {
-            g_hash_table_remove(c->waiting, (gpointer)(intptr_t)(first + i));
-            calls[i].error = g_error_copy(send_err);
-        } else {
-            reply = await_reply(c, calls[i].cmd, first + (int64_t)i, deadline,
+        if (!calls[i].error && !calls[i].result) {
+            reply = await_reply(c, calls[i].cmd, calls[i].id, deadline,
                                 timeout_ms, &calls[i].error);
         }
         if (reply) {
@@ -394,8 +408,15 @@ qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
         }
         all_ok &= calls[i].error == NULL;
     }
-    g_clear_error(&send_err);
     return all_ok;
+}
+
+bool
+qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
+                     int timeout_ms)
+{
+    qmp_client_send_many(c, calls, n, timeout_ms);
+    return qmp_client_wait_many(c, calls, n, timeout_ms);
 }
 
 void

@@ -51,6 +51,7 @@ struct qmp_call {
     json_t *args;    /* taken by qmp_client_call_many (may be NULL) */
     json_t *result;  /* out: the "return" value (a new reference), or NULL */
     GError *error;   /* out: why not, as qmp_client_call's */
+    gint64 id;       /* private: the request's id */
 };
 
 /* Send n commands at once and wait for every reply: one round trip instead
@@ -59,6 +60,14 @@ struct qmp_call {
  * failure is then harmless.  True if every call succeeded; each call's
  * result or error is set either way (qmp_calls_clear releases them). */
 bool qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls,
+                          size_t n, int timeout_ms);
+/* The two halves of qmp_client_call_many, so that other work on the ring
+ * (an fsync) overlaps QEMU's: send_many returns at once (false if the
+ * batch could not be sent: every call's error is then set); wait_many
+ * waits for the replies (the calls stay alive in between). */
+bool qmp_client_send_many(struct qmp_client *c, struct qmp_call *calls,
+                          size_t n, int timeout_ms);
+bool qmp_client_wait_many(struct qmp_client *c, struct qmp_call *calls,
                           size_t n, int timeout_ms);
 void qmp_calls_clear(struct qmp_call *calls, size_t n);
 
