@@ -18,13 +18,13 @@
 #include <unistd.h>
 
 #include "agent/backup_int.h"
+#include "agent/backup_pull.h"
 #include "agent/damage.h"
 #include "agent/prune.h"
-#include "agent/backup_pull.h"
 #include "agent/recover.h"
-#include "io/qcow2_sums.h"
 #include "agent/vm/settings.h"
 #include "agent/vm/vmstate.h"
+#include "io/qcow2_sums.h"
 
 #define RING_ENTRIES 256
 /* Bytes QEMU copies per backup request (x-perf max-chunk): a cluster of
@@ -706,9 +706,9 @@ explain_full(struct backup *b, struct disk *d, const char *last_point)
 }
 
 /* Pull mode's data (agent/backup_pull.h): fleecing set up, the point in
- * time inside the freeze window, the copy, and QEMU's graph back as it was
- * before the commit (the guest's writes stop going through the filter as
- * soon as the data is in). */
+ * time inside the freeze window, the copy, and QEMU's graph put back as it
+ * was (asked for as soon as the data is in, so the guest's writes stop
+ * going through the filter while the commit runs). */
 static bool
 pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
 {
@@ -728,7 +728,9 @@ pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
         return false;
     }
     trace(b, "all data read");
-    backup_pull_release(b, warnings);
+    /* QEMU's graph goes back while the commit's fsyncs run; the answers
+     * are collected after the commit (backup_run). */
+    backup_pull_release_start(b);
     return true;
 }
 
@@ -881,6 +883,7 @@ copied:
     if (!b.pull) {
         backup_jobs_finalize(&b, warnings);
     }
+    backup_pull_release(&b, warnings);
     trace(&b, "finalized");
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];

@@ -8,9 +8,21 @@
  *                                                     --> file (scratch dir)
  *   snapshot-access (--file--> cbw) <-- QEMU's NBD export <-- qbak (libnbd)
  *
- * The point in time is the moment the device's drive becomes the filter
- * (qom-set): from then on the filter copies old data to scratch before a
- * guest write lands.  The raw layer bounds the scratch file: a copy past
+ * The point in time is the moment the device's writes start going through
+ * the filter: from then on it copies old data to scratch before a guest
+ * write lands.  With one disk that is a qom-set of the device's drive to
+ * the filter.  With several, every disk's point must be the same instant,
+ * and QMP has no transaction for qom-set: each device first goes onto a
+ * pass node (raw, no offset: it passes everything through) above its own
+ * node, before the point; then one blockdev-reopen turns every pass
+ * node's file child to its filter.  QEMU drains all of them around one
+ * reopen, so no guest write lands on any disk while some disks are
+ * switched and others not, and the vCPUs never stop:
+ *
+ *   device --> pass (raw) --file--> the disk's node      before the point
+ *   device --> pass (raw) --file--> cbw --file--> node    after it
+ *
+ * The raw layer bounds the scratch file: a copy past
  * the limit fails with ENOSPC, which, like any scratch failure or a copy
  * slower than cbw-timeout, breaks the snapshot (on-cbw-error=
  * break-snapshot) and lets the guest's write through: the backup fails
@@ -21,6 +33,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -42,16 +55,34 @@
 struct pull_disk {
     char *qdev;
     char *scr, *cbw, *acc, *exp_bitmap, *export_id;
+    char *pass; /* several disks: a raw node the device sits on (below) */
     char *scratch_path;
     int scratch_fd; /* read-only, to measure the scratch file */
     uint64_t scratch_limit;
-    bool scr_added, cbw_added, acc_added, swapped, bitmap_added, export_added;
+    bool scr_added, cbw_added, acc_added, bitmap_added, export_added;
+    bool pass_added, pass_on_cbw;
+    bool swapped; /* the device is off its own node (on pass or cbw) */
     struct nbd_client *client;
     struct pull_copy *copy;
 };
 
+/* Several QMP commands in one round trip (qmp_client_call_many), each
+ * with the flag it sets on success, so what was done can be undone. */
+struct batch {
+    struct qmp_call *calls;
+    struct batch_flag {
+        const char *what;
+        bool *flag; /* set to value on success (NULL: none) */
+        bool value;
+    } * flags;
+    size_t n, cap;
+};
+
 struct pull {
     GPtrArray *disks; /* struct pull_disk *, as b->disks */
+    bool multi;       /* several disks: the point goes through pass nodes */
+    struct batch teardown; /* sent, replies awaited (calls non-NULL) */
+    bool teardown_on_cbw;  /* false once the pass nodes left the filters */
     bool server_started;
     bool marker;
     uint64_t scratch_peak;
@@ -75,6 +106,72 @@ call_ok(struct backup *b, const char *what, const char *cmd, json_t *args,
     }
     json_decref(r);
     return true;
+}
+
+static void
+batch_init(struct batch *bt, size_t cap)
+{
+    bt->calls = g_new0(struct qmp_call, cap);
+    bt->flags = g_new0(struct batch_flag, cap);
+    bt->n = 0;
+    bt->cap = cap;
+}
+
+/* args taken. */
+static void
+batch_add(struct batch *bt, const char *what, const char *cmd, json_t *args,
+          bool *flag, bool value)
+{
+    g_assert(bt->n < bt->cap);
+    bt->calls[bt->n].cmd = cmd;
+    bt->calls[bt->n].args = args;
+    bt->flags[bt->n] = (struct batch_flag){what, flag, value};
+    bt->n++;
+}
+
+/* Waits for a sent batch's replies, sets the flags and frees the batch.
+ * The first failure goes to errp (NULL: none wanted), every failure to
+ * warnings (NULL: none wanted). */
+static bool
+batch_finish(struct backup *b, struct batch *bt, GPtrArray *warnings,
+             GError **errp)
+{
+    bool ok =
+        qmp_client_wait_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+
+    for (size_t i = 0; i < bt->n; i++) {
+        struct batch_flag *f = &bt->flags[i];
+        GError *e = bt->calls[i].error;
+        if (!e) {
+            if (f->flag) {
+                *f->flag = f->value;
+            }
+            continue;
+        }
+        if (warnings) {
+            g_ptr_array_add(warnings,
+                            g_strdup_printf("%s: %s", f->what, e->message));
+        }
+        if (errp && !*errp) {
+            g_set_error(errp, e->domain, e->code, "%s: %s", f->what,
+                        e->message);
+        }
+    }
+    qmp_calls_clear(bt->calls, bt->n);
+    g_free(bt->calls);
+    g_free(bt->flags);
+    bt->calls = NULL;
+    bt->flags = NULL;
+    return ok;
+}
+
+/* Sends the batch, waits for it: batch_finish's. */
+static bool
+batch_run(struct backup *b, struct batch *bt, GPtrArray *warnings,
+          GError **errp)
+{
+    qmp_client_send_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+    return batch_finish(b, bt, warnings, errp);
 }
 
 /* The device's QOM path, from query-block. */
@@ -125,6 +222,10 @@ write_marker(struct backup *b, GError **errp)
                       pd->qdev, "node", d->node, "scratch", pd->scratch_path,
                       "scr", pd->scr, "cbw", pd->cbw, "acc", pd->acc, "bitmap",
                       pd->exp_bitmap, "export", pd->export_id));
+        if (pd->pass) {
+            json_object_set_new(json_array_get(disks, k), "pass",
+                                json_string(pd->pass));
+        }
     }
     m = json_pack("{s:o}", "disks", disks);
     text = json_dumps(m, JSON_COMPACT);
@@ -179,28 +280,98 @@ make_scratch(struct pull_disk *pd, uint64_t size, GError **errp)
     return true;
 }
 
+/* A pass node's options, its file child `file` (blockdev-add and
+ * blockdev-reopen alike: a reopen resets what it does not name). */
+static json_t *
+pass_options(struct pull_disk *pd, const char *file)
+{
+    return json_pack("{s:s, s:s, s:s, s:s}", "driver", "raw", "node-name",
+                     pd->pass, "file", file, "discard", "unmap");
+}
+
+/* Test-only: QBAK_TEST_POINT_GAP_MS spreads the per-disk changes to QEMU's
+ * graph out in time, so a test can prove the point is one instant anyway
+ * (tests/integration/test-pull-atomic.py). */
+static void
+test_point_gap(void)
+{
+    const char *ms = getenv("QBAK_TEST_POINT_GAP_MS");
+
+    if (ms) {
+        g_usleep((gulong)atol(ms) * 1000);
+    }
+}
+
+/* The point for several disks: one reopen turns every pass node to its
+ * filter (to_cbw) or back to the disk's own node. */
+static bool
+reopen_passes(struct backup *b, bool to_cbw, GError **errp)
+{
+    struct pull *p = b->pull;
+    json_t *opts = json_array();
+
+    for (guint k = 0; k < p->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        if (pd->pass_added && pd->pass_on_cbw != to_cbw) {
+            json_array_append_new(opts,
+                                  pass_options(pd, to_cbw ? pd->cbw : d->node));
+        }
+    }
+    if (json_array_size(opts) == 0) {
+        json_decref(opts);
+        return true;
+    }
+    if (!call_ok(b, "disks", "blockdev-reopen",
+                 json_pack("{s:o}", "options", opts), errp)) {
+        return false;
+    }
+    for (guint k = 0; k < p->disks->len; k++) {
+        struct pull_disk *pd = p->disks->pdata[k];
+        if (pd->pass_added) {
+            pd->pass_on_cbw = to_cbw;
+        }
+    }
+    return true;
+}
+
 static bool
 add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
 {
-    json_t *scr = json_pack(
-        "{s:s, s:s, s:{s:b}, s:{s:s, s:I, s:{s:s, s:s, s:{s:b}}}}", "driver",
-        "qcow2", "node-name", pd->scr, "cache", "no-flush", 1, "file", "driver",
-        "raw", "size", (json_int_t)pd->scratch_limit, "file", "driver", "file",
-        "filename", pd->scratch_path, "cache", "no-flush", 1);
+    struct batch bt;
 
-    if (!call_ok(b, d->name, "blockdev-add", scr, errp)) {
+    batch_init(&bt, 4);
+    batch_add(&bt, d->name, "blockdev-add",
+              json_pack("{s:s, s:s, s:{s:b}, s:{s:s, s:I, s:{s:s, s:s, "
+                        "s:{s:b}}}}",
+                        "driver", "qcow2", "node-name", pd->scr, "cache",
+                        "no-flush", 1, "file", "driver", "raw", "size",
+                        (json_int_t)pd->scratch_limit, "file", "driver", "file",
+                        "filename", pd->scratch_path, "cache", "no-flush", 1),
+              &pd->scr_added, true);
+    /* discard=unmap on the nodes put above the disk's: a node without it
+     * drops the guest's discards instead of passing them down. */
+    batch_add(&bt, d->name, "blockdev-add",
+              json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s}", "driver",
+                        "copy-before-write", "node-name", pd->cbw, "file",
+                        d->node, "target", pd->scr, "on-cbw-error",
+                        "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S,
+                        "discard", "unmap"),
+              &pd->cbw_added, true);
+    if (pd->pass) {
+        batch_add(&bt, d->name, "blockdev-add", pass_options(pd, d->node),
+                  &pd->pass_added, true);
+        batch_add(&bt, d->name, "qom-set",
+                  json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
+                            "drive", "value", pd->pass),
+                  &pd->swapped, true);
+    }
+    if (!batch_run(b, &bt, NULL, errp)) {
         return false;
     }
-    pd->scr_added = true;
-    if (!call_ok(b, d->name, "blockdev-add",
-                 json_pack("{s:s, s:s, s:s, s:s, s:s, s:i}", "driver",
-                           "copy-before-write", "node-name", pd->cbw, "file",
-                           d->node, "target", pd->scr, "on-cbw-error",
-                           "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S),
-                 errp)) {
-        return false;
+    if (pd->pass) {
+        test_point_gap();
     }
-    pd->cbw_added = true;
     return true;
 }
 
@@ -222,6 +393,7 @@ backup_pull_prepare(struct backup *b, GError **errp)
     }
     p = b->pull = g_new0(struct pull, 1);
     p->disks = g_ptr_array_new();
+    p->multi = b->disks->len > 1;
     for (guint k = 0; k < b->disks->len; k++) {
         total += ((struct disk *)b->disks->pdata[k])->size;
     }
@@ -244,6 +416,9 @@ backup_pull_prepare(struct backup *b, GError **errp)
         pd->acc = g_strdup_printf("%s-a", base);
         pd->exp_bitmap = g_strdup_printf("%s-x", base);
         pd->export_id = g_strdup_printf("%s-e", base);
+        if (p->multi) {
+            pd->pass = g_strdup_printf("%s-p", base);
+        }
         pd->scratch_path = g_build_filename(o->scratch_dir, sname, NULL);
         /* The limit is shared in proportion to the disks' sizes; without
          * one, scratch may hold the whole disk and its tables. */
@@ -276,42 +451,57 @@ bool
 backup_pull_point(struct backup *b, GError **errp)
 {
     struct pull *p = b->pull;
-    json_t *actions = json_array();
 
     /* Each device's writes go through its filter from here on: this is
-     * the point in time (inside the freeze window when there is one). */
-    for (guint k = 0; k < b->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
+     * the point in time (inside the freeze window when there is one), one
+     * instant for all disks (see the top of this file). */
+    if (p->multi) {
+        if (!reopen_passes(b, true, errp)) {
+            return false;
+        }
+    } else {
+        struct disk *d = b->disks->pdata[0];
+        struct pull_disk *pd = p->disks->pdata[0];
         if (!call_ok(b, d->name, "qom-set",
                      json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property",
                                "drive", "value", pd->cbw),
                      errp)) {
-            json_decref(actions);
             return false;
         }
         pd->swapped = true;
     }
     recover_crash_point("transaction");
-    /* Only now: a filter with a parent unshares writes on its node, which
-     * the device still held before the swap. */
-    for (guint k = 0; k < b->disks->len; k++) {
+    return true;
+}
+
+/* Readers of the points, the bitmaps an incremental reads, QEMU's NBD
+ * server on the listening socket handed over as fdname, and an export per
+ * disk: one round trip. */
+static bool
+export_points(struct backup *b, const char *fdname, GError **errp)
+{
+    struct pull *p = b->pull;
+    guint n = b->disks->len;
+    json_t *actions = json_array();
+    struct batch bt;
+    g_autoptr(GError) err = NULL;
+
+    batch_init(&bt, 2 * n + 2);
+    /* Only after the point: a filter with a parent unshares writes on its
+     * node, which the device still held before the switch. */
+    for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        if (!call_ok(b, d->name, "blockdev-add",
-                     json_pack("{s:s, s:s, s:s}", "driver", "snapshot-access",
-                               "node-name", pd->acc, "file", pd->cbw),
-                     errp)) {
-            json_decref(actions);
-            return false;
-        }
-        pd->acc_added = true;
+        batch_add(&bt, d->name, "blockdev-add",
+                  json_pack("{s:s, s:s, s:s}", "driver", "snapshot-access",
+                            "node-name", pd->acc, "file", pd->cbw),
+                  &pd->acc_added, true);
     }
     /* An incremental reads what the previous generation recorded: a
      * frozen copy of it, taken after the point, holds every write since
      * the previous point (and maybe a few after this one, read from the
      * snapshot all the same).  The previous generation stays as it is. */
-    for (guint k = 0; k < b->disks->len; k++) {
+    for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
         if (d->full) {
@@ -327,14 +517,48 @@ backup_pull_point(struct backup *b, GError **errp)
             json_pack("{s:s, s:{s:s, s:s, s:[s]}}", "type",
                       "block-dirty-bitmap-merge", "data", "node", d->node,
                       "target", pd->exp_bitmap, "bitmaps", d->prev_bitmap));
-        pd->bitmap_added = true;
     }
-    if (json_array_size(actions) == 0) {
+    if (json_array_size(actions) > 0) {
+        batch_add(&bt, "bitmaps", "transaction",
+                  json_pack("{s:o}", "actions", actions), NULL, true);
+    } else {
         json_decref(actions);
-        return true;
     }
-    return call_ok(b, "bitmaps", "transaction",
-                   json_pack("{s:o}", "actions", actions), errp);
+    /* QEMU has one NBD server: someone else's may be running. */
+    batch_add(&bt,
+              "NBD (pull mode needs QEMU's NBD server; with it in use "
+              "elsewhere, use --mode push)",
+              "nbd-server-start",
+              json_pack("{s:{s:s, s:{s:s}}, s:i}", "addr", "type", "fd", "data",
+                        "str", fdname, "max-connections", (int)n),
+              &p->server_started, true);
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        json_t *args = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd",
+                                 "id", pd->export_id, "node-name", pd->acc,
+                                 "name", d->name, "writable", 0);
+        if (!d->full) {
+            json_object_set_new(args, "bitmaps",
+                                json_pack("[{s:s, s:s}]", "node", d->node,
+                                          "name", pd->exp_bitmap));
+        }
+        batch_add(&bt, d->name, "block-export-add", args, &pd->export_added,
+                  true);
+    }
+    batch_run(b, &bt, NULL, &err);
+    /* Removed afterwards even if the transaction seemed to fail: without
+     * a reply (a timeout) it may have happened all the same. */
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        pd->bitmap_added = !d->full;
+    }
+    if (err) {
+        g_propagate_error(errp, g_steal_pointer(&err));
+        return false;
+    }
+    return true;
 }
 
 /* QEMU's NBD server listens on a socket qbak made in a private directory
@@ -369,15 +593,7 @@ start_server(struct backup *b, int *conn_fds, GError **errp)
     json_decref(qmp_client_call_fd(b->qmp, "getfd",
                                    json_pack("{s:s}", "fdname", fdname), lfd,
                                    b->opts->timeout_ms, NULL));
-    b->pull->server_started = true;
-    if (!call_ok(b, "NBD", "nbd-server-start",
-                 json_pack("{s:{s:s, s:{s:s}}, s:i}", "addr", "type", "fd",
-                           "data", "str", fdname, "max-connections", (int)n),
-                 errp)) {
-        /* QEMU has one NBD server: someone else's may be running. */
-        b->pull->server_started = false;
-        g_prefix_error(errp, "(pull mode needs QEMU's NBD server; with it in "
-                             "use elsewhere, use --mode push) ");
+    if (!export_points(b, fdname, errp)) {
         goto out;
     }
     for (k = 0; k < n; k++) {
@@ -423,35 +639,16 @@ measure_scratch(struct pull *p)
 }
 
 static bool
-add_export(struct backup *b, struct disk *d, struct pull_disk *pd,
-           GError **errp)
-{
-    json_t *args = json_pack("{s:s, s:s, s:s, s:s, s:b}", "type", "nbd", "id",
-                             pd->export_id, "node-name", pd->acc, "name",
-                             d->name, "writable", 0);
-
-    if (!d->full) {
-        json_object_set_new(
-            args, "bitmaps",
-            json_pack("[{s:s, s:s}]", "node", d->node, "name", pd->exp_bitmap));
-    }
-    if (!call_ok(b, d->name, "block-export-add", args, errp)) {
-        return false;
-    }
-    pd->export_added = true;
-    return true;
-}
-
-static bool
 connect_disk(struct backup *b, struct disk *d, struct pull_disk *pd, int fd,
              GError **errp)
 {
     g_autofree char *ctx = NULL;
-    const char *contexts[3] = {LIBNBD_CONTEXT_BASE_ALLOCATION, NULL, NULL};
+    const char *contexts[2] = {LIBNBD_CONTEXT_BASE_ALLOCATION, NULL};
 
+    /* An incremental asks for the bitmap alone (agent/pull_copy.c). */
     if (!d->full) {
         ctx = g_strdup_printf("qemu:dirty-bitmap:%s", pd->exp_bitmap);
-        contexts[1] = ctx;
+        contexts[0] = ctx;
     }
     pd->client = nbd_client_connect(&b->ring, fd, d->name, contexts,
                                     b->opts->timeout_ms, errp);
@@ -460,8 +657,7 @@ connect_disk(struct backup *b, struct disk *d, struct pull_disk *pd, int fd,
         return false;
     }
     if (nbd_client_size(pd->client) != d->size ||
-        !nbd_client_has_context(pd->client, LIBNBD_CONTEXT_BASE_ALLOCATION) ||
-        (ctx && !nbd_client_has_context(pd->client, ctx))) {
+        !nbd_client_has_context(pd->client, contexts[0])) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "%s: QEMU's export lacks the size or a meta context",
                     d->name);
@@ -470,6 +666,7 @@ connect_disk(struct backup *b, struct disk *d, struct pull_disk *pd, int fd,
     pd->copy = pull_copy_new(&b->ring, pd->client, d->target, d->size,
                              b->opts->cluster_bits, ctx,
                              (gint64)b->opts->stall_ms * 1000);
+    pull_copy_set_speed(pd->copy, b->opts->speed);
     return true;
 }
 
@@ -510,13 +707,6 @@ backup_pull_copy(struct backup *b, GError **errp)
     for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
-        if (ok && !(ok = add_export(b, d, pd, errp))) {
-            continue;
-        }
-    }
-    for (guint k = 0; k < n; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
         if (ok) {
             ok = connect_disk(b, d, pd, fds[k], errp);
         } else {
@@ -530,6 +720,7 @@ backup_pull_copy(struct backup *b, GError **errp)
     for (;;) {
         bool all_done = true;
         gint64 now = g_get_monotonic_time();
+        int wait_ms = 250;
 
         if (backup_interrupted) {
             g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INTR,
@@ -547,6 +738,9 @@ backup_pull_copy(struct backup *b, GError **errp)
                 return false;
             }
             all_done &= pull_copy_done(pd->copy);
+            if (pull_copy_wait_ms(pd->copy) > 0) {
+                wait_ms = MIN(wait_ms, pull_copy_wait_ms(pd->copy));
+            }
         }
         if (now - last_measure > 50000) {
             measure_scratch(p);
@@ -555,7 +749,7 @@ backup_pull_copy(struct backup *b, GError **errp)
         if (all_done) {
             break;
         }
-        ring_run_once(&b->ring, 250);
+        ring_run_once(&b->ring, wait_ms);
     }
     measure_scratch(p);
     recover_crash_point("pending");
@@ -567,30 +761,103 @@ backup_pull_copy(struct backup *b, GError **errp)
     return true;
 }
 
+/* Queue the undoing of one step if it was done (args taken). */
 static void
-warn(GPtrArray *warnings, GError *err)
+undo(struct batch *bt, bool *done, const char *what, const char *cmd,
+     json_t *args)
 {
-    if (warnings && err) {
-        g_ptr_array_add(warnings, g_strdup(err->message));
-    }
-}
-
-/* Undo one step if it was done; a failure is a warning. */
-static void
-undo(struct backup *b, bool *done, const char *what, const char *cmd,
-     json_t *args, GPtrArray *warnings)
-{
-    g_autoptr(GError) err = NULL;
-
     if (!*done) {
         json_decref(args);
         return;
     }
-    if (!call_ok(b, what, cmd, args, &err)) {
-        warn(warnings, err);
-        return; /* still there: the marker stays for recovery */
+    batch_add(bt, what, cmd, args, done, false);
+}
+
+/* Everything qbak changed in QEMU, undone in one round trip; a failure is
+ * a warning, and what stays is in the marker for the next run.  The
+ * exports and the server go first, then the readers (with a parent, a
+ * filter unshares writes on the disk's node), then the pass nodes leave
+ * the filters, then the devices go back on their own nodes, then the
+ * filters.  A failed step fails the ones that need it, harmlessly. */
+static void
+undo_send(struct backup *b)
+{
+    struct pull *p = b->pull;
+    guint n = p->disks->len;
+    json_t *reopen = json_array();
+    struct batch *bt = &p->teardown;
+
+    p->teardown_on_cbw = true;
+    batch_init(bt, 8 * n + 2);
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        undo(bt, &pd->export_added, d->name, "block-export-del",
+             json_pack("{s:s, s:s}", "id", pd->export_id, "mode", "hard"));
     }
-    *done = false;
+    undo(bt, &p->server_started, "NBD", "nbd-server-stop", NULL);
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        undo(bt, &pd->acc_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->acc));
+        if (pd->pass_added && pd->pass_on_cbw) {
+            json_array_append_new(reopen, pass_options(pd, d->node));
+        }
+    }
+    if (json_array_size(reopen) > 0) {
+        batch_add(bt, "disks", "blockdev-reopen",
+                  json_pack("{s:o}", "options", reopen), &p->teardown_on_cbw,
+                  false);
+    } else {
+        json_decref(reopen);
+    }
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        undo(bt, &pd->swapped, d->name, "qom-set",
+             json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property", "drive",
+                       "value", d->node));
+        undo(bt, &pd->pass_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->pass));
+        undo(bt, &pd->cbw_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->cbw));
+        undo(bt, &pd->scr_added, d->name, "blockdev-del",
+             json_pack("{s:s}", "node-name", pd->scr));
+        undo(bt, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
+             json_pack("{s:s, s:s}", "node", d->node, "name", pd->exp_bitmap));
+    }
+    qmp_client_send_many(b->qmp, bt->calls, bt->n, b->opts->timeout_ms);
+}
+
+static void
+undo_finish(struct backup *b, GPtrArray *warnings)
+{
+    struct pull *p = b->pull;
+
+    batch_finish(b, &p->teardown, warnings, NULL);
+    for (guint k = 0; k < p->disks->len && !p->teardown_on_cbw; k++) {
+        ((struct pull_disk *)p->disks->pdata[k])->pass_on_cbw = false;
+    }
+}
+
+void
+backup_pull_release_start(struct backup *b)
+{
+    struct pull *p = b->pull;
+
+    if (!p || p->teardown.calls) {
+        return;
+    }
+    for (guint k = 0; k < p->disks->len; k++) {
+        struct pull_disk *pd = p->disks->pdata[k];
+        /* The client first: reads in flight end with it. */
+        g_clear_pointer(&pd->client, nbd_client_free);
+        g_clear_pointer(&pd->copy, pull_copy_free);
+    }
+    if (b->qmp) {
+        undo_send(b);
+    }
 }
 
 void
@@ -602,43 +869,14 @@ backup_pull_release(struct backup *b, GPtrArray *warnings)
     if (!p) {
         return;
     }
+    backup_pull_release_start(b);
+    if (p->teardown.calls) {
+        undo_finish(b, warnings);
+    }
     for (guint k = 0; k < p->disks->len; k++) {
         struct pull_disk *pd = p->disks->pdata[k];
-        /* The client first: reads in flight end with it. */
-        g_clear_pointer(&pd->client, nbd_client_free);
-        g_clear_pointer(&pd->copy, pull_copy_free);
-    }
-    for (guint k = 0; b->qmp && k < p->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
-        undo(b, &pd->export_added, d->name, "block-export-del",
-             json_pack("{s:s, s:s}", "id", pd->export_id, "mode", "hard"),
-             warnings);
-    }
-    if (b->qmp) {
-        undo(b, &p->server_started, "NBD", "nbd-server-stop", NULL, warnings);
-    }
-    for (guint k = 0; b->qmp && k < p->disks->len; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
-        /* The reader goes first (with a parent, the filter unshares
-         * writes on the disk's node), then the device goes back on its
-         * own node, then the filter. */
-        undo(b, &pd->acc_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->acc), warnings);
-        undo(b, &pd->swapped, d->name, "qom-set",
-             json_pack("{s:s, s:s, s:s}", "path", pd->qdev, "property", "drive",
-                       "value", d->node),
-             warnings);
-        undo(b, &pd->cbw_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->cbw), warnings);
-        undo(b, &pd->scr_added, d->name, "blockdev-del",
-             json_pack("{s:s}", "node-name", pd->scr), warnings);
-        undo(b, &pd->bitmap_added, d->name, "block-dirty-bitmap-remove",
-             json_pack("{s:s, s:s}", "node", d->node, "name", pd->exp_bitmap),
-             warnings);
-        all_undone &=
-            !pd->swapped && !pd->acc_added && !pd->cbw_added && !pd->scr_added;
+        all_undone &= !pd->swapped && !pd->acc_added && !pd->pass_added &&
+                      !pd->cbw_added && !pd->scr_added;
         if (pd->scratch_fd >= 0) {
             close(pd->scratch_fd);
             pd->scratch_fd = -1;
@@ -675,6 +913,7 @@ backup_pull_free(struct backup *b)
         g_free(pd->acc);
         g_free(pd->exp_bitmap);
         g_free(pd->export_id);
+        g_free(pd->pass);
         g_free(pd->scratch_path);
         g_free(pd);
     }
@@ -741,7 +980,8 @@ backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
         const char *node = json_string_value(json_object_get(disk, "node"));
         const char *scratch =
             json_string_value(json_object_get(disk, "scratch"));
-        const char *names[] = {"acc", "cbw", "scr"};
+        const char *pass = json_string_value(json_object_get(disk, "pass"));
+        const char *names[] = {"acc", "pass", "cbw", "scr"};
         g_autofree char *what = NULL;
 
         if (!qdev || !node) {
@@ -756,16 +996,25 @@ backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
                 json_pack("{s:O}", "node-name", json_object_get(disk, "acc")),
                 done, NULL);
         }
-        /* Only if the device sits on our filter now. */
+        /* A pass node leaves the filter first: the filter, with a
+         * parent, unshares writes on the disk's node. */
+        if (pass) {
+            try_call(qmp, timeout_ms, "blockdev-reopen",
+                     json_pack("{s:[{s:s, s:s, s:s, s:s}]}", "options",
+                               "driver", "raw", "node-name", pass, "file", node,
+                               "discard", "unmap"),
+                     done, NULL);
+        }
+        /* Only if the device sits on our filter or pass node now. */
         if (json_string_value(json_object_get(disk, "cbw"))) {
             json_t *cur = qmp_client_call(
                 qmp, "qom-get",
                 json_pack("{s:s, s:s}", "path", qdev, "property", "drive"),
                 timeout_ms, NULL);
-            if (json_is_string(cur) &&
-                g_strcmp0(json_string_value(cur),
-                          json_string_value(json_object_get(disk, "cbw"))) ==
-                    0) {
+            const char *on = json_string_value(cur);
+            if (on && (g_strcmp0(on, json_string_value(
+                                         json_object_get(disk, "cbw"))) == 0 ||
+                       g_strcmp0(on, pass) == 0)) {
                 try_call(qmp, timeout_ms, "qom-set",
                          json_pack("{s:s, s:s, s:s}", "path", qdev, "property",
                                    "drive", "value", node),

@@ -34,8 +34,12 @@ bool backup_pull_prepare(struct backup *b, GError **errp);
 bool backup_pull_point(struct backup *b, GError **errp);
 /* Export the point over NBD and copy it into the targets. */
 bool backup_pull_copy(struct backup *b, GError **errp);
-/* Undo everything in QEMU, remove the scratch files and the marker.
- * Idempotent; problems become warnings (NULL: dropped). */
+/* Ask QEMU to undo everything, without waiting: the commit's fsyncs go on
+ * meanwhile.  backup_pull_release() collects the answers. */
+void backup_pull_release_start(struct backup *b);
+/* Undo everything in QEMU (or wait for what release_start asked), remove
+ * the scratch files and the marker.  Idempotent; problems become warnings
+ * (NULL: dropped). */
 void backup_pull_release(struct backup *b, GPtrArray *warnings);
 void backup_pull_free(struct backup *b);
 /* Adds "mode", "scratch_dir" and "scratch_peak_bytes" to a result. */

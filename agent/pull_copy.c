@@ -20,10 +20,8 @@
 /* Runs queued ahead of the reads before the next block status. */
 #define QUEUE_LOW 64
 
-enum run_kind { RUN_READ, RUN_ZERO };
-
+/* A range of whole clusters to read. */
 struct run {
-    enum run_kind kind;
     uint64_t off, len;
 };
 
@@ -58,6 +56,9 @@ struct pull_copy {
     unsigned cluster_bits;
     char *bitmap_context;
     gint64 stall_us;
+    uint64_t speed;  /* bytes per second, 0: no limit */
+    gint64 start_us; /* of the paced reads */
+    uint64_t paced;  /* bytes of reads issued since start_us */
 
     uint64_t cursor; /* block status has covered [0, cursor) */
     bool status_inflight, status_done;
@@ -137,8 +138,7 @@ issue_status(struct pull_copy *pc)
     pc->status_started_us = g_get_monotonic_time();
 }
 
-/* End of what x covers, and whether [off, end) is all flagged `flag`
- * (or all without it, when `want` is false), looked up from x. */
+/* End of what x covers. */
 static uint64_t
 extents_end(const struct extents *x)
 {
@@ -151,65 +151,55 @@ extents_end(const struct extents *x)
     return end;
 }
 
-/* Does any byte of [off, end) have (flags & mask) == 0, i.e. lack mask? */
-static bool
-extents_any_without(const struct extents *x, uint64_t off, uint64_t end,
-                    uint32_t mask)
-{
-    const uint32_t *e = (const uint32_t *)x->e->data;
-    uint64_t pos = x->start;
-
-    for (guint i = 0; i + 1 < x->e->len && pos < end; i += 2) {
-        uint64_t next = pos + e[i];
-        if (next > off && (e[i + 1] & mask) != mask) {
-            return true;
-        }
-        pos = next;
-    }
-    return false;
-}
-
-static bool
-extents_any_with(const struct extents *x, uint64_t off, uint64_t end,
-                 uint32_t mask)
-{
-    const uint32_t *e = (const uint32_t *)x->e->data;
-    uint64_t pos = x->start;
-
-    for (guint i = 0; i + 1 < x->e->len && pos < end; i += 2) {
-        uint64_t next = pos + e[i];
-        if (next > off && (e[i + 1] & mask)) {
-            return true;
-        }
-        pos = next;
-    }
-    return false;
-}
-
 static void
-queue_run(struct pull_copy *pc, enum run_kind kind, uint64_t off, uint64_t len)
+queue_run(struct pull_copy *pc, uint64_t off, uint64_t len)
 {
     struct run *last = g_queue_peek_tail(&pc->runs);
 
-    if (last && last->kind == kind && last->off + last->len == off) {
+    if (last && last->off + last->len == off) {
         last->len += len;
         return;
     }
     last = g_new(struct run, 1);
-    *last = (struct run){.kind = kind, .off = off, .len = len};
+    *last = (struct run){.off = off, .len = len};
     g_queue_push_tail(&pc->runs, last);
 }
 
-/* Turn a block status reply into runs of whole clusters: a cluster is
- * read if any of it is dirty (or the backup is a full) and any of it is
- * not known to read as zeroes; made a zero cluster if dirty and all zero
- * in an incremental; skipped otherwise.  Reading a whole cluster for a
- * piece of it is always right: every byte comes from the point in time. */
+/* [off, end) rounded out to whole clusters, cut to [lo, hi), queued for
+ * reading after what is queued already (rounding may overlap the run
+ * before). */
+static void
+queue_read(struct pull_copy *pc, uint64_t off, uint64_t end, uint64_t lo,
+           uint64_t hi)
+{
+    uint64_t csize = UINT64_C(1) << pc->cluster_bits;
+    struct run *last = g_queue_peek_tail(&pc->runs);
+
+    off = MAX(off & ~(csize - 1), lo);
+    end = MIN(((end - 1) | (csize - 1)) + 1, hi);
+    if (last && last->off + last->len > off) {
+        off = last->off + last->len;
+    }
+    if (off < end) {
+        queue_run(pc, off, end - off);
+    }
+}
+
+/* Turn a block status reply into runs of whole clusters, in one sweep of
+ * its extents.  A full reads every cluster that is not all known to read
+ * as zeroes (base:allocation) and skips the rest.  An incremental asks
+ * only for the dirty bitmap (base:allocation of the whole disk cost QEMU
+ * more than a small incremental's copy) and reads every cluster with a
+ * dirty byte; what reads as zeroes becomes a zero cluster when written.
+ * Reading a whole cluster for a piece of it is always right: every byte
+ * comes from the point in time. */
 static void
 take_status(struct pull_copy *pc)
 {
     uint64_t csize = UINT64_C(1) << pc->cluster_bits;
-    uint64_t end, c;
+    struct extents *x = pc->bitmap_context ? &pc->dirty : &pc->base;
+    const uint32_t *e = (const uint32_t *)x->e->data;
+    uint64_t end, pos;
 
     pc->status_done = false;
     if (pc->status_err) {
@@ -219,19 +209,13 @@ take_status(struct pull_copy *pc)
                                       pc->cursor, g_strerror(pc->status_err)));
         return;
     }
-    if (!pc->base.seen || pc->base.start != pc->cursor ||
-        (pc->bitmap_context &&
-         (!pc->dirty.seen || pc->dirty.start != pc->cursor))) {
+    if (!x->seen || x->start != pc->cursor) {
         copy_fail(pc, g_strdup_printf("block status at %" PRIu64
                                       ": the server left out a context",
                                       pc->cursor));
         return;
     }
-    end = extents_end(&pc->base);
-    if (pc->bitmap_context) {
-        end = MIN(end, extents_end(&pc->dirty));
-    }
-    end = MIN(end, pc->size);
+    end = MIN(extents_end(x), pc->size);
     if (end <= pc->cursor) {
         copy_fail(pc, g_strdup_printf("block status at %" PRIu64
                                       ": an empty answer",
@@ -244,24 +228,21 @@ take_status(struct pull_copy *pc)
         uint64_t aligned = end & ~(csize - 1);
         if (aligned <= pc->cursor) {
             uint64_t cend = MIN((pc->cursor | (csize - 1)) + 1, pc->size);
-            queue_run(pc, RUN_READ, pc->cursor, cend - pc->cursor);
+            queue_run(pc, pc->cursor, cend - pc->cursor);
             pc->cursor = cend;
             return;
         }
         end = aligned;
     }
-    for (c = pc->cursor; c < end;) {
-        uint64_t cend = MIN(c + csize, end);
-        bool dirty =
-            !pc->bitmap_context || extents_any_with(&pc->dirty, c, cend, 1);
-        bool zero = !extents_any_without(&pc->base, c, cend, LIBNBD_STATE_ZERO);
-
-        if (dirty && !zero) {
-            queue_run(pc, RUN_READ, c, cend - c);
-        } else if (dirty && pc->bitmap_context) {
-            queue_run(pc, RUN_ZERO, c, cend - c);
+    pos = x->start;
+    for (guint i = 0; i + 1 < x->e->len && pos < end; i += 2) {
+        uint64_t next = pos + e[i];
+        bool wanted = pc->bitmap_context ? (e[i + 1] & 1) != 0
+                                         : !(e[i + 1] & LIBNBD_STATE_ZERO);
+        if (wanted && next > pos) {
+            queue_read(pc, pos, next, pc->cursor, end);
         }
-        c = cend;
+        pos = next;
     }
     pc->cursor = end;
 }
@@ -382,12 +363,12 @@ check_stall(struct pull_copy *pc, gint64 now)
         struct slot *s = &pc->slots[i];
         if ((s->state == SLOT_READING || s->state == SLOT_WRITING) &&
             now - s->started_us > pc->stall_us) {
-            copy_fail(pc,
-                      g_strdup_printf("%s at %" PRIu64 " took more than %.0f s",
-                                      s->state == SLOT_READING
-                                          ? "a read of the point in time"
-                                          : "a write to the repository",
-                                      s->off, (double)pc->stall_us / 1e6));
+            copy_fail(pc, g_strdup_printf("%s at %" PRIu64
+                                          " stalled: it took more than %.0f s",
+                                          s->state == SLOT_READING
+                                              ? "a read of the point in time"
+                                              : "a write to the repository",
+                                          s->off, (double)pc->stall_us / 1e6));
             return;
         }
     }
@@ -429,25 +410,17 @@ pull_copy_step(struct pull_copy *pc)
         if (!r) {
             break;
         }
-        if (r->kind == RUN_ZERO) {
-            g_autoptr(GError) err = NULL;
-            if (!qcow2_writer_zero(pc->w, r->off, r->len, &err)) {
-                backup_target_fail(pc->t, err->message);
-                copy_fail(pc, g_strdup(backup_target_error(pc->t)));
-            }
-            g_free(g_queue_pop_head(&pc->runs));
-            continue;
-        }
         for (unsigned i = 0; i < READ_SLOTS && !s; i++) {
             if (pc->slots[i].state == SLOT_FREE) {
                 s = &pc->slots[i];
             }
         }
-        if (!s) {
+        if (!s || pull_copy_wait_ms(pc) > 0) {
             break;
         }
         {
             size_t len = (size_t)MIN(r->len, READ_MAX);
+            pc->paced += len;
             issue_read(pc, s, r->off, len);
             r->off += len;
             r->len -= len;
@@ -461,6 +434,33 @@ pull_copy_step(struct pull_copy *pc)
         issue_status(pc);
     }
     nbd_client_kick(pc->c);
+}
+
+/* --speed: a read goes out only once the reads before it fit the rate
+ * since the start; the first READ_MAX goes at once.  A paced copy sleeps
+ * at least PACE_MIN_MS at a time, so that each wake-up issues several
+ * reads: one wake-up per 64 KiB read tripled qbak's CPU at 64 MiB/s. */
+#define PACE_MIN_MS 10
+int
+pull_copy_wait_ms(const struct pull_copy *pc)
+{
+    gint64 due_us;
+
+    if (!pc->speed || pc->paced < READ_MAX) {
+        return 0;
+    }
+    due_us = pc->start_us +
+             (gint64)((double)(pc->paced - READ_MAX) * 1e6 / (double)pc->speed);
+    due_us -= g_get_monotonic_time();
+    return due_us > 0 ? MAX(PACE_MIN_MS, (int)((due_us + 999) / 1000)) : 0;
+}
+
+void
+pull_copy_set_speed(struct pull_copy *pc, uint64_t bytes_per_s)
+{
+    pc->speed = bytes_per_s;
+    pc->start_us = g_get_monotonic_time();
+    pc->paced = 0;
 }
 
 bool

@@ -34,6 +34,11 @@ void pull_copy_free(struct pull_copy *pc);
 
 /* Issue what can be issued now; call after every ring_run_once(). */
 void pull_copy_step(struct pull_copy *pc);
+/* --speed: at most bytes_per_s of reads a second (0: no limit). */
+void pull_copy_set_speed(struct pull_copy *pc, uint64_t bytes_per_s);
+/* How long until the pace lets the next read go (0: now); the caller's
+ * loop waits at most that long before the next pull_copy_step(). */
+int pull_copy_wait_ms(const struct pull_copy *pc);
 /* Everything copied (false after an error). */
 bool pull_copy_done(const struct pull_copy *pc);
 /* The first error, or NULL. */

@@ -268,20 +268,15 @@ qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
     return qmp_client_call_fd(c, cmd, args, -1, timeout_ms, errp);
 }
 
-json_t *
-qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
-                   int pass_fd, int timeout_ms, GError **errp)
+/* Run the ring until the reply to id arrived (returned, taken from the
+ * table), the deadline passed or the connection failed (NULL, *errp). */
+static json_t *
+await_reply(struct qmp_client *c, const char *cmd, int64_t id, gint64 deadline,
+            int timeout_ms, GError **errp)
 {
-    int64_t id = ++c->next_id;
     gpointer key = (gpointer)(intptr_t)id;
-    gint64 deadline = qmp_now_ms() + timeout_ms;
-    json_t *reply = NULL, *ret, *err;
+    json_t *reply;
 
-    g_hash_table_insert(c->waiting, key, NULL);
-    if (!send_command(c, cmd, args, id, pass_fd, timeout_ms, errp)) {
-        g_hash_table_remove(c->waiting, key);
-        return NULL;
-    }
     while (!(reply = g_hash_table_lookup(c->waiting, key))) {
         gint64 left = deadline - qmp_now_ms();
         if (c->closed) {
@@ -300,6 +295,16 @@ qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
         ring_run_once(c->ring, (int)MIN(left, 1000));
     }
     g_hash_table_steal(c->waiting, key);
+    return reply;
+}
+
+/* The "return" of a reply (a new reference), or NULL with *errp.  reply
+ * is taken. */
+static json_t *
+reply_value(const char *cmd, json_t *reply, GError **errp)
+{
+    json_t *ret, *err;
+
     ret = json_object_get(reply, "return");
     err = json_object_get(reply, "error");
     if (ret) {
@@ -317,6 +322,112 @@ qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
     }
     json_decref(reply);
     return NULL;
+}
+
+json_t *
+qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
+                   int pass_fd, int timeout_ms, GError **errp)
+{
+    int64_t id = ++c->next_id;
+    gpointer key = (gpointer)(intptr_t)id;
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+    json_t *reply;
+
+    g_hash_table_insert(c->waiting, key, NULL);
+    if (!send_command(c, cmd, args, id, pass_fd, timeout_ms, errp)) {
+        g_hash_table_remove(c->waiting, key);
+        return NULL;
+    }
+    reply = await_reply(c, cmd, id, deadline, timeout_ms, errp);
+    return reply ? reply_value(cmd, reply, errp) : NULL;
+}
+
+bool
+qmp_client_send_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
+                     int timeout_ms)
+{
+    GString *text = g_string_new(NULL);
+    GError *send_err = NULL;
+
+    /* One write for all: QEMU reads them as they come and runs them in
+     * order, answering each (its queue holds 8; beyond that it simply
+     * stops reading until it catches up). */
+    for (size_t i = 0; i < n; i++) {
+        json_t *req;
+        g_autofree char *json = NULL;
+
+        calls[i].id = ++c->next_id;
+        calls[i].result = NULL;
+        calls[i].error = NULL;
+        req = json_pack("{s:s, s:I}", "execute", calls[i].cmd, "id",
+                        (json_int_t)calls[i].id);
+        if (calls[i].args) {
+            json_object_set_new(req, "arguments", calls[i].args);
+            calls[i].args = NULL;
+        }
+        json = json_dumps(req, JSON_COMPACT);
+        json_decref(req);
+        g_string_append(text, json);
+        g_string_append_c(text, '\n');
+        g_hash_table_insert(c->waiting, (gpointer)(intptr_t)calls[i].id, NULL);
+    }
+    if (c->closed) {
+        closed_error(c, n ? calls[0].cmd : "qmp", &send_err);
+    } else if (n) {
+        write_all(c, text->str, text->len, -1, calls[0].cmd, timeout_ms,
+                  &send_err);
+    }
+    g_string_free(text, true);
+    for (size_t i = 0; send_err && i < n; i++) {
+        g_hash_table_remove(c->waiting, (gpointer)(intptr_t)calls[i].id);
+        calls[i].error = g_error_copy(send_err);
+    }
+    if (send_err) {
+        g_error_free(send_err);
+        return false;
+    }
+    return true;
+}
+
+bool
+qmp_client_wait_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
+                     int timeout_ms)
+{
+    gint64 deadline = qmp_now_ms() + timeout_ms;
+    bool all_ok = true;
+
+    for (size_t i = 0; i < n; i++) {
+        json_t *reply = NULL;
+
+        if (!calls[i].error && !calls[i].result) {
+            reply = await_reply(c, calls[i].cmd, calls[i].id, deadline,
+                                timeout_ms, &calls[i].error);
+        }
+        if (reply) {
+            calls[i].result = reply_value(calls[i].cmd, reply, &calls[i].error);
+        }
+        all_ok &= calls[i].error == NULL;
+    }
+    return all_ok;
+}
+
+bool
+qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
+                     int timeout_ms)
+{
+    qmp_client_send_many(c, calls, n, timeout_ms);
+    return qmp_client_wait_many(c, calls, n, timeout_ms);
+}
+
+void
+qmp_calls_clear(struct qmp_call *calls, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        json_decref(calls[i].args);
+        json_decref(calls[i].result);
+        g_clear_error(&calls[i].error);
+        calls[i].args = calls[i].result = NULL;
+    }
 }
 
 json_t *

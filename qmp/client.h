@@ -45,6 +45,32 @@ json_t *qmp_client_call(struct qmp_client *c, const char *cmd, json_t *args,
 json_t *qmp_client_call_fd(struct qmp_client *c, const char *cmd, json_t *args,
                            int pass_fd, int timeout_ms, GError **errp);
 
+/* One command of a pipelined batch. */
+struct qmp_call {
+    const char *cmd; /* borrowed */
+    json_t *args;    /* taken by qmp_client_call_many (may be NULL) */
+    json_t *result;  /* out: the "return" value (a new reference), or NULL */
+    GError *error;   /* out: why not, as qmp_client_call's */
+    gint64 id;       /* private: the request's id */
+};
+
+/* Send n commands at once and wait for every reply: one round trip instead
+ * of n.  QEMU runs them in order, each whether or not the one before
+ * failed, so a later command may depend on an earlier one only if its own
+ * failure is then harmless.  True if every call succeeded; each call's
+ * result or error is set either way (qmp_calls_clear releases them). */
+bool qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls,
+                          size_t n, int timeout_ms);
+/* The two halves of qmp_client_call_many, so that other work on the ring
+ * (an fsync) overlaps QEMU's: send_many returns at once (false if the
+ * batch could not be sent: every call's error is then set); wait_many
+ * waits for the replies (the calls stay alive in between). */
+bool qmp_client_send_many(struct qmp_client *c, struct qmp_call *calls,
+                          size_t n, int timeout_ms);
+bool qmp_client_wait_many(struct qmp_client *c, struct qmp_call *calls,
+                          size_t n, int timeout_ms);
+void qmp_calls_clear(struct qmp_call *calls, size_t n);
+
 /* Pop the oldest queued event (new reference), or NULL. */
 json_t *qmp_client_pop_event(struct qmp_client *c);
 /* Run the ring until an event is queued, the deadline passes (false, no

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import statistics
 import tempfile
@@ -182,8 +183,11 @@ def guest_step(args, work, res, b):
         b.note("guest impact: " + res.guest["error"])
         return
     disk = data_disk(b)
-    d = os.path.join(work, "guest")
-    os.mkdir(d)
+    gdir = getattr(args, "guest_dir", None) if args else None
+    d = tempfile.mkdtemp(prefix="qbak-bench-guest-", dir=gdir) if gdir else \
+        os.path.join(work, "guest")
+    if not gdir:
+        os.mkdir(d)
     src = os.path.join(d, "data.qcow2")
     b.copy_disk(disk, src)
     repo = os.path.join(d, "repo")
@@ -225,8 +229,12 @@ def guest_step(args, work, res, b):
                 cmd.append("--full")
             if args and getattr(args, "guest_mode", None):
                 cmd += ["--mode", args.guest_mode]
+            if args and getattr(args, "guest_args", None):
+                cmd += shlex.split(args.guest_args)
             t0 = time.time()
+            qc0 = b.proc_cpu(g.proc.pid)
             wall, ru, rc, out, err, _ = b.timed(cmd)
+            qemu_cpu = b.proc_cpu(g.proc.pid) - qc0
             t1 = time.time()
             if rc != 0:
                 raise b.BenchError("guest impact: qbak backup exited %d: %s%s"
@@ -244,14 +252,16 @@ def guest_step(args, work, res, b):
                   "window_ms": fr.get("window_ms"), "filesystems": fr.get("filesystems"),
                   "freeze_warning": fr.get("warning"),
                   "bytes": sum(x.get("bytes_written", 0) for x in j["disks"]),
-                  "t_start": t0, "t_end": t1, "t_job_running": run, "t_job_concluded": end}
+                  "t_start": t0, "t_end": t1, "t_job_running": run, "t_job_concluded": end,
+                  "qbak_cpu_s": ru.ru_utime + ru.ru_stime, "qemu_cpu_s": qemu_cpu}
             if bk["consistency"] != "filesystem" or not isinstance(bk["window_ms"], (int, float)):
                 raise b.BenchError("guest impact: backup %d not frozen: %s" % (i, j))
             if bk["type"] != ("full" if full else "incremental"):
                 raise b.BenchError("guest impact: backup %d is a %s" % (i, bk["type"]))
             backups.append(bk)
-            b.note("guest %-11s %.3f s, freeze window %.1f ms, %s"
-                   % (bk["type"], wall, bk["window_ms"], b.human(bk["bytes"])))
+            b.note("guest %-11s %.3f s, freeze window %.1f ms, %s; CPU qbak %.2f s, QEMU %.2f s"
+                   % (bk["type"], wall, bk["window_ms"], b.human(bk["bytes"]),
+                      bk["qbak_cpu_s"], qemu_cpu))
             time.sleep(GAP_S)
         samples = {}
         a = g.agent(timeout=60)
@@ -272,6 +282,8 @@ def guest_step(args, work, res, b):
         g.stop()
         if g.proc in b.CHILDREN:
             b.CHILDREN.remove(g.proc)
+        if gdir:
+            shutil.rmtree(d, ignore_errors=True)
     res.guest = summarise(samples, backups, c0, c1, t_lat, have_lat)
     for name, st in res.guest["streams"].items():
         b.note("guest %s writes: %d idle, %d during the full" % (name, st["idle"]["n"],

@@ -126,7 +126,7 @@ cmd_backup(int argc, char **argv)
         {"full", 0, 0, G_OPTION_ARG_NONE, &full,
          "start a new chain with a full backup", NULL},
         {"speed", 0, 0, G_OPTION_ARG_INT64, &speed,
-         "limit each disk's job to BYTES per second", "BYTES"},
+         "limit each disk's copy to BYTES per second", "BYTES"},
         {"timeout", 0, 0, G_OPTION_ARG_INT, &timeout,
          "seconds to wait for any one answer from QEMU (default 60)", "SECS"},
         {"stall-timeout", 0, 0, G_OPTION_ARG_INT, &stall,

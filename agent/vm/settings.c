@@ -319,6 +319,8 @@ vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
     g_autofree char *qmp_abs = g_canonicalize_filename(qmp_path, NULL);
     int v = qmp_client_qemu_version(qmp);
     const char *paths[] = {"/machine/peripheral", "/machine/peripheral-anon"};
+    struct qmp_call calls[G_N_ELEMENTS(queries) + 3] = {{0}};
+    size_t nq;
 
     json_object_set_new(s, "time", json_string(time));
     json_object_set_new(
@@ -330,33 +332,38 @@ vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
         json_object_set_new(s, "qga_path", json_string(qga_abs));
     }
     capture_process(s, qmp_client_peer_pid(qmp), qmp_path);
-    for (size_t i = 0; i < G_N_ELEMENTS(queries); i++) {
-        g_autoptr(GError) err = NULL;
-        json_t *args =
+    /* One pipelined batch: the queries, the two qom-lists, the machine
+     * type.  Answered in one round trip instead of nineteen. */
+    nq = G_N_ELEMENTS(queries);
+    for (size_t i = 0; i < nq; i++) {
+        calls[i].cmd = queries[i].cmd;
+        calls[i].args =
             queries[i].args ? json_loads(queries[i].args, 0, NULL) : NULL;
-        json_t *r =
-            qmp_client_call(qmp, queries[i].cmd, args, timeout_ms, &err);
-        if (r) {
-            json_object_set_new(qmpres, queries[i].cmd, r);
-        } else {
-            not_captured(s, "%s", err->message);
-        }
     }
     for (size_t i = 0; i < G_N_ELEMENTS(paths); i++) {
-        g_autoptr(GError) err = NULL;
-        g_autofree char *key = g_strdup_printf("qom-list %s", paths[i]);
-        json_t *r = qmp_client_call(qmp, "qom-list",
-                                    json_pack("{s:s}", "path", paths[i]),
-                                    timeout_ms, &err);
-        if (r) {
-            json_object_set_new(qmpres, key, r);
+        calls[nq + i].cmd = "qom-list";
+        calls[nq + i].args = json_pack("{s:s}", "path", paths[i]);
+    }
+    calls[nq + 2].cmd = "qom-get";
+    calls[nq + 2].args =
+        json_pack("{s:s, s:s}", "path", "/machine", "property", "type");
+    qmp_client_call_many(qmp, calls, G_N_ELEMENTS(calls), timeout_ms);
+    for (size_t i = 0; i < nq + 2; i++) {
+        g_autofree char *key =
+            i < nq ? g_strdup(queries[i].cmd)
+                   : g_strdup_printf("qom-list %s", paths[i - nq]);
+        if (calls[i].result) {
+            json_object_set_new(qmpres, key, g_steal_pointer(&calls[i].result));
         } else {
-            not_captured(s, "%s", err->message);
+            not_captured(s, "%s", calls[i].error->message);
         }
     }
     /* "q35" is an alias that moves with QEMU versions; a state loads only
      * into the machine type it was saved from. */
-    mt = qom_get_string(qmp, "/machine", "type", timeout_ms);
+    if (json_is_string(calls[nq + 2].result)) {
+        mt = g_strdup(json_string_value(calls[nq + 2].result));
+    }
+    qmp_calls_clear(calls, G_N_ELEMENTS(calls));
     if (mt && g_str_has_suffix(mt, "-machine")) {
         mt[strlen(mt) - strlen("-machine")] = 0;
     }

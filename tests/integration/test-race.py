@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The point in time is the transaction: guest writes that land while a
-(slowed) job runs are not in this point, and are in the next one."""
+"""The point in time is the transaction (push) or the filter's insertion
+(pull): guest writes that land while a (slowed, --speed) copy runs are not
+in this point, and are in the next one."""
 import os
 import random
 import shutil
@@ -20,24 +21,31 @@ repo = os.path.join(w, "repo")
 rng = random.Random(7)
 
 
+def copying():
+    """The backup is moving data: QEMU's job runs (push), or QEMU exports
+    the point for qbak to read (pull)."""
+    if backup_mode() == "pull":
+        return bool(vm.qmp.cmd("query-block-exports"))
+    return bool([j for j in vm.jobs() if j["status"] == "running"])
+
+
 def backup_while_writing(kind, writes):
     before = vm.reference("vd0", os.path.join(w, "before-%s.raw" % kind))
-    # 4 MiB/s: the job takes seconds, so the writes below race it.
+    # 4 MiB/s: the copy takes seconds, so the writes below race it.
     proc = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                             "--vm", "vm1", "--speed", str(4 << 20), "--json",
-                             "--mode", "push"],  # races QEMU's job
+                             "--vm", "vm1", "--speed", str(4 << 20), "--json"]
+                            + mode_args(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
-    while not [j for j in vm.jobs() if j["status"] == "running"]:
-        check(time.time() < deadline and proc.poll() is None, "no running job seen")
+    while not copying():
+        check(time.time() < deadline and proc.poll() is None, "no copy in progress seen")
         time.sleep(0.02)
     for off in writes:
         vm.io("vd0", "write -P 0x%02x %d 65536" % (rng.randrange(1, 255), off))
     # QEMU passes a guest flush on to the job's target, which offers none:
     # the flush must still succeed for the guest.
     vm.flush("vd0")
-    running = [j for j in vm.jobs() if j["status"] == "running"]
-    check(running, "the job finished before the racing writes: race not tested")
+    check(copying(), "the copy finished before the racing writes: race not tested")
     out, err = proc.communicate(timeout=60)
     check(proc.returncode == 0, "backup failed: %s" % err)
     res = json.loads(out)

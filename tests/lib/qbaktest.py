@@ -394,7 +394,9 @@ class Guest(VM):
     scripts/build-test-guest.sh).  qbak gets its own QMP monitor; the test
     has the other one and the QGA socket while qbak is not using it."""
 
-    def __init__(self, workdir, data_disk, image, append_extra=""):
+    def __init__(self, workdir, data_disk, image, append_extra="", more_disks=()):
+        """more_disks: (id, path, fmt) of further virtio-blk disks, after
+        vd0 (the guest names them /dev/vdb, /dev/vdc, ... in that order)."""
         kernel, initrd, append = image
         self.qga_sock = os.path.join(workdir, "qga.sock")
         extra = ["-m", "256", "-kernel", kernel, "-initrd", initrd,
@@ -403,7 +405,8 @@ class Guest(VM):
                  "-device", "virtio-serial-pci",
                  "-chardev", "socket,path=%s,server=on,wait=off,id=qga0" % self.qga_sock,
                  "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
-        VM.__init__(self, workdir, [("vd0", data_disk, "qcow2")], extra=extra, run=True)
+        VM.__init__(self, workdir, [("vd0", data_disk, "qcow2")] + list(more_disks),
+                    extra=extra, run=True)
 
     def agent(self, timeout=60):
         return QGA(self.qga_sock, timeout)
