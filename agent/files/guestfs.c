@@ -5,15 +5,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "agent/error.h"
 
-/* Names per lstatnslist call: a reply stays well under the protocol's
- * message limit (about 180 bytes a name). */
-#define STAT_BATCH 1000
 /* Appliance memory (MiB) unless LIBGUESTFS_MEMSIZE says otherwise. */
 #define FILES_APPLIANCE_MIB 640
 
@@ -228,7 +224,11 @@ files_shutdown(struct files_session *s)
         s->drives = NULL;
     }
     g_clear_pointer(&s->lvm_filter, g_free);
+    g_clear_pointer(&s->parts, g_strfreev);
+    g_clear_pointer(&s->vsizes, g_array_unref);
     s->btrfs_mounted = false;
+    s->mounted = 0;
+    s->mount_seq = 0;
 }
 
 void
@@ -295,10 +295,14 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
         guestfs_set_memsize(s->g, FILES_APPLIANCE_MIB);
     }
     s->drives = g_ptr_array_new_with_free_func(g_free);
+    s->vsizes = g_array_new(false, false, sizeof(int64_t));
     for (guint k = 0; k < targets->len; k++) {
         struct files_target *t = targets->pdata[k];
         struct restore_point *p = t->point;
         const char *file = files_point_disk_file(p, t->disk);
+        json_t *vs =
+            json_object_get(restore_point_disk(p, t->disk), "virtual_size");
+        int64_t vsize = json_is_integer(vs) ? json_integer_value(vs) : -1;
         g_autofree char *path = NULL;
         struct guestfs_add_drive_opts_argv a = {
             .bitmask = GUESTFS_ADD_DRIVE_OPTS_READONLY_BITMASK |
@@ -318,6 +322,7 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
             g_prefix_error(errp, "%s/%s: ", s->o->vm, p->id);
             return false;
         }
+        g_array_append_val(s->vsizes, vsize);
         path = g_build_filename(base, s->o->vm, p->id, file, NULL);
         if (guestfs_add_drive_opts_argv(s->g, path, &a) < 0) {
             return files_gerror(s, path, errp);
@@ -331,7 +336,12 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
         s->launch_s += (g_get_monotonic_time() - t0) / 1e6;
     }
     s->launches++;
-    {
+    if (targets->len == 1) {
+        /* libguestfs names the first drive added /dev/sda (guestfs(3),
+         * block device naming); list_devices would cost 0.25 s under TCG
+         * (it waits for udev) */
+        g_ptr_array_add(s->drives, g_strdup("/dev/sda"));
+    } else {
         char **devs = guestfs_list_devices(s->g);
         if (!devs) {
             return files_gerror(s, "list_devices", errp);
@@ -348,139 +358,6 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
         return false;
     }
     return true;
-}
-
-/* Appends the lstat data of names (in dir) to entries. */
-static bool
-stat_batch(struct files_session *s, const char *dir, GPtrArray *names,
-           GArray *entries, GError **errp)
-{
-    for (guint off = 0; off < names->len; off += STAT_BATCH) {
-        guint n = MIN(STAT_BATCH, names->len - off);
-        g_autofree char **v = g_new0(char *, n + 1);
-        struct guestfs_statns_list *st;
-
-        memcpy(v, names->pdata + off, n * sizeof(char *));
-        st = guestfs_lstatnslist(s->g, dir, v);
-        if (!st) {
-            return files_gerror(s, "lstatnslist", errp);
-        }
-        for (guint i = 0; i < st->len && i < n; i++) {
-            struct guestfs_statns *t = &st->val[i];
-            struct files_entry e = {0};
-            if (t->st_ino < 0) {
-                continue; /* vanished? the fs is read-only: odd, skip */
-            }
-            e.path = strcmp(dir, "/") == 0 ? g_strconcat("/", v[i], NULL)
-                                           : g_strconcat(dir, "/", v[i], NULL);
-            e.mode = (uint32_t)t->st_mode;
-            e.type = files_type_of_mode(e.mode);
-            e.size = t->st_size < 0 ? 0 : (uint64_t)t->st_size;
-            e.mtime = t->st_mtime_sec;
-            g_array_append_val(entries, e);
-        }
-        guestfs_free_statns_list(st);
-    }
-    return true;
-}
-
-/* find0's output (NUL-separated names relative to "/"), read back. */
-static GBytes *
-find_all(struct files_session *s, const char *root, GError **errp)
-{
-    int fd = memfd_create("qbak-find0", MFD_CLOEXEC);
-    g_autofree char *path = NULL;
-    struct stat st;
-    GByteArray *b;
-    off_t off = 0;
-
-    if (fd < 0) {
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "memfd_create: %s", g_strerror(errno));
-        return NULL;
-    }
-    path = g_strdup_printf("/proc/self/fd/%d", fd);
-    if (guestfs_find0(s->g, root, path) < 0 || fstat(fd, &st) < 0) {
-        close(fd);
-        files_gerror(s, "find0", errp);
-        return NULL;
-    }
-    b = g_byte_array_sized_new(st.st_size + 1);
-    g_byte_array_set_size(b, st.st_size);
-    while (off < st.st_size) {
-        ssize_t n = pread(fd, b->data + off, st.st_size - off, off);
-        if (n <= 0) {
-            break;
-        }
-        off += n;
-    }
-    close(fd);
-    g_byte_array_set_size(b, off);
-    return g_byte_array_free_to_bytes(b);
-}
-
-GArray *
-files_walk(struct files_session *s, const char *root, GError **errp)
-{
-    g_autoptr(GBytes) names = find_all(s, root, errp);
-    bool root_slash = strcmp(root, "/") == 0;
-    g_autoptr(GHashTable) dirs = NULL;
-    GArray *entries;
-    gsize len;
-    const char *p, *end;
-    GHashTableIter it;
-    gpointer k, v;
-
-    if (!names) {
-        return NULL;
-    }
-    dirs = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
-                                 (GDestroyNotify)g_ptr_array_unref);
-    p = g_bytes_get_data(names, &len);
-    end = p + len;
-    while (p < end) {
-        const char *z = memchr(p, 0, end - p);
-        size_t n = z ? (size_t)(z - p) : (size_t)(end - p);
-        g_autofree char *rel = g_strndup(p, n);
-        char *name = rel, *slash;
-        g_autofree char *dir = NULL;
-        GPtrArray *list;
-
-        p += n + 1;
-        if (g_str_has_prefix(name, "./")) {
-            name += 2;
-        }
-        while (*name == '/') {
-            name++;
-        }
-        if (!*name) {
-            continue;
-        }
-        slash = strrchr(name, '/');
-        if (slash) {
-            *slash = 0;
-            dir = g_strconcat(root_slash ? "" : root, "/", name, NULL);
-            *slash = '/';
-        } else {
-            dir = g_strdup(root);
-        }
-        list = g_hash_table_lookup(dirs, dir);
-        if (!list) {
-            list = g_ptr_array_new_with_free_func(g_free);
-            g_hash_table_insert(dirs, g_strdup(dir), list);
-        }
-        g_ptr_array_add(list, g_strdup(slash ? slash + 1 : name));
-    }
-    entries = files_entries_new();
-    g_hash_table_iter_init(&it, dirs);
-    while (g_hash_table_iter_next(&it, &k, &v)) {
-        if (!stat_batch(s, k, v, entries, errp)) {
-            g_array_unref(entries);
-            return NULL;
-        }
-    }
-    files_entries_sort(entries);
-    return entries;
 }
 
 char *
