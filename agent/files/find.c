@@ -51,6 +51,11 @@ catalog_of_drive(struct files_session *s, guint i, struct files_target *t,
         if (!fs->entries) {
             fs->error = g_strdup(err->message);
         }
+        if ((!fs->entries || fs->entries->len > FILES_MOUNTED_ENTRIES) &&
+            !files_umount_at(s, mp, errp)) {
+            files_catalog_free(c);
+            return NULL;
+        }
     }
     return c;
 }

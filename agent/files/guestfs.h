@@ -45,6 +45,8 @@ struct files_session {
     GArray *vsizes;     /* int64_t virtual size of each drive, or -1 */
     guint mounted;      /* file systems mounted at files_mount_at() points */
     guint mount_seq;    /* mount points made by files_mount_at() */
+    char *tmpdir;       /* our overlays until the launch, or NULL */
+    GPtrArray *overlays;
     unsigned launches;
     double launch_s; /* time spent in appliance launches */
 };
@@ -70,6 +72,11 @@ void files_session_free(struct files_session *s);
 /* The point directory fd of p (close it). */
 int files_point_fd(struct files_session *s, const struct restore_point *p,
                    GError **errp);
+
+/* Entries of a walked file system that index leaves mounted: a bigger
+ * one is unmounted at once, as its inodes would outgrow the appliance
+ * memory set aside per drive. */
+#define FILES_MOUNTED_ENTRIES 30000
 
 /* Starts an appliance with one read-only drive per target (struct
  * files_target *, borrowed).  Ends an earlier one first. */
@@ -109,6 +116,7 @@ bool files_mount(struct files_session *s, struct files_fs *fs, GError **errp);
  * point when indexing. */
 char *files_mount_at(struct files_session *s, struct files_fs *fs,
                      GError **errp);
+bool files_umount_at(struct files_session *s, const char *mp, GError **errp);
 
 /* Every path under root (a resolved directory) with lstat data, sorted
  * by path; root itself is not listed. */

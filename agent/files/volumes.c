@@ -502,3 +502,13 @@ out:
     strv_free_all(mps);
     return fs;
 }
+
+bool
+files_umount_at(struct files_session *s, const char *mp, GError **errp)
+{
+    if (guestfs_umount(s->g, mp) < 0) {
+        return files_gerror(s, "umount", errp);
+    }
+    s->mounted--;
+    return true;
+}
