@@ -15,6 +15,7 @@
 
 #include "agent/error.h"
 #include "agent/files/guestfs.h"
+#include "agent/files/names.h"
 
 /* Names per lstatnslist call: a reply stays well under the protocol's
  * message limit (about 180 bytes a name). */
@@ -44,18 +45,6 @@ walk_dir_free(struct walk_dir *d)
     g_free(d);
 }
 
-/* Appends s to pattern with glob's special characters quoted. */
-static void
-glob_quote(GString *pattern, const char *s)
-{
-    for (; *s; s++) {
-        if (strchr("\\*?[]{},", *s)) {
-            g_string_append_c(pattern, '\\');
-        }
-        g_string_append_c(pattern, *s);
-    }
-}
-
 /* The children of dirs[from..to) in one glob_expand; on a failure (a
  * reply over the message limit) halves the range, and lists one
  * directory alone with ls (streamed: no limit). */
@@ -73,7 +62,7 @@ glob_children(struct files_session *s, struct walk_dir **dirs, guint from,
     if (to - from == 1) {
         /* the appliance's root "/" adds nothing before "/{...}" */
         if (strcmp(dirs[from]->apath, "/") != 0) {
-            glob_quote(pat, dirs[from]->apath);
+            files_glob_quote(pat, dirs[from]->apath, strlen(dirs[from]->apath));
         }
     } else {
         /* glob_expand takes an absolute pattern: "/{a/b,c}/{...}"; a
@@ -83,7 +72,8 @@ glob_children(struct files_session *s, struct walk_dir **dirs, guint from,
             if (i > from) {
                 g_string_append_c(pat, ',');
             }
-            glob_quote(pat, dirs[i]->apath + 1);
+            files_glob_quote(pat, dirs[i]->apath + 1,
+                             strlen(dirs[i]->apath + 1));
         }
         g_string_append_c(pat, '}');
     }
