@@ -129,18 +129,21 @@ LAZY_FN(guestfs, int, guestfs_add_drive_opts_argv,
         (guestfs_h * g, const char *filename,
          const struct guestfs_add_drive_opts_argv *optargs),
         (g, filename, optargs))
+LAZY_FN(guestfs, char **, guestfs_blkid, (guestfs_h * g, const char *device),
+        (g, device))
 LAZY_FN(guestfs, int64_t, guestfs_blockdev_getsize64,
         (guestfs_h * g, const char *device), (g, device))
 LAZY_VOID(guestfs, guestfs_close, (guestfs_h * g), (g))
 LAZY_FN(guestfs, int, guestfs_download,
         (guestfs_h * g, const char *remotefilename, const char *filename),
         (g, remotefilename, filename))
-LAZY_FN(guestfs, int, guestfs_find0,
-        (guestfs_h * g, const char *directory, const char *files),
-        (g, directory, files))
 LAZY_VOID(guestfs, guestfs_free_statns, (struct guestfs_statns * a0), (a0))
 LAZY_VOID(guestfs, guestfs_free_statns_list, (struct guestfs_statns_list * a0),
           (a0))
+LAZY_FN(guestfs, char **, guestfs_glob_expand_opts_argv,
+        (guestfs_h * g, const char *pattern,
+         const struct guestfs_glob_expand_opts_argv *optargs),
+        (g, pattern, optargs))
 LAZY_FN(guestfs, char **, guestfs_inspect_get_mountpoints,
         (guestfs_h * g, const char *root), (g, root))
 LAZY_FN(guestfs, char **, guestfs_inspect_os, (guestfs_h * g), (g))
@@ -157,6 +160,8 @@ LAZY_FN(guestfs, struct guestfs_statns_list *, guestfs_lstatnslist,
 LAZY_FN(guestfs, int, guestfs_lvm_set_filter,
         (guestfs_h * g, char *const *devices), (g, devices))
 LAZY_FN(guestfs, char **, guestfs_lvs, (guestfs_h * g), (g))
+LAZY_FN(guestfs, int, guestfs_mkmountpoint,
+        (guestfs_h * g, const char *exemptpath), (g, exemptpath))
 LAZY_FN(guestfs, int, guestfs_mount_local_argv,
         (guestfs_h * g, const char *localmountpoint,
          const struct guestfs_mount_local_argv *optargs),
@@ -178,10 +183,9 @@ LAZY_VOID(guestfs, guestfs_set_error_handler,
 LAZY_FN(guestfs, int, guestfs_set_memsize, (guestfs_h * g, int memsize),
         (g, memsize))
 LAZY_FN(guestfs, int, guestfs_shutdown, (guestfs_h * g), (g))
-LAZY_FN(guestfs, int, guestfs_umount_opts_argv,
-        (guestfs_h * g, const char *pathordevice,
-         const struct guestfs_umount_opts_argv *optargs),
-        (g, pathordevice, optargs))
+LAZY_FN(guestfs, int, guestfs_umount, (guestfs_h * g, const char *pathordevice),
+        (g, pathordevice))
+LAZY_FN(guestfs, int, guestfs_umount_all, (guestfs_h * g), (g))
 LAZY_FN(guestfs, char *, guestfs_vfs_label,
         (guestfs_h * g, const char *mountable), (g, mountable))
 LAZY_FN(guestfs, char *, guestfs_vfs_type,

@@ -38,17 +38,21 @@ catalog_of_drive(struct files_session *s, guint i, struct files_target *t,
     for (guint k = 0; k < fss->len; k++) {
         struct files_fs *fs = fss->pdata[k];
         g_autoptr(GError) err = NULL;
+        /* each at its own mount point, left mounted: an umount costs
+         * 0.4-0.9 s under TCG */
+        g_autofree char *mp = files_mount_at(s, fs, &err);
 
-        if (!files_mount(s, fs, &err)) {
+        if (!mp) {
             /* recorded: the catalog says this one could not be listed */
             fs->error = g_strdup(err->message);
             continue;
         }
-        fs->entries = files_walk(s, "/", &err);
+        fs->entries = files_walk_at(s, mp, "/", &err);
         if (!fs->entries) {
             fs->error = g_strdup(err->message);
         }
-        if (!files_umount(s, errp)) {
+        if ((!fs->entries || fs->entries->len > FILES_MOUNTED_ENTRIES) &&
+            !files_umount_at(s, mp, errp)) {
             files_catalog_free(c);
             return NULL;
         }

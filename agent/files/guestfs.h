@@ -41,6 +41,12 @@ struct files_session {
     GPtrArray *drives;  /* appliance device of each drive */
     char *lvm_filter;   /* PVs the LVM filter selects now, or NULL */
     bool btrfs_mounted; /* a btrfs was mounted in this launch */
+    char **parts;       /* list_partitions, once per launch (or NULL) */
+    GArray *vsizes;     /* int64_t virtual size of each drive, or -1 */
+    guint mounted;      /* file systems mounted at files_mount_at() points */
+    guint mount_seq;    /* mount points made by files_mount_at() */
+    char *tmpdir;       /* our overlays until the launch, or NULL */
+    GPtrArray *overlays;
     unsigned launches;
     double launch_s; /* time spent in appliance launches */
 };
@@ -66,6 +72,11 @@ void files_session_free(struct files_session *s);
 /* The point directory fd of p (close it). */
 int files_point_fd(struct files_session *s, const struct restore_point *p,
                    GError **errp);
+
+/* Entries of a walked file system that index leaves mounted: a bigger
+ * one is unmounted at once, as its inodes would outgrow the appliance
+ * memory set aside per drive. */
+#define FILES_MOUNTED_ENTRIES 30000
 
 /* Starts an appliance with one read-only drive per target (struct
  * files_target *, borrowed).  Ends an earlier one first. */
@@ -97,13 +108,23 @@ struct files_fs *files_mount_os(struct files_session *s, GError **errp);
 bool files_needs_relaunch(struct files_session *s, const struct files_fs *fs);
 
 /* Mounts fs read-only at the appliance's "/" (journal replayed into the
- * overlay); files_umount() undoes it. */
+ * overlay). */
 bool files_mount(struct files_session *s, struct files_fs *fs, GError **errp);
-bool files_umount(struct files_session *s, GError **errp);
+/* Mounts fs read-only at a fresh directory of the appliance (while "/"
+ * holds nothing): returned, and left mounted until the next LVM switch
+ * or the shutdown, which saves an umount (0.4-0.9 s under TCG) per
+ * point when indexing. */
+char *files_mount_at(struct files_session *s, struct files_fs *fs,
+                     GError **errp);
+bool files_umount_at(struct files_session *s, const char *mp, GError **errp);
 
 /* Every path under root (a resolved directory) with lstat data, sorted
  * by path; root itself is not listed. */
 GArray *files_walk(struct files_session *s, const char *root, GError **errp);
+/* The same for a file system mounted at mnt in the appliance (NULL: at
+ * "/"): paths in the file system's terms, without mnt. */
+GArray *files_walk_at(struct files_session *s, const char *mnt,
+                      const char *root, GError **errp);
 
 /* The path with its directories resolved inside the guest file system
  * (symlinks there never lead out of it) and its last component not

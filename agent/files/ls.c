@@ -1,6 +1,7 @@
 /* qbak ls: one directory (or file) of one point. */
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "agent/error.h"
 #include "agent/files/files.h"
@@ -28,6 +29,48 @@ files_mode_string(uint32_t mode, char out[11])
     out[10] = 0;
 }
 
+/* The file system of drive 0 that the point's catalog names (want, or
+ * its only one), ready to mount: an indexed point needs no probing of its
+ * disk (blkid, 0.2-0.3 s under TCG).  NULL: no catalog, not there, or an
+ * LVM volume (its filter needs the probe). */
+static struct files_fs *
+catalog_fs_of(struct files_session *s, const char *want)
+{
+    struct restore_point *p = s->sel->pdata[0];
+    const char *dev = s->drives->pdata[0];
+    struct files_catalog *c = NULL;
+    struct files_fs *fs = NULL, *hit = NULL;
+    int fd = files_point_fd(s, p, NULL);
+
+    if (fd >= 0) {
+        c = files_catalog_read(fd, s->disk, NULL);
+        close(fd);
+    }
+    for (guint i = 0; c && i < c->fss->len; i++) {
+        struct files_fs *f = c->fss->pdata[i];
+        if (want ? strcmp(f->name, want) == 0 : c->fss->len == 1) {
+            hit = f;
+        }
+    }
+    if (hit && !hit->error && hit->type &&
+        (strcmp(hit->name, "disk") == 0 ||
+         (strspn(hit->name, "0123456789") == strlen(hit->name) &&
+          strlen(hit->name) < 4))) {
+        fs = files_fs_new();
+        fs->name = g_strdup(hit->name);
+        fs->dev = strcmp(hit->name, "disk") == 0
+                      ? g_strdup(dev)
+                      : g_strconcat(dev, hit->name, NULL);
+        fs->type = g_strdup(hit->type);
+        fs->label = g_strdup(hit->label ? hit->label : "");
+        fs->size = hit->size;
+    }
+    if (c) {
+        files_catalog_free(c);
+    }
+    return fs;
+}
+
 struct files_session *
 files_open_one(const struct files_opts *o, GPtrArray **fss,
                struct files_fs **fs, bool fs_required, GError **errp)
@@ -38,6 +81,20 @@ files_open_one(const struct files_opts *o, GPtrArray **fss,
     *fs = NULL;
     if (!s || !files_launch_one(s, errp)) {
         goto fail;
+    }
+    if (g_strcmp0(o->fs, "os") != 0) {
+        struct files_fs *cfs = catalog_fs_of(s, o->fs);
+        if (cfs && files_mount(s, cfs, NULL)) {
+            *fss =
+                g_ptr_array_new_with_free_func((GDestroyNotify)files_fs_free);
+            g_ptr_array_add(*fss, cfs);
+            *fs = cfs;
+            return s;
+        }
+        if (cfs) {
+            /* not mountable as recorded: probing reports why */
+            files_fs_free(cfs);
+        }
     }
     if (o->fs && strcmp(o->fs, "os") != 0) {
         /* --fs given: straight to it */

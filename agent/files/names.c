@@ -144,3 +144,14 @@ files_name_printable(const char *name, size_t len)
     }
     return g_string_free(s, false);
 }
+
+void
+files_glob_quote(GString *pattern, const char *path, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (path[i] && strchr("\\*?[]{},", path[i])) {
+            g_string_append_c(pattern, '\\');
+        }
+        g_string_append_c(pattern, path[i]);
+    }
+}

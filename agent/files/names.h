@@ -5,6 +5,7 @@
 #ifndef QBAK_AGENT_FILES_NAMES_H
 #define QBAK_AGENT_FILES_NAMES_H
 
+#include <glib.h>
 #include <stdbool.h>
 #include <stddef.h>
 
@@ -33,5 +34,10 @@ char *files_name_utf8(const char *name, size_t len);
  * control characters, backslash and invalid bytes escaped (\n, \t, \\,
  * \xNN), so a guest name cannot move the cursor or fake a line. */
 char *files_name_printable(const char *name, size_t len);
+
+/* Appends the len bytes of a guest path to a glob(3) pattern (GLOB_BRACE)
+ * so that it matches only itself: every character glob or its brace
+ * expansion treats specially (\\ * ? [ ] { } ,) gets a backslash. */
+void files_glob_quote(GString *pattern, const char *path, size_t len);
 
 #endif

@@ -23,6 +23,12 @@ lvm_select(struct files_session *s, char **pvs, GError **errp)
     if (s->lvm_filter && strcmp(s->lvm_filter, key) == 0) {
         return true;
     }
+    /* the switch deactivates every volume group: nothing may stay
+     * mounted from the points indexed before */
+    if (s->mounted && guestfs_umount_all(s->g) < 0) {
+        return files_gerror(s, "umount_all", errp);
+    }
+    s->mounted = 0;
     if (guestfs_lvm_set_filter(s->g, pvs) < 0) {
         return files_gerror(s, "lvm_set_filter", errp);
     }
@@ -31,19 +37,106 @@ lvm_select(struct files_session *s, char **pvs, GError **errp)
     return true;
 }
 
+/* What blkid finds on dev: its file system type ("" if none), label,
+ * and whether it holds a partition table.  One blkid run answers all
+ * three; vfs_type is one run and vfs_label two (0.2-0.3 s each under
+ * TCG). */
+struct probe {
+    char *type;
+    char *label;
+    bool ptable;
+};
+
+static void
+probe_clear(struct probe *p)
+{
+    g_clear_pointer(&p->type, g_free);
+    g_clear_pointer(&p->label, g_free);
+}
+
+static void
+probe_dev(struct files_session *s, const char *dev, struct probe *p)
+{
+    char **kv = guestfs_blkid(s->g, dev);
+    bool answered = kv != NULL;
+
+    p->type = NULL;
+    p->label = NULL;
+    p->ptable = false;
+    for (char **k = kv; k && k[0] && k[1]; k += 2) {
+        if (strcmp(k[0], "TYPE") == 0 && !p->type) {
+            p->type = g_strdup(k[1]);
+        } else if (strcmp(k[0], "LABEL") == 0 && !p->label) {
+            p->label = g_strdup(k[1]);
+        } else if (strcmp(k[0], "PTTYPE") == 0) {
+            p->ptable = true;
+        }
+    }
+    for (char **k = kv; kv && *k; k++) {
+        free(*k);
+    }
+    free(kv);
+    if (!answered) {
+        /* blkid -p failed: nothing there, or ambivalent signatures (the
+         * plain probe then picks one) */
+        p->type = vfs_type(s, dev);
+        if (*p->type) {
+            p->label = guestfs_vfs_label(s->g, dev);
+        }
+    }
+    if (p->label && (strchr(p->label, '\\') || strchr(p->label, '^') ||
+                     strstr(p->label, "M-"))) {
+        /* blkid's export format escaped something (spaces, control
+         * characters, bytes over 127 as "M-"): only vfs_label gives the
+         * exact bytes */
+        g_free(p->label);
+        p->label = guestfs_vfs_label(s->g, dev);
+    }
+    if (!p->type) {
+        p->type = g_strdup("");
+    }
+    if (!p->label) {
+        p->label = g_strdup("");
+    }
+}
+
+/* The size of dev (drive's whole disk: the manifest's virtual size). */
+static int64_t
+dev_size(struct files_session *s, guint drive, const char *dev)
+{
+    int64_t size;
+
+    if (strcmp(dev, s->drives->pdata[drive]) == 0 && s->vsizes &&
+        drive < s->vsizes->len &&
+        g_array_index(s->vsizes, int64_t, drive) >= 0) {
+        return g_array_index(s->vsizes, int64_t, drive);
+    }
+    size = guestfs_blockdev_getsize64(s->g, dev);
+    return size < 0 ? 0 : size;
+}
+
 static struct files_fs *
-fs_new(struct files_session *s, const char *name, const char *dev, char *type)
+fs_new(struct files_session *s, guint drive, const char *name, const char *dev,
+       struct probe *p)
 {
     struct files_fs *fs = files_fs_new();
-    char *label = guestfs_vfs_label(s->g, dev);
-    int64_t size = guestfs_blockdev_getsize64(s->g, dev);
 
     fs->name = g_strdup(name);
     fs->dev = g_strdup(dev);
-    fs->type = type;
-    fs->label = label ? label : g_strdup("");
-    fs->size = size < 0 ? 0 : size;
+    fs->type = g_steal_pointer(&p->type);
+    fs->label = g_steal_pointer(&p->label);
+    fs->size = dev_size(s, drive, dev);
     return fs;
+}
+
+/* The partitions of every drive (one call per launch). */
+static char **
+partitions(struct files_session *s, GError **errp)
+{
+    if (!s->parts && !(s->parts = guestfs_list_partitions(s->g))) {
+        files_gerror(s, "list_partitions", errp);
+    }
+    return s->parts;
 }
 
 static bool
@@ -53,7 +146,8 @@ skip_type(const char *t)
 }
 
 static bool
-add_lvs(struct files_session *s, GPtrArray *pvs, GPtrArray *fss, GError **errp)
+add_lvs(struct files_session *s, guint drive, GPtrArray *pvs, GPtrArray *fss,
+        GError **errp)
 {
     char **lvs;
 
@@ -66,17 +160,47 @@ add_lvs(struct files_session *s, GPtrArray *pvs, GPtrArray *fss, GError **errp)
         return files_gerror(s, "lvs", errp);
     }
     for (char **lv = lvs; *lv; lv++) {
-        char *t = vfs_type(s, *lv);
-        if (!skip_type(t) && g_str_has_prefix(*lv, "/dev/")) {
-            struct files_fs *fs = fs_new(s, *lv + 5, *lv, t);
+        struct probe p;
+        probe_dev(s, *lv, &p);
+        if (!skip_type(p.type) && g_str_has_prefix(*lv, "/dev/")) {
+            struct files_fs *fs = fs_new(s, drive, *lv + 5, *lv, &p);
             fs->pvs = g_strdupv((char **)pvs->pdata);
             g_ptr_array_add(fss, fs);
-        } else {
-            g_free(t);
         }
+        probe_clear(&p);
         free(*lv);
     }
     free(lvs);
+    return true;
+}
+
+/* Adds the file systems (and LVM PVs) of drive's partitions; *any: it
+ * has some. */
+static bool
+list_parts(struct files_session *s, guint drive, GPtrArray *fss, GPtrArray *pvs,
+           bool *any, GError **errp)
+{
+    const char *dev = s->drives->pdata[drive];
+    size_t n = strlen(dev);
+    char **parts = partitions(s, errp);
+
+    if (!parts) {
+        return false;
+    }
+    for (char **p = parts; *p; p++) {
+        if (strncmp(*p, dev, n) == 0 && g_ascii_isdigit((*p)[n])) {
+            struct probe pp;
+            probe_dev(s, *p, &pp);
+            *any = true;
+            if (strcmp(pp.type, "LVM2_member") == 0) {
+                g_ptr_array_add(pvs, g_strdup(*p));
+            }
+            if (!skip_type(pp.type)) {
+                g_ptr_array_add(fss, fs_new(s, drive, *p + n, *p, &pp));
+            }
+            probe_clear(&pp);
+        }
+    }
     return true;
 }
 
@@ -84,49 +208,43 @@ GPtrArray *
 files_list_fs(struct files_session *s, guint drive, GError **errp)
 {
     const char *dev = s->drives->pdata[drive];
-    size_t n = strlen(dev);
     GPtrArray *fss =
         g_ptr_array_new_with_free_func((GDestroyNotify)files_fs_free);
     g_autoptr(GPtrArray) pvs = g_ptr_array_new_with_free_func(g_free);
-    char **parts = guestfs_list_partitions(s->g);
-    bool any = false;
+    struct probe whole = {0};
+    bool any = false, probed = false;
 
-    if (!parts) {
-        files_gerror(s, "list_partitions", errp);
+    if (!s->parts && s->drives->len == 1) {
+        /* one drive: a file system on the whole disk (no partition
+         * table) needs no partition list, which waits for udev */
+        probe_dev(s, dev, &whole);
+        probed = true;
+        if ((!*whole.type || whole.ptable) &&
+            !list_parts(s, drive, fss, pvs, &any, errp)) {
+            goto fail;
+        }
+    } else if (!list_parts(s, drive, fss, pvs, &any, errp)) {
+        /* several drives: one partition list serves them all */
         goto fail;
     }
-    for (char **p = parts; *p; p++) {
-        if (strncmp(*p, dev, n) == 0 && g_ascii_isdigit((*p)[n])) {
-            char *t = vfs_type(s, *p);
-            any = true;
-            if (strcmp(t, "LVM2_member") == 0) {
-                g_ptr_array_add(pvs, g_strdup(*p));
-            }
-            if (!skip_type(t)) {
-                g_ptr_array_add(fss, fs_new(s, *p + n, *p, t));
-            } else {
-                g_free(t);
-            }
-        }
-        free(*p);
-    }
-    free(parts);
     if (!any) {
-        char *t = vfs_type(s, dev);
-        if (strcmp(t, "LVM2_member") == 0) {
+        if (!probed) {
+            probe_dev(s, dev, &whole);
+        }
+        if (strcmp(whole.type, "LVM2_member") == 0) {
             g_ptr_array_add(pvs, g_strdup(dev));
         }
-        if (!skip_type(t)) {
-            g_ptr_array_add(fss, fs_new(s, "disk", dev, t));
-        } else {
-            g_free(t);
+        if (!skip_type(whole.type)) {
+            g_ptr_array_add(fss, fs_new(s, drive, "disk", dev, &whole));
         }
     }
-    if (pvs->len && !add_lvs(s, pvs, fss, errp)) {
+    probe_clear(&whole);
+    if (pvs->len && !add_lvs(s, drive, pvs, fss, errp)) {
         goto fail;
     }
     return fss;
 fail:
+    probe_clear(&whole);
     g_ptr_array_free(fss, true);
     return NULL;
 }
@@ -138,11 +256,10 @@ drive_pvs(struct files_session *s, guint drive, GError **errp)
     const char *dev = s->drives->pdata[drive];
     size_t n = strlen(dev);
     GPtrArray *pvs = g_ptr_array_new_with_free_func(g_free);
-    char **parts = guestfs_list_partitions(s->g);
+    char **parts = partitions(s, errp);
     bool any = false;
 
     if (!parts) {
-        files_gerror(s, "list_partitions", errp);
         g_ptr_array_free(pvs, true);
         return NULL;
     }
@@ -154,9 +271,7 @@ drive_pvs(struct files_session *s, guint drive, GError **errp)
                 g_ptr_array_add(pvs, g_strdup(*p));
             }
         }
-        free(*p);
     }
-    free(parts);
     if (!any) {
         g_autofree char *t = vfs_type(s, dev);
         if (strcmp(t, "LVM2_member") == 0) {
@@ -285,6 +400,40 @@ files_mount(struct files_session *s, struct files_fs *fs, GError **errp)
     return true;
 }
 
+char *
+files_mount_at(struct files_session *s, struct files_fs *fs, GError **errp)
+{
+    bool xfs = g_strcmp0(fs->type, "xfs") == 0;
+    g_autofree char *mp = NULL;
+
+    if (fs->pvs && !lvm_select(s, fs->pvs, errp)) {
+        return NULL;
+    }
+    /* the appliance's own root holds these directories; "/" holds no
+     * guest file system meanwhile */
+    if (s->mount_seq == 0 && guestfs_mkmountpoint(s->g, "/qbak") < 0) {
+        files_gerror(s, "mkmountpoint", errp);
+        return NULL;
+    }
+    mp = g_strdup_printf("/qbak/%u", s->mount_seq++);
+    if (guestfs_mkmountpoint(s->g, mp) < 0) {
+        files_gerror(s, "mkmountpoint", errp);
+        return NULL;
+    }
+    if (guestfs_mount_options(s->g, xfs ? "ro,nouuid" : "ro", fs->dev, mp) <
+        0) {
+        g_autofree char *what =
+            g_strdup_printf("mount %s (%s)", fs->name, fs->type);
+        files_gerror(s, what, errp);
+        return NULL;
+    }
+    s->mounted++;
+    if (g_strcmp0(fs->type, "btrfs") == 0) {
+        s->btrfs_mounted = true;
+    }
+    return g_steal_pointer(&mp);
+}
+
 static gint
 mountpoint_cmp(gconstpointer a, gconstpointer b)
 {
@@ -355,12 +504,11 @@ out:
 }
 
 bool
-files_umount(struct files_session *s, GError **errp)
+files_umount_at(struct files_session *s, const char *mp, GError **errp)
 {
-    struct guestfs_umount_opts_argv a = {0};
-
-    if (guestfs_umount_opts_argv(s->g, "/", &a) < 0) {
+    if (guestfs_umount(s->g, mp) < 0) {
         return files_gerror(s, "umount", errp);
     }
+    s->mounted--;
     return true;
 }

@@ -9,10 +9,15 @@
  *   inside the scratch directory (checked through /proc/self/fd);
  * - files_name_utf8() returns valid UTF-8, and valid UTF-8 input without
  *   backslashes comes back unchanged;
- * - files_name_printable() returns valid UTF-8 with no control character.
+ * - files_name_printable() returns valid UTF-8 with no control character;
+ * - files_glob_quote() makes a pattern that fnmatch() matches against the
+ *   path itself (up to its first NUL), with every brace-expansion
+ *   character ({ } ,) escaped, so a guest directory name can neither
+ *   widen nor split the glob that lists its children.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <glib.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -131,6 +136,23 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if ((unsigned char)*q < 0x20 || *q == 0x7f) {
                 abort();
             }
+        }
+    }
+    {
+        size_t n = strnlen(path, size);
+        g_autoptr(GString) pat = g_string_new(NULL);
+        g_autofree char *lit = g_strndup(path, n);
+        bool esc = false;
+
+        files_glob_quote(pat, path, n);
+        if (fnmatch(pat->str, lit, 0) != 0) {
+            abort();
+        }
+        for (const char *q = pat->str; *q; q++) {
+            if (!esc && strchr("{},*?[]", *q)) {
+                abort(); /* a special character left unescaped */
+            }
+            esc = !esc && *q == '\\';
         }
     }
     if (++runs % 1000 == 0) {
