@@ -16,11 +16,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from qbaktest import *  # noqa: E402,F403
 
-require_qemu()
-image = guest_image()
-if not image:
-    log("SKIP: the test guest could not be built (scripts/build-test-guest.sh)")
-    sys.exit(SKIP)
+image = need_guest_image()
 w = workdir("quiesce-guest")
 repo = os.path.join(w, "repo")
 VERIFY = os.path.join(ROOT, "scripts", "verify-guest-data.sh")

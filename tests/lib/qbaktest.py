@@ -383,6 +383,17 @@ def guest_image():
     return env["QBAK_GUEST_KERNEL"], env["QBAK_GUEST_INITRD"], env["QBAK_GUEST_APPEND"]
 
 
+def need_guest_image():
+    """guest_image() for a test that cannot run without it: skips (a
+    failure under CI=true) when the guest cannot be built here."""
+    require_qemu()
+    image = guest_image()
+    if not image:
+        log("SKIP: the test guest could not be built (scripts/build-test-guest.sh)")
+        sys.exit(SKIP)
+    return image
+
+
 def make_guest_disk(path, mib=64):
     run([os.path.join(ROOT, "scripts", "build-test-guest.sh"), "mkdisk", path, str(mib)])
     return path
