@@ -175,8 +175,10 @@ run_removals(struct prune_ctx *c, GPtrArray *order, GError **errp)
                            "%u points could not be removed; first: ", more + 1);
         }
         if (skipped) {
+            /* Points a failed fold delisted stay so until a prune
+             * completes their removal (prune_point.c: relist). */
             char *msg = g_strdup_printf("%s (%u later points of its chain "
-                                        "left as they are)",
+                                        "not removed: left to a later prune)",
                                         first->message, skipped);
             g_free(first->message);
             first->message = msg;
