@@ -84,6 +84,17 @@ copy_fail(struct pull_copy *pc, char *msg)
     }
 }
 
+/* QEMU's server drops the connection when a read of the source fails, as
+ * when QEMU itself goes. */
+static void
+fail_connection(struct pull_copy *pc, const char *why)
+{
+    copy_fail(pc, g_strdup_printf("reading the point in time from QEMU's NBD "
+                                  "export failed (a source read error, or "
+                                  "QEMU gone): %s",
+                                  why));
+}
+
 static int
 extent_cb(void *opaque, const char *context, uint64_t offset, uint32_t *entries,
           size_t nr, int *error)
@@ -347,9 +358,17 @@ issue_read(struct pull_copy *pc, struct slot *s, uint64_t off, size_t len)
         nbd_client_handle(pc->c), s->buf, len, off,
         (nbd_completion_callback){.callback = read_done_cb, .user_data = s}, 0);
     if (r < 0) {
+        /* The read before this one may have found the connection gone:
+         * that, not this read's "invalid state", is the error. */
+        const char *ce = nbd_client_error(pc->c);
+
         s->state = SLOT_FREE;
-        copy_fail(pc, g_strdup_printf("NBD read at %" PRIu64 ": %s", off,
-                                      nbd_get_error()));
+        if (ce) {
+            fail_connection(pc, ce);
+        } else {
+            copy_fail(pc, g_strdup_printf("NBD read at %" PRIu64 ": %s", off,
+                                          nbd_get_error()));
+        }
     }
 }
 
@@ -386,13 +405,8 @@ pull_copy_step(struct pull_copy *pc)
     if (te) {
         copy_fail(pc, g_strdup(te));
     }
-    if (ce && !pc->error) {
-        /* QEMU's server drops the connection when a read of the source
-         * fails, as when QEMU itself goes. */
-        copy_fail(pc, g_strdup_printf("reading the point in time from "
-                                      "QEMU's NBD export failed (a source "
-                                      "read error, or QEMU gone): %s",
-                                      ce));
+    if (ce) {
+        fail_connection(pc, ce);
     }
     check_stall(pc, g_get_monotonic_time());
     for (unsigned i = 0; i < READ_SLOTS && !pc->error; i++) {
