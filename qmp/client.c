@@ -57,11 +57,30 @@ mark_closed(struct qmp_client *c, const char *why)
 
 /* A message from the peer: a reply to a call we wait for, an event, or
  * noise to drop.  msg is taken. */
+/* Whether id is the oldest command still without a reply.  QEMU answers
+ * in the order commands were sent (qbak never asks for out-of-band
+ * execution), so with several in flight (qmp_client_send_many) a reply
+ * for a later one cannot be QEMU's. */
+static bool
+oldest_waiting(struct qmp_client *c, int64_t id)
+{
+    GHashTableIter it;
+    gpointer k, v;
+
+    g_hash_table_iter_init(&it, c->waiting);
+    while (g_hash_table_iter_next(&it, &k, &v)) {
+        if (!v && (int64_t)(intptr_t)k < id) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static void
 dispatch(struct qmp_client *c, json_t *msg)
 {
     json_t *id = json_object_get(msg, "id");
-    gpointer key;
+    gpointer key, value;
 
     if (json_object_get(msg, "event") || json_object_get(msg, "QMP") ||
         c->awaiting_greeting) {
@@ -87,11 +106,14 @@ dispatch(struct qmp_client *c, json_t *msg)
     key = GINT_TO_POINTER(0);
     if (g_hash_table_lookup_extended(
             c->waiting, (gconstpointer)(intptr_t)json_integer_value(id), &key,
-            NULL)) {
+            &value) &&
+        !value && oldest_waiting(c, json_integer_value(id))) {
         g_hash_table_insert(c->waiting, key, msg);
         return;
     }
-    json_decref(msg); /* unknown id, or a call that already timed out */
+    /* An unknown id, a call that already timed out, a second reply, or
+     * one that overtakes an older command's: none is QEMU's answer. */
+    json_decref(msg);
 }
 
 static void

@@ -66,8 +66,9 @@ read_commands(int fd, size_t want)
 }
 
 /* script: one letter per command of the batch: 'r' return {"n": i}, 'e'
- * error, 'v' an event then a return, 'x' hang up instead of answering
- * (and for everything after it). */
+ * error, 'v' an event then a return, 'f' forged replies (for the next
+ * command and again for the previous one) then the return, 'x' hang up
+ * instead of answering (and for everything after it). */
 static void
 serve(int lfd, const char *script)
 {
@@ -98,6 +99,22 @@ serve(int lfd, const char *script)
         }
         if (script[i] == 'v') {
             send_line(fd, "{\"event\": \"SOMETHING\", \"data\": {}}");
+        }
+        if (script[i] == 'f') {
+            /* Not QEMU's: a reply for the next command before this one's,
+             * and a second reply for the one before. */
+            long long me = (long long)json_integer_value(id);
+            char *next = NULL, *again = NULL;
+            if (asprintf(&next, "{\"return\": {\"n\": 999}, \"id\": %lld}",
+                         me + 1) < 0 ||
+                asprintf(&again, "{\"return\": {\"n\": 998}, \"id\": %lld}",
+                         me - 1) < 0) {
+                _exit(6);
+            }
+            send_line(fd, next);
+            send_line(fd, again);
+            free(next);
+            free(again);
         }
         if (script[i] == 'e') {
             if (asprintf(&line,
@@ -220,6 +237,14 @@ test_events_between(void)
     run_batch("rvrvr");
 }
 
+/* Replies that overtake an older command's, or repeat an answered one,
+ * are not taken for anyone's. */
+static void
+test_forged(void)
+{
+    run_batch("rfrfrf");
+}
+
 static void
 test_hangup(void)
 {
@@ -257,6 +282,7 @@ main(int argc, char **argv)
                     test_error_in_middle);
     g_test_add_func("/qmp/client/batch-events-between-replies",
                     test_events_between);
+    g_test_add_func("/qmp/client/batch-forged-replies-dropped", test_forged);
     g_test_add_func("/qmp/client/batch-peer-hangs-up-mid-batch", test_hangup);
     g_test_add_func("/qmp/client/batch-empty", test_empty);
     ret = g_test_run();
