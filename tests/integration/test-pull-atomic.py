@@ -56,14 +56,6 @@ echo stopped at $i
 """ % (SIZE_A // 512, SIZE_B // 512)
 
 
-def agent_do(fn):
-    a = g.agent()
-    try:
-        return fn(a)
-    finally:
-        a.close()
-
-
 def guest_sh(script, wait=True):
     def go(a):
         pid = a.cmd("guest-exec", path="/bin/sh", arg=["-c", script],
@@ -76,11 +68,11 @@ def guest_sh(script, wait=True):
                 return st.get("exitcode"), base64.b64decode(st.get("out-data", "")).decode()
             time.sleep(0.1)
         fail("guest-exec %r did not finish" % script)
-    return agent_do(go)
+    return g.agent_do(go)
 
 
 def writer_status(pid):
-    return agent_do(lambda a: a.cmd("guest-exec-status", pid=pid))
+    return g.agent_do(lambda a: a.cmd("guest-exec-status", pid=pid))
 
 
 def progress():

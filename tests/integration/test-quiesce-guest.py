@@ -23,16 +23,8 @@ VERIFY = os.path.join(ROOT, "scripts", "verify-guest-data.sh")
 g = Guest(w, make_guest_disk(os.path.join(w, "data.qcow2")), image)
 
 
-def agent_do(fn):
-    a = g.agent()
-    try:
-        return fn(a)
-    finally:
-        a.close()
-
-
 def status():
-    return agent_do(lambda a: a.cmd("guest-fsfreeze-status"))
+    return g.agent_do(lambda a: a.cmd("guest-fsfreeze-status"))
 
 
 def files_done():
@@ -46,7 +38,7 @@ def files_done():
                 return int(base64.b64decode(st.get("out-data", "MA==")).decode().strip() or 0)
             time.sleep(0.05)
         fail("guest-exec did not finish")
-    return agent_do(count)
+    return g.agent_do(count)
 
 
 def backup(*extra, env=None):
@@ -108,7 +100,7 @@ try:
 
     # Frozen by someone else: not ours to thaw; crash-consistent, warned.
     before = list_points(repo, "g1")
-    agent_do(lambda a: a.cmd("guest-fsfreeze-freeze"))
+    g.agent_do(lambda a: a.cmd("guest-fsfreeze-freeze"))
     p = qbak("backup", "--qmp", g.qbak_sock, "--qga", g.qga_sock, "--quiesce", "require",
              "--repo", repo, "--vm", "g1", check_rc=False)
     check(p.returncode == 1 and "someone else" in p.stderr, "require fails: %s" % p.stderr)
@@ -117,7 +109,7 @@ try:
     check(res["consistency"] == "crash" and "someone else" in res["freeze"]["warning"],
           "auto goes on crash-consistent: %s" % res)
     check(status() == "frozen", "qbak did not thaw someone else's freeze")
-    agent_do(lambda a: a.cmd("guest-fsfreeze-thaw"))
+    g.agent_do(lambda a: a.cmd("guest-fsfreeze-thaw"))
     check(status() == "thawed", "thawed by its owner")
 finally:
     g.stop()

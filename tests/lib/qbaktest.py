@@ -422,6 +422,14 @@ class Guest(VM):
     def agent(self, timeout=60):
         return QGA(self.qga_sock, timeout)
 
+    def agent_do(self, fn):
+        """fn(agent) on a fresh guest-agent connection, closed after."""
+        a = self.agent()
+        try:
+            return fn(a)
+        finally:
+            a.close()
+
 
 # ------------------------------------------------- file-level access (ls, find, get, mount)
 
