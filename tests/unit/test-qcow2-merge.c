@@ -132,6 +132,27 @@ make_incremental(struct image *img, const char *path, const char *backing_name,
     qcow2_reader_free(backing);
 }
 
+/* A full and n - 1 incrementals, one per point directory dir/pI, each
+ * layer backed by the one before with a relative name, as qbak lays them
+ * out. */
+static void
+make_chain(const char *dir, unsigned n, struct image *img, char **path,
+           GRand *rand)
+{
+    for (unsigned i = 0; i < n; i++) {
+        g_autofree char *d = g_strdup_printf("%s/p%u", dir, i);
+        g_assert_cmpint(g_mkdir(d, 0755), ==, 0);
+        path[i] = g_strdup_printf("%s/vd0.qcow2", d);
+        img[i] = (struct image){.fd = -1};
+    }
+    make_full(&img[0], path[0], rand);
+    for (unsigned i = 1; i < n; i++) {
+        g_autofree char *name = g_strdup_printf("../p%u/vd0.qcow2", i - 1);
+        make_incremental(&img[i], path[i], name, path[i - 1], img[i - 1].want,
+                         rand, 30);
+    }
+}
+
 /* ------------------------------------------------------------------ */
 
 static void
@@ -485,18 +506,7 @@ test_merge_chain_oldest_first(void)
     struct image img[4];
     char *path[4];
 
-    for (unsigned i = 0; i < 4; i++) {
-        g_autofree char *d = g_strdup_printf("%s/p%u", dir, i);
-        g_assert_cmpint(g_mkdir(d, 0755), ==, 0);
-        path[i] = g_strdup_printf("%s/vd0.qcow2", d);
-        img[i] = (struct image){.fd = -1};
-    }
-    make_full(&img[0], path[0], rand);
-    for (unsigned i = 1; i < 4; i++) {
-        g_autofree char *name = g_strdup_printf("../p%u/vd0.qcow2", i - 1);
-        make_incremental(&img[i], path[i], name, path[i - 1], img[i - 1].want,
-                         rand, 30);
-    }
+    make_chain(dir, 4, img, path, rand);
     for (unsigned i = 1; i < 4; i++) {
         g_autoptr(GError) err = NULL;
         struct qcow2_reader *chain = open_sums(path[i]);
@@ -553,18 +563,7 @@ test_merge_layers_at_once(void)
     int fd, status;
     pid_t pid;
 
-    for (unsigned i = 0; i < 4; i++) {
-        g_autofree char *d = g_strdup_printf("%s/p%u", dir, i);
-        g_assert_cmpint(g_mkdir(d, 0755), ==, 0);
-        path[i] = g_strdup_printf("%s/vd0.qcow2", d);
-        img[i] = (struct image){.fd = -1};
-    }
-    make_full(&img[0], path[0], rand);
-    for (unsigned i = 1; i < 4; i++) {
-        g_autofree char *name = g_strdup_printf("../p%u/vd0.qcow2", i - 1);
-        make_incremental(&img[i], path[i], name, path[i - 1], img[i - 1].want,
-                         rand, 30);
-    }
+    make_chain(dir, 4, img, path, rand);
     pid = fork();
     if (pid == 0) {
         GError *e = NULL;
