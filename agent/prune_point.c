@@ -527,6 +527,25 @@ fold_group(struct prune_ctx *c, struct prune_dir *ch, const char *disk,
     return group;
 }
 
+/* Which of two names the layer at path (for messages) has for its backing
+ * file: 0 for a, 1 for b (a first, should they be equal); -1 (REFUSED) for
+ * neither, so that a prune never works on a chain it does not know. */
+static int
+backing_which(const char *path, const char *named, const char *a, const char *b,
+              GError **errp)
+{
+    if (g_strcmp0(named, a) == 0) {
+        return 0;
+    }
+    if (g_strcmp0(named, b) == 0) {
+        return 1;
+    }
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
+                "%s: backing file %s is neither %s nor %s", path,
+                named ? named : "(none)", a ? a : "(none)", b ? b : "(none)");
+    return -1;
+}
+
 /* Lists again the points fold_into_kept delisted, after a failure that
  * left every file reading as it did.  Best effort: one left delisted is
  * completed by the next prune. */
@@ -568,7 +587,7 @@ fold_into_kept(struct prune_ctx *c, struct prune_dir *p, int pfd,
     g_autoptr(GPtrArray) delisted = g_ptr_array_new();
     g_autofree char *kpath = NULL, *kback = NULL;
     struct qcow2_reader *rd;
-    const char *named;
+    int which;
     bool ok = true, untouched = true;
     int kfd;
 
@@ -610,19 +629,14 @@ fold_into_kept(struct prune_ctx *c, struct prune_dir *p, int pfd,
         g_prefix_error(errp, "point %s: ", k->id);
         return false;
     }
-    named = qcow2_reader_backing_file(rd);
-    if (g_strcmp0(named, kback) != 0 &&
-        g_strcmp0(named, entry_str(pentry, "backing")) != 0) {
-        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
-                    "%s: backing file %s is neither %s nor %s", kpath,
-                    named ? named : "(none)", kback,
-                    entry_str(pentry, "backing") ? entry_str(pentry, "backing")
-                                                 : "(none)");
+    which = backing_which(kpath, qcow2_reader_backing_file(rd), kback,
+                          entry_str(pentry, "backing"), errp);
+    if (which < 0) {
         qcow2_reader_free(rd);
         relist(c, delisted);
         return false;
     }
-    bool folded = g_strcmp0(named, kback) != 0;
+    bool folded = which == 1;
     qcow2_reader_free(rd);
     kfd = open_dir(c->r->vm_fd, k->id, errp);
     if (kfd < 0) {
@@ -654,7 +668,8 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
     struct prune_dir *ch, *kept;
     GPtrArray *group;
     json_t *centry;
-    const char *cfile, *named;
+    const char *cfile;
+    int which;
     g_autofree char *cpath = NULL;
     g_autoptr(GError) err = NULL;
     struct qcow2_reader *rd;
@@ -694,17 +709,13 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
                                    "point %s: ", ch->id);
         return false;
     }
-    named = qcow2_reader_backing_file(rd);
-    names_p = g_strcmp0(named, pback) == 0;
-    if (!names_p && g_strcmp0(named, entry_str(pentry, "backing")) != 0) {
-        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_REFUSED,
-                    "%s: backing file %s is neither %s nor %s", cpath,
-                    named ? named : "(none)", pback,
-                    entry_str(pentry, "backing") ? entry_str(pentry, "backing")
-                                                 : "(none)");
+    which = backing_which(cpath, qcow2_reader_backing_file(rd), pback,
+                          entry_str(pentry, "backing"), errp);
+    if (which < 0) {
         qcow2_reader_free(rd);
         return false;
     }
+    names_p = which == 0;
     qcow2_reader_free(rd);
     if (names_p && !live(c, ch, disk)) {
         return true; /* nothing kept reads through P's layer */
