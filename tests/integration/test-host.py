@@ -286,8 +286,9 @@ try:
     # none with --json.
     vm = vms["vm00"]
     vm.io("vd0", "write -P 0x77 0 %d" % (4 << 20))
+    # Push mode: pull mode draws no progress yet.
     text = on_terminal([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                        "--vm", "vm00", "--speed", str(2 << 20)])
+                        "--vm", "vm00", "--speed", str(2 << 20), "--mode", "push"])
     check(re.search(r"qbak: vm00: vd0 [0-9.]+ MiB of 4.0 MiB.*MiB/s.*left", text),
           "backup progress: %r" % text)
     out = os.path.join(w, "restore-tty.raw")
