@@ -801,6 +801,13 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     trace(&b, "leftovers checked");
+    if (!backup_choose_mode(&b, errp)) {
+        goto out;
+    }
+    if (o->verbose) {
+        fprintf(stderr, "qbak: mode %s: %s\n", b.use_pull ? "pull" : "push",
+                b.mode_reason);
+    }
     if (!discover_disks(&b, errp)) {
         goto out;
     }
@@ -840,7 +847,7 @@ backup_run(const struct backup_opts *o, GError **errp)
             goto out;
         }
     }
-    if (o->pull) {
+    if (b.use_pull) {
         if (!pull_data(&b, warnings, errp)) {
             goto out;
         }
@@ -925,6 +932,7 @@ out:
         ring_fini(&b.ring);
     }
     g_free(b.point);
+    g_free(b.mode_reason);
     if (!result && errp && !*errp) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "internal error: no result and no error");

@@ -11,6 +11,12 @@
 #include "agent/quiesce.h"
 #include "agent/vm/vmstate.h"
 
+enum backup_mode {
+    BACKUP_MODE_AUTO,
+    BACKUP_MODE_PUSH,
+    BACKUP_MODE_PULL,
+};
+
 struct backup_opts {
     const char *qmp_path;
     const char *qga_path; /* NULL: no guest agent */
@@ -29,8 +35,9 @@ struct backup_opts {
     bool verbose;    /* each phase with its time on stderr */
     enum vmstate_mode memory; /* capture the guest's memory with the disks */
     /* Pull mode (agent/backup_pull.h): QEMU keeps the point in time in
-     * scratch, qbak reads it; push: QEMU's backup job sends it to qbak. */
-    bool pull;
+     * scratch, qbak reads it; push: QEMU's backup job sends it to qbak.
+     * Auto picks pull where it is safe (backup_choose_mode()). */
+    enum backup_mode mode;
     const char *scratch_dir;
     uint64_t scratch_max; /* bytes for all disks' scratch, 0: unbounded */
 };

@@ -57,9 +57,11 @@ struct backup {
     struct quiesce *quiesce;
     bool committed;
     gint64 start_us;
-    json_t *settings;         /* vm.json (agent/vm/settings.h) */
-    struct vmstate *vmstate;  /* NULL without --memory */
-    struct pull *pull; /* pull mode's state (backup_pull.c), or NULL */
+    json_t *settings;        /* vm.json (agent/vm/settings.h) */
+    struct vmstate *vmstate; /* NULL without --memory */
+    struct pull *pull;       /* pull mode's state (backup_pull.c), or NULL */
+    bool use_pull;           /* the mode this run uses (choose_mode()) */
+    char *mode_reason;       /* why, for the result and --verbose */
 };
 
 /* Wait until every job is pending (all data received), or one failed. */

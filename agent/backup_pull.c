@@ -926,6 +926,8 @@ void
 backup_pull_result(struct backup *b, json_t *result)
 {
     json_object_set_new(result, "mode", json_string(b->pull ? "pull" : "push"));
+    json_object_set_new(result, "mode_reason",
+                        json_string(b->mode_reason ? b->mode_reason : ""));
     if (b->pull) {
         json_object_set_new(result, "scratch_dir",
                             json_string(b->opts->scratch_dir));

@@ -26,6 +26,11 @@ struct backup;
  * cbw-timeout, and block-export-add bitmaps on another node, are 7.1's. */
 #define BACKUP_PULL_MIN_QEMU 70100
 
+/* --mode auto: pull on QEMU 7.1 or later without --memory and with
+ * QEMU's NBD server free, else push (agent/backup_mode.c).  Sets
+ * b->use_pull and b->mode_reason; fails only when QEMU does not answer. */
+bool backup_choose_mode(struct backup *b, GError **errp);
+
 /* Scratch files, the QEMU nodes and the targets; nothing changes for the
  * guest yet.  Called after the disks are planned. */
 bool backup_pull_prepare(struct backup *b, GError **errp);
@@ -42,7 +47,8 @@ void backup_pull_release_start(struct backup *b);
  * (NULL: dropped). */
 void backup_pull_release(struct backup *b, GPtrArray *warnings);
 void backup_pull_free(struct backup *b);
-/* Adds "mode", "scratch_dir" and "scratch_peak_bytes" to a result. */
+/* Adds "mode", "mode_reason", "scratch_dir" and "scratch_peak_bytes" to a
+ * result. */
 void backup_pull_result(struct backup *b, json_t *result);
 
 /* What a crashed pull run left: in QEMU (through the marker) and in the

@@ -141,8 +141,10 @@ cmd_backup(int argc, char **argv)
          "and say so; off (default)",
          "on|try|off"},
         {"mode", 0, 0, G_OPTION_ARG_STRING, &mode,
-         "push (default): QEMU's backup job sends the point to qbak; "
-         "pull: QEMU keeps the point in scratch, qbak reads it",
+         "auto (default): pull on QEMU 7.1 or later without --memory and "
+         "with QEMU's NBD server free, else push; push: QEMU's backup job "
+         "sends the point to qbak; pull: QEMU keeps the point in scratch, "
+         "qbak reads it",
          "MODE"},
         {"scratch", 0, 0, G_OPTION_ARG_FILENAME, &scratch,
          "pull mode: directory for QEMU's copies of data the guest "
@@ -196,16 +198,20 @@ cmd_backup(int argc, char **argv)
         fprintf(stderr, "qbak backup: --quiesce require needs --qga\n");
         return QBAK_EXIT_USAGE;
     }
-    /* Push is the default: one transaction makes every disk's point the
-     * same instant, while pull mode's filters go in one disk after the
-     * other (atomic only inside a guest freeze). */
-    o.pull = mode && strcmp(mode, "pull") == 0;
-    if (mode && !o.pull && strcmp(mode, "push") != 0) {
-        fprintf(stderr, "qbak backup: --mode must be push or pull\n");
+    /* Auto is the default: pull where it is safe (QEMU 7.1+, no
+     * --memory, QEMU's NBD server free; agent/backup_mode.c), as it holds
+     * guest writes least; else push. */
+    o.mode = BACKUP_MODE_AUTO;
+    if (mode && strcmp(mode, "pull") == 0) {
+        o.mode = BACKUP_MODE_PULL;
+    } else if (mode && strcmp(mode, "push") == 0) {
+        o.mode = BACKUP_MODE_PUSH;
+    } else if (mode && strcmp(mode, "auto") != 0) {
+        fprintf(stderr, "qbak backup: --mode must be auto, push or pull\n");
         return QBAK_EXIT_USAGE;
     }
-    if (o.pull && memory_mode != VMSTATE_OFF) {
-        fprintf(stderr, "qbak backup: --memory needs --mode push\n");
+    if (o.mode == BACKUP_MODE_PULL && memory_mode != VMSTATE_OFF) {
+        fprintf(stderr, "qbak backup: --memory needs --mode push or auto\n");
         return QBAK_EXIT_USAGE;
     }
     o.scratch_dir = scratch ? scratch : "/var/tmp";

@@ -328,9 +328,9 @@ apply_key(struct scan *s, GKeyFile *kf, const char *group, const char *key,
         return true;
     }
     if (strcmp(key, "mode") == 0) {
-        if (strcmp(v, "push") && strcmp(v, "pull")) {
-            return fail_at(s, errp, group, key, "'%s': must be push or pull",
-                           v);
+        if (strcmp(v, "auto") && strcmp(v, "push") && strcmp(v, "pull")) {
+            return fail_at(s, errp, group, key,
+                           "'%s': must be auto, push or pull", v);
         }
         g_free(vm->mode);
         vm->mode = g_steal_pointer(&v);
@@ -491,7 +491,7 @@ vm_from(struct scan *s, GKeyFile *kf, const struct host_vm *defaults,
     }
     if (vm->mode && strcmp(vm->mode, "pull") == 0 && vm->memory &&
         strcmp(vm->memory, "off") != 0) {
-        fail_at(s, errp, group, "memory", "needs mode = push");
+        fail_at(s, errp, group, "memory", "needs mode = push or auto");
         goto fail;
     }
     if (vm->quiesce && strcmp(vm->quiesce, "require") == 0 && !vm->qga) {

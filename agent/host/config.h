@@ -35,7 +35,7 @@ struct host_vm {
     char *qga;
     char *quiesce;       /* auto, require or off */
     char *memory;        /* on, try or off (backup --memory) */
-    char *mode;          /* push or pull (backup --mode) */
+    char *mode;          /* auto, push or pull (backup --mode) */
     char *scratch;       /* pull mode's scratch directory */
     int64_t scratch_max; /* bytes, 0: unbounded */
     char **disks;        /* NULL: every disk */

@@ -94,9 +94,14 @@ try:
           and vms["db1"]["memory"] == "try" and vms["db1"]["mode"] is None
           and vms["db1"]["scratch_max"] == 2 << 30,
           "memory, mode, scratch and scratch-max: %s" % vms)
+    # auto (backup's default) may be set explicitly, also with memory.
+    auto = write("auto.conf", GOOD.replace("rpo = 5m", "rpo = 5m\nmode = auto\nmemory = on"))
+    vms = {v["vm"]: v for v in qbak_json("config", "check", "--config", auto)["vms"]}
+    check(vms["web1"]["mode"] == "auto" and vms["web1"]["memory"] == "on",
+          "mode = auto with memory = on: %s" % vms["web1"])
     bad += [
         (GOOD.replace("rpo = 5m", "rpo = 5m\nmode = pull\nmemory = on"),
-         ":14: [vm web1] memory: needs mode = push"),
+         ":14: [vm web1] memory: needs mode = push or auto"),
         (GOOD.replace("rpo = 5m", "rpo = 5m\nmode = sideways"), ":13: [vm web1] mode:"),
         (GOOD.replace("rpo = 5m", "rpo = 5m\nmemory = maybe"), ":13: [vm web1] memory:"),
         (GOOD.replace("rpo = 5m", "rpo = 5m\nscratch = tmp"),

@@ -196,7 +196,8 @@ try:
     # too: vm02 (RPO 4 s) is backed up again while vm00's backup runs.
     vms["vm00"].io("vd0", "write -P 0x79 0 %d" % (6 << 20))
     longrun = write_config(os.path.join(w, "long.conf"), NAMES,
-                           per_vm={"vm00": "speed = 1M", "vm02": "rpo = 4s"})
+                           per_vm={"vm00": "speed = 1M\nmode = push",  # its job is paused
+                                   "vm02": "rpo = 4s"})
     # vm00's job is paused in QEMU (as a long backup would be) until vm02
     # has been backed up twice more, so no timing decides the outcome.
     before = len(list_points(repo, "vm02"))
@@ -231,7 +232,8 @@ try:
     # 12 MiB each: at 1 MiB/s a job runs for seconds.
     for vm in vms.values():
         vm.io("vd0", "write -P 0x%02x 0 %d" % (rng.randrange(1, 256), 12 << 20))
-    slow = write_config(os.path.join(w, "slow.conf"), NAMES, extra="speed = 1M")
+    # Push mode: the test counts the backups by QEMU's jobs.
+    slow = write_config(os.path.join(w, "slow.conf"), NAMES, extra="speed = 1M\nmode = push")
     before = {n: list_points(repo, n) for n in NAMES}
     p = subprocess.Popen([QBAK, "run", "--config", slow, "--all", "--jobs", "4", "--json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -284,8 +286,9 @@ try:
     # none with --json.
     vm = vms["vm00"]
     vm.io("vd0", "write -P 0x77 0 %d" % (4 << 20))
+    # Push mode: pull mode draws no progress yet.
     text = on_terminal([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                        "--vm", "vm00", "--speed", str(2 << 20)])
+                        "--vm", "vm00", "--speed", str(2 << 20), "--mode", "push"])
     check(re.search(r"qbak: vm00: vd0 [0-9.]+ MiB of 4.0 MiB.*MiB/s.*left", text),
           "backup progress: %r" % text)
     out = os.path.join(w, "restore-tty.raw")

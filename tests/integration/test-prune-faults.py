@@ -125,7 +125,8 @@ def busy_both_ways():
     random_writes(vm, "vd0", SIZE, rng, 40)
     ref = vm.reference("vd0", os.path.join(w, "ref-slow.raw"))
     slow = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1",
-                             "--full", "--speed", str(2 << 20), "--json"],
+                             "--full", "--speed", str(2 << 20), "--json",
+                             "--mode", "push"],  # watched through QEMU's job
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not vm.jobs():

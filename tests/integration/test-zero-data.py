@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+# Push mode unless a wrapper (its -pull.py twin) asks for another.
+os.environ.setdefault("QBAK_MODE", "push")
 from qbaktest import *  # noqa: E402,F403
 
 require_qemu()

@@ -790,10 +790,10 @@ def files_mbr_fixture():
     return raw
 
 
-# Backup mode under test: QBAK_MODE=push|pull adds --mode to every `qbak
-# backup` these helpers run (unset: qbak's default).  A test that runs qbak
-# itself adds mode_args().  Wrappers such as test-crash-pull.py run a test
-# again in the other mode.
+# Backup mode under test: QBAK_MODE=push|pull|auto adds --mode to every
+# `qbak backup` these helpers run (unset: qbak's default, auto).  A test
+# that runs qbak itself adds mode_args().  The tests with a -pull.py twin
+# (test-crash.py and test-crash-pull.py) set push themselves, the twin pull.
 BACKUP_MODE = os.environ.get("QBAK_MODE") or None
 _qbak_any_mode = qbak
 
@@ -803,8 +803,8 @@ def mode_args():
 
 
 def backup_mode():
-    """The mode backups run in: the one asked for, else qbak's default."""
-    return BACKUP_MODE or "push"
+    """The mode asked for (push, pull or auto), else qbak's default."""
+    return BACKUP_MODE or "auto"
 
 
 def qbak(*args, check_rc=True, env=None):  # noqa: F811

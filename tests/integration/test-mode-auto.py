@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""--mode auto, the default: pull on this QEMU (7.1 or later), push with
+--memory and while QEMU's NBD server is in use by someone else; the
+choice and its reason in the JSON result and in -v output, and every
+point, whatever the mode, equal to the disk at its point in time."""
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from qbaktest import *  # noqa: E402,F403
+
+require_qemu()
+w = workdir("mode-auto")
+size = 16 << 20
+vm = VM(w, [("vd0", make_disk(os.path.join(w, "d0.qcow2"), size), "qcow2")], run=True)
+repo = os.path.join(w, "repo")
+rng = random.Random(13)
+major, minor = (vm.qmp.cmd("query-version")["qemu"][k] for k in ("major", "minor"))
+check((major, minor) >= (7, 1), "this test needs QEMU 7.1 or later: %d.%d" % (major, minor))
+
+
+def backup(*extra, verbose=False):
+    """A default-mode backup (no --mode unless in extra), checked against
+    the disk; returns the result."""
+    random_writes(vm, "vd0", size, rng, 8)
+    ref = vm.reference("vd0", os.path.join(w, "ref.raw"))
+    args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1",
+            "--json"] + list(extra) + (["-v"] if verbose else [])
+    p = run(args)
+    res = json.loads(p.stdout)
+    for d in res["disks"]:
+        f = os.path.join(repo, "vm1", res["point"], d["file"])
+        img_check(f)
+        img_compare(f, ref, fmt_a="qcow2")
+    check(isinstance(res.get("mode_reason"), str) and res["mode_reason"],
+          "a reason for the mode: %s" % res)
+    if verbose:
+        check("mode %s: %s" % (res["mode"], res["mode_reason"]) in p.stderr,
+              "-v names the mode and why: %s" % p.stderr)
+    return res
+
+
+try:
+    r = backup(verbose=True)
+    check(r["mode"] == "pull", "default on QEMU %d.%d is pull: %s" % (major, minor, r))
+    check("scratch_peak_bytes" in r, "a pull result: %s" % r)
+    check(backup("--mode", "auto")["mode"] == "pull", "--mode auto is accepted")
+
+    # --memory: the VM state belongs to push mode's transaction.
+    r = backup("--memory")
+    check(r["mode"] == "push" and "--memory" in r["mode_reason"], "with --memory: %s" % r)
+    check(r["memory"] is not None, "memory captured: %s" % r["memory"])
+
+    # Someone else's NBD server: QEMU has one, so auto does not take it.
+    vm.qmp.cmd("nbd-server-start", addr={"type": "unix",
+                                         "data": {"path": os.path.join(w, "other.nbd")}})
+    vm.qmp.cmd("block-export-add", type="nbd", id="theirs", **{"node-name": "drive0"})
+    r = backup(verbose=True)
+    check(r["mode"] == "push" and "NBD" in r["mode_reason"] and "theirs" in r["mode_reason"],
+          "NBD server in use: %s" % r)
+    exports = vm.qmp.cmd("query-block-exports")
+    check([e["id"] for e in exports] == ["theirs"], "their export untouched: %s" % exports)
+    vm.qmp.cmd("block-export-del", id="theirs")
+    vm.qmp.cmd("nbd-server-stop")
+    check(backup()["mode"] == "pull", "pull again once the server is free")
+
+    # Asked for explicitly: no choice made, and --mode checked.
+    r = backup("--mode", "push")
+    check(r["mode"] == "push", "--mode push: %s" % r)
+    p = run([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1",
+             "--mode", "sideways"], check_rc=False)
+    check(p.returncode == 2 and "auto, push or pull" in p.stderr, "bad --mode: %s" % p.stderr)
+    p = run([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1",
+             "--mode", "pull", "--memory"], check_rc=False)
+    check(p.returncode == 2 and "--memory" in p.stderr, "pull with --memory: %s" % p.stderr)
+    log("ok: auto picks pull on QEMU %d.%d, push with --memory or a busy NBD server"
+        % (major, minor))
+finally:
+    vm.stop()
+    shutil.rmtree(w, ignore_errors=True)
