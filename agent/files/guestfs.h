@@ -119,12 +119,15 @@ char *files_mount_at(struct files_session *s, struct files_fs *fs,
 bool files_umount_at(struct files_session *s, const char *mp, GError **errp);
 
 /* Every path under root (a resolved directory) with lstat data, sorted
- * by path; root itself is not listed. */
-GArray *files_walk(struct files_session *s, const char *root, GError **errp);
+ * by path; root itself is not listed.  Fails on anything the file
+ * system cannot read (never a silently short listing); fstype (or NULL)
+ * says whether directory link counts can check the listing. */
+GArray *files_walk(struct files_session *s, const char *root,
+                   const char *fstype, GError **errp);
 /* The same for a file system mounted at mnt in the appliance (NULL: at
  * "/"): paths in the file system's terms, without mnt. */
 GArray *files_walk_at(struct files_session *s, const char *mnt,
-                      const char *root, GError **errp);
+                      const char *root, const char *fstype, GError **errp);
 
 /* The path with its directories resolved inside the guest file system
  * (symlinks there never lead out of it) and its last component not
