@@ -269,13 +269,22 @@ stat_dir(struct files_session *s, const char *mnt, struct walk_dir *d,
 
     for (guint off = 0; off < d->names->len; off += STAT_BATCH) {
         guint n = MIN(STAT_BATCH, d->names->len - off);
-        g_autofree char **v = g_new0(char *, n + 1);
+        /* the top directory's own link count (its parent's lstat gave
+         * every other one's): "." in the first batch, no extra call */
+        bool self = nlink_ok && d->nlink < 0 && off == 0;
+        g_autofree char **v = g_new0(char *, n + 2);
         struct guestfs_statns_list *st;
 
         memcpy(v, d->names->pdata + off, n * sizeof(char *));
+        if (self) {
+            v[n] = (char *)".";
+        }
         st = guestfs_lstatnslist(s->g, d->apath, v);
         if (!st) {
             return files_gerror(s, "lstatnslist", errp);
+        }
+        if (self && st->len > n && st->val[n].st_ino >= 0) {
+            d->nlink = st->val[n].st_nlink;
         }
         for (guint i = 0; i < st->len && i < n; i++) {
             struct guestfs_statns *t = &st->val[i];
@@ -306,27 +315,13 @@ GArray *
 files_walk_at(struct files_session *s, const char *mnt, const char *root,
               const char *fstype, GError **errp)
 {
-    GArray *entries;
-    GPtrArray *level;
+    GArray *entries = files_entries_new();
+    GPtrArray *level =
+        g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
     bool nlink_ok = nlink_counts_subdirs(fstype);
-    struct walk_dir *top;
 
     mnt = mnt && strcmp(mnt, "/") != 0 ? mnt : "";
-    top = walk_dir_new(mnt, root, -1);
-    if (nlink_ok) {
-        /* the root's link count, for check_dir (one round trip) */
-        struct guestfs_statns *st = guestfs_lstatns(s->g, top->apath);
-        if (!st) {
-            files_gerror(s, root, errp);
-            walk_dir_free(top);
-            return NULL;
-        }
-        top->nlink = st->st_nlink;
-        guestfs_free_statns(st);
-    }
-    entries = files_entries_new();
-    level = g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
-    g_ptr_array_add(level, top);
+    g_ptr_array_add(level, walk_dir_new(mnt, root, -1));
     while (level->len) {
         GPtrArray *next =
             g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
