@@ -47,7 +47,7 @@ catalog_of_drive(struct files_session *s, guint i, struct files_target *t,
             fs->error = g_strdup(err->message);
             continue;
         }
-        fs->entries = files_walk_at(s, mp, "/", &err);
+        fs->entries = files_walk_at(s, mp, "/", fs->type, &err);
         if (!fs->entries) {
             fs->error = g_strdup(err->message);
         }

@@ -24,6 +24,7 @@
 
 struct get {
     struct files_session *s;
+    const char *fstype; /* of the file system read (borrowed) */
     json_t *skipped;
     uint64_t files, dirs, symlinks, bytes;
     GPtrArray *dir_fixups; /* struct dir_fixup *: modes and times last */
@@ -145,7 +146,7 @@ fixup_free(struct dir_fixup *f)
 static bool
 copy_tree(struct get *g, int topfd, const char *rdir, GError **errp)
 {
-    GArray *entries = files_walk(g->s, rdir, errp);
+    GArray *entries = files_walk(g->s, rdir, g->fstype, errp);
     size_t rlen = strcmp(rdir, "/") == 0 ? 0 : strlen(rdir);
     g_autofree char *cached = NULL; /* relative dir of cached_fd */
     int cached_fd = -1;
@@ -415,6 +416,7 @@ files_get(const struct files_opts *o, const struct files_get_opts *go,
     if (!g.s) {
         return NULL;
     }
+    g.fstype = fs->type;
     g.skipped = json_array();
     g.dir_fixups = g_ptr_array_new_with_free_func((GDestroyNotify)fixup_free);
     if (strcmp(go->output, "-") == 0) {

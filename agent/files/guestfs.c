@@ -301,8 +301,7 @@ make_overlay(struct files_session *s, guint k, const char *backing,
     if (vsize <= 0) {
         return NULL;
     }
-    if (!s->tmpdir &&
-        !(s->tmpdir = g_dir_make_tmp("qbak-files-XXXXXX", errp))) {
+    if (!s->tmpdir && !(s->tmpdir = files_tmpdir_make(&s->tmpdir_lock, errp))) {
         return NULL;
     }
     path = g_strdup_printf("%s/overlay%u.qcow2", s->tmpdir, k);
@@ -336,7 +335,7 @@ remove_overlays(struct files_session *s)
     for (guint k = 0; s->overlays && k < s->overlays->len; k++) {
         unlink(s->overlays->pdata[k]);
     }
-    rmdir(s->tmpdir);
+    files_tmpdir_remove(s->tmpdir, s->tmpdir_lock);
     g_clear_pointer(&s->tmpdir, g_free);
     g_clear_pointer(&s->overlays, g_ptr_array_unref);
 }

@@ -46,6 +46,7 @@ struct files_session {
     guint mounted;      /* file systems mounted at files_mount_at() points */
     guint mount_seq;    /* mount points made by files_mount_at() */
     char *tmpdir;       /* our overlays until the launch, or NULL */
+    int tmpdir_lock;    /* its owner file, locked (when tmpdir is set) */
     GPtrArray *overlays;
     unsigned launches;
     double launch_s; /* time spent in appliance launches */
@@ -77,6 +78,16 @@ int files_point_fd(struct files_session *s, const struct restore_point *p,
  * one is unmounted at once, as its inodes would outgrow the appliance
  * memory set aside per drive. */
 #define FILES_MOUNTED_ENTRIES 30000
+
+/* A fresh directory for a launch's overlays, in the temporary
+ * directory: its owner file stays locked (flock on *lock_fd) while this
+ * process lives, so a directory left by a killed qbak is found and
+ * removed by the next one (files_tmpdir_sweep(), run here first). */
+char *files_tmpdir_make(int *lock_fd, GError **errp);
+/* Removes dir (its overlays already gone) and drops the lock. */
+void files_tmpdir_remove(const char *dir, int lock_fd);
+/* Removes our overlay directories whose process is gone. */
+void files_tmpdir_sweep(void);
 
 /* Starts an appliance with one read-only drive per target (struct
  * files_target *, borrowed).  Ends an earlier one first. */
@@ -119,12 +130,15 @@ char *files_mount_at(struct files_session *s, struct files_fs *fs,
 bool files_umount_at(struct files_session *s, const char *mp, GError **errp);
 
 /* Every path under root (a resolved directory) with lstat data, sorted
- * by path; root itself is not listed. */
-GArray *files_walk(struct files_session *s, const char *root, GError **errp);
+ * by path; root itself is not listed.  Fails on anything the file
+ * system cannot read (never a silently short listing); fstype (or NULL)
+ * says whether directory link counts can check the listing. */
+GArray *files_walk(struct files_session *s, const char *root,
+                   const char *fstype, GError **errp);
 /* The same for a file system mounted at mnt in the appliance (NULL: at
  * "/"): paths in the file system's terms, without mnt. */
 GArray *files_walk_at(struct files_session *s, const char *mnt,
-                      const char *root, GError **errp);
+                      const char *root, const char *fstype, GError **errp);
 
 /* The path with its directories resolved inside the guest file system
  * (symlinks there never lead out of it) and its last component not

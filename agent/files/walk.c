@@ -9,6 +9,18 @@
  * plain names only, no paths) gives types, sizes and times.  The glob
  * names only real directories found by lstat, so it never follows a
  * symlink, and needs no stat of its own (no directory slash).
+ *
+ * glob skips what it cannot read, silently: a directory the appliance's
+ * kernel cannot open or read (I/O error, corrupt blocks) would look
+ * empty or short, and a name whose inode cannot be read would vanish.
+ * So a name lstat cannot read fails the walk with lstatns's error, and
+ * a directory whose children look wrong is read again with ls, which
+ * reports a read error: one that came out empty, or (on file systems
+ * whose directory link count is 2 + its subdirectories: ext2/3/4, xfs)
+ * one whose subdirectories found do not match its link count.  A
+ * mismatch that ls does not explain still fails: the listing would be
+ * short.  Probes are rare (empty directories), so the walk stays at a
+ * few round trips per level.
  */
 #include <string.h>
 #include <sys/stat.h>
@@ -34,6 +46,7 @@ struct walk_dir {
     char *path;  /* "/" or "/a/b" */
     char *apath; /* the appliance's path: mountpoint + path */
     GPtrArray *names;
+    int64_t nlink; /* its lstat link count, or -1 */
 };
 
 static void
@@ -146,10 +159,11 @@ list_level(struct files_session *s, GPtrArray *dirs, GError **errp)
 }
 
 static struct walk_dir *
-walk_dir_new(const char *mnt, const char *path)
+walk_dir_new(const char *mnt, const char *path, int64_t nlink)
 {
     struct walk_dir *d = g_new0(struct walk_dir, 1);
 
+    d->nlink = nlink;
     d->path = g_strdup(path);
     d->apath = strcmp(path, "/") == 0 ? g_strdup(*mnt ? mnt : "/")
                                       : g_strconcat(mnt, path, NULL);
@@ -157,29 +171,129 @@ walk_dir_new(const char *mnt, const char *path)
     return d;
 }
 
+/* Whether a directory's link count is 2 + its subdirectories on this
+ * file system type (NULL: unknown, or several mounted together). */
+static bool
+nlink_counts_subdirs(const char *fstype)
+{
+    static const char *const types[] = {"ext2", "ext3", "ext4", "xfs"};
+
+    for (guint i = 0; fstype && i < G_N_ELEMENTS(types); i++) {
+        if (strcmp(fstype, types[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A name glob listed that lstat could not read: lstatns says why. */
+static bool
+unreadable_name(struct files_session *s, struct walk_dir *d, const char *name,
+                GError **errp)
+{
+    g_autofree char *apath = g_strconcat(
+        strcmp(d->apath, "/") == 0 ? "" : d->apath, "/", name, NULL);
+    struct guestfs_statns *st = guestfs_lstatns(s->g, apath);
+    const char *msg = st ? "lstat failed" : guestfs_last_error(s->g);
+    g_autofree char *path =
+        g_strconcat(strcmp(d->path, "/") == 0 ? "" : d->path, "/", name, NULL);
+
+    if (st) {
+        guestfs_free_statns(st);
+    }
+    /* "lstatns: /qbak/N/a/b: Structure needs cleaning": the reason only,
+     * the appliance's path means nothing to the user */
+    if (msg && g_str_has_prefix(msg, "lstatns: ") &&
+        g_str_has_prefix(msg + 9, apath) &&
+        g_str_has_prefix(msg + 9 + strlen(apath), ": ")) {
+        msg += 9 + strlen(apath) + 2;
+    }
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED, "%s: %s", path,
+                msg ? msg : "cannot be read");
+    return false;
+}
+
+/* d came out empty, or with subdirs subdirectories where its link count
+ * says otherwise: ls reads it again and fails on a read error that glob
+ * skipped.  Fails too when ls finds names glob did not, or the link
+ * count still disagrees (a short listing either way). */
+static bool
+check_dir(struct files_session *s, struct walk_dir *d, bool nlink_ok,
+          int64_t subdirs, GError **errp)
+{
+    bool mismatch = nlink_ok && d->nlink >= 2 && d->nlink != 2 + subdirs;
+    char **names;
+    guint n = 0;
+
+    if (d->names->len && !mismatch) {
+        return true;
+    }
+    names = guestfs_ls(s->g, d->apath);
+    if (!names) {
+        const char *msg = guestfs_last_error(s->g);
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                    "%s: directory cannot be read: %s", d->path,
+                    msg ? msg : "ls failed");
+        return false;
+    }
+    for (char **p = names; *p; p++) {
+        n++;
+        free(*p);
+    }
+    free(names);
+    if (n != d->names->len) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                    "%s: directory reads differently (%u names, then %u)",
+                    d->path, d->names->len, n);
+        return false;
+    }
+    if (mismatch) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                    "%s: directory damaged: its link count %" G_GINT64_FORMAT
+                    " means %" G_GINT64_FORMAT
+                    " subdirectories, %" G_GINT64_FORMAT " can be read",
+                    d->path, d->nlink, d->nlink - 2, subdirs);
+        return false;
+    }
+    return true;
+}
+
 /* lstat of d's children: appends them to entries and their
- * subdirectories to next. */
+ * subdirectories to next; then checks d (check_dir). */
 static bool
 stat_dir(struct files_session *s, const char *mnt, struct walk_dir *d,
-         GArray *entries, GPtrArray *next, GError **errp)
+         bool nlink_ok, GArray *entries, GPtrArray *next, GError **errp)
 {
     const char *prefix = strcmp(d->path, "/") == 0 ? "" : d->path;
+    int64_t subdirs = 0;
 
     for (guint off = 0; off < d->names->len; off += STAT_BATCH) {
         guint n = MIN(STAT_BATCH, d->names->len - off);
-        g_autofree char **v = g_new0(char *, n + 1);
+        /* the top directory's own link count (its parent's lstat gave
+         * every other one's): "." in the first batch, no extra call */
+        bool self = nlink_ok && d->nlink < 0 && off == 0;
+        g_autofree char **v = g_new0(char *, n + 2);
         struct guestfs_statns_list *st;
 
         memcpy(v, d->names->pdata + off, n * sizeof(char *));
+        if (self) {
+            v[n] = (char *)".";
+        }
         st = guestfs_lstatnslist(s->g, d->apath, v);
         if (!st) {
             return files_gerror(s, "lstatnslist", errp);
+        }
+        if (self && st->len > n && st->val[n].st_ino >= 0) {
+            d->nlink = st->val[n].st_nlink;
         }
         for (guint i = 0; i < st->len && i < n; i++) {
             struct guestfs_statns *t = &st->val[i];
             struct files_entry e = {0};
             if (t->st_ino < 0) {
-                continue; /* vanished? the fs is read-only: odd, skip */
+                /* listed but unreadable (a corrupt inode, an I/O
+                 * error): the file system is read-only, nothing moved */
+                guestfs_free_statns_list(st);
+                return unreadable_name(s, d, v[i], errp);
             }
             e.path = g_strconcat(prefix, "/", v[i], NULL);
             e.mode = (uint32_t)t->st_mode;
@@ -188,24 +302,26 @@ stat_dir(struct files_session *s, const char *mnt, struct walk_dir *d,
             e.mtime = t->st_mtime_sec;
             g_array_append_val(entries, e);
             if (S_ISDIR(e.mode)) {
-                g_ptr_array_add(next, walk_dir_new(mnt, e.path));
+                subdirs++;
+                g_ptr_array_add(next, walk_dir_new(mnt, e.path, t->st_nlink));
             }
         }
         guestfs_free_statns_list(st);
     }
-    return true;
+    return check_dir(s, d, nlink_ok, subdirs, errp);
 }
 
 GArray *
 files_walk_at(struct files_session *s, const char *mnt, const char *root,
-              GError **errp)
+              const char *fstype, GError **errp)
 {
     GArray *entries = files_entries_new();
     GPtrArray *level =
         g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
+    bool nlink_ok = nlink_counts_subdirs(fstype);
 
     mnt = mnt && strcmp(mnt, "/") != 0 ? mnt : "";
-    g_ptr_array_add(level, walk_dir_new(mnt, root));
+    g_ptr_array_add(level, walk_dir_new(mnt, root, -1));
     while (level->len) {
         GPtrArray *next =
             g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
@@ -214,7 +330,8 @@ files_walk_at(struct files_session *s, const char *mnt, const char *root,
             goto fail_next;
         }
         for (guint i = 0; i < level->len; i++) {
-            if (!stat_dir(s, mnt, level->pdata[i], entries, next, errp)) {
+            if (!stat_dir(s, mnt, level->pdata[i], nlink_ok, entries, next,
+                          errp)) {
                 goto fail_next;
             }
         }
@@ -233,7 +350,8 @@ files_walk_at(struct files_session *s, const char *mnt, const char *root,
 }
 
 GArray *
-files_walk(struct files_session *s, const char *root, GError **errp)
+files_walk(struct files_session *s, const char *root, const char *fstype,
+           GError **errp)
 {
-    return files_walk_at(s, NULL, root, errp);
+    return files_walk_at(s, NULL, root, fstype, errp);
 }
