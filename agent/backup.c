@@ -573,10 +573,13 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
             return false;
         }
     }
-    recover_crash_point("fsynced");
     *manifest = make_manifest(
         b, parent, (double)(g_get_monotonic_time() - b->start_us) / 1e6);
-    if (!repo_commit(b->repo, b->partial_fd, b->point, *manifest, errp)) {
+    if (!repo_commit_sync(b->repo, b->partial_fd, b->point, *manifest, errp)) {
+        return false;
+    }
+    recover_crash_point("fsynced");
+    if (!repo_commit_publish(b->repo, b->point, errp)) {
         return false;
     }
     b->committed = true;
@@ -836,7 +839,8 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     b.partial_made = true;
-    /* The settings, with or without memory, durable before the commit. */
+    /* The settings, with or without memory; durable with the rest of the
+     * point at the commit (repo_commit_sync). */
     if (!vm_settings_write(b.partial_fd, VM_SETTINGS_NAME, b.settings, errp)) {
         goto out;
     }

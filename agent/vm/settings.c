@@ -386,7 +386,7 @@ vm_settings_write(int dirfd, const char *name, json_t *settings, GError **errp)
                     O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 
     if (fd < 0 || !text || fchmod(fd, 0600) < 0 ||
-        write(fd, text, len) != (ssize_t)len || fsync(fd) < 0) {
+        write(fd, text, len) != (ssize_t)len) {
         int e = fd < 0 || errno == 0 ? errno : errno;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(e), "%s: %s",
                     name, g_strerror(e ? e : EIO));

@@ -26,7 +26,7 @@ json_t *vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
                             const char *qga_path, int timeout_ms);
 
 /* Write settings (borrowed) as name in dirfd, mode 0600 (a command line may
- * hold secrets), fsynced. */
+ * hold secrets); not fsynced: the point's commit makes it durable. */
 bool vm_settings_write(int dirfd, const char *name, json_t *settings,
                        GError **errp);
 
