@@ -717,7 +717,7 @@ pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
 {
     bool started;
 
-    if (!backup_pull_prepare(b, errp)) {
+    if (!backup_pull_add_nodes(b, errp)) {
         return false;
     }
     trace(b, "fleecing nodes added");
@@ -747,6 +747,7 @@ backup_run(const struct backup_opts *o, GError **errp)
     const char *parent = NULL, *last_point = NULL;
     bool any_incremental = false, started;
     int qga_timeout_ms = MIN(o->timeout_ms, QGA_TIMEOUT_MAX_MS);
+    struct vm_settings_pending *settings = NULL;
     int ret;
 
     b.start_us = g_get_monotonic_time();
@@ -814,12 +815,13 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!discover_disks(&b, errp)) {
         goto out;
     }
-    b.settings =
-        vm_settings_capture(b.qmp, o->qmp_path, o->qga_path, o->timeout_ms);
+    /* QEMU answers the settings' queries while qbak plans and prepares;
+     * the answers are collected before anything in QEMU changes. */
+    settings = vm_settings_capture_start(b.qmp, o->qmp_path, o->qga_path,
+                                         o->timeout_ms);
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         plan_disk(&b, d);
-        explain_full(&b, d, last_point);
         any_incremental |= !d->full;
     }
     /* The agent is checked before anything starts in QEMU, so a required
@@ -839,6 +841,13 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     b.partial_made = true;
+    if (b.use_pull && !backup_pull_prepare(&b, errp)) {
+        goto out;
+    }
+    b.settings = vm_settings_capture_finish(g_steal_pointer(&settings));
+    for (guint k = 0; k < b.disks->len; k++) {
+        explain_full(&b, b.disks->pdata[k], last_point);
+    }
     /* The settings, with or without memory; durable with the rest of the
      * point at the commit (repo_commit_sync). */
     if (!vm_settings_write(b.partial_fd, VM_SETTINGS_NAME, b.settings, errp)) {
@@ -909,6 +918,9 @@ copied:
 out:
     if (b.quiesce) {
         quiesce_thaw(b.quiesce); /* before any clean-up that may block */
+    }
+    if (settings) {
+        json_decref(vm_settings_capture_finish(settings));
     }
     vmstate_free(b.vmstate); /* the VM runs again, the snapshot stops */
     backup_pull_release(&b, b.committed ? warnings : NULL);

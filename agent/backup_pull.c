@@ -439,8 +439,20 @@ backup_pull_prepare(struct backup *b, GError **errp)
         d->target = backup_target_new(&b->ring, b->partial_fd, d->file, d->name,
                                       d->size, o->cluster_bits, d->backing_rel,
                                       d->backing, NULL, errp);
-        if (!d->target || !make_scratch(pd, d->size, errp) ||
-            !add_nodes(b, d, pd, errp)) {
+        if (!d->target || !make_scratch(pd, d->size, errp)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool
+backup_pull_add_nodes(struct backup *b, GError **errp)
+{
+    struct pull *p = b->pull;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        if (!add_nodes(b, b->disks->pdata[k], p->disks->pdata[k], errp)) {
             return false;
         }
     }
