@@ -99,14 +99,14 @@ wanted(const struct backup_opts *o, const char *name)
 
 /* Every writable, non-empty block device with a guest device. */
 static bool
-discover_disks(struct backup *b, GError **errp)
+discover_disks(struct backup *b, struct vm_settings_pending *settings,
+               GError **errp)
 {
     const struct backup_opts *o = b->opts;
     size_t i;
     json_t *dev;
 
-    b->block =
-        qmp_client_call(b->qmp, "query-block", NULL, o->timeout_ms, errp);
+    b->block = vm_settings_capture_query_block(settings, errp);
     if (!b->block) {
         return false;
     }
@@ -720,8 +720,8 @@ pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
     if (!backup_pull_add_nodes(b, errp)) {
         return false;
     }
-    trace(b, "fleecing nodes added");
-    if (!add_bitmaps(b, errp) || !quiesce_freeze(b->quiesce, errp)) {
+    trace(b, "fleecing nodes and bitmaps added");
+    if (!quiesce_freeze(b->quiesce, errp)) {
         return false;
     }
     started = backup_pull_point(b, errp);
@@ -812,13 +812,14 @@ backup_run(const struct backup_opts *o, GError **errp)
         fprintf(stderr, "qbak: mode %s: %s\n", b.use_pull ? "pull" : "push",
                 b.mode_reason);
     }
-    if (!discover_disks(&b, errp)) {
-        goto out;
-    }
-    /* QEMU answers the settings' queries while qbak plans and prepares;
-     * the answers are collected before anything in QEMU changes. */
+    /* The settings' queries, query-block first: qbak plans the disks
+     * from it and prepares while QEMU answers the rest; the answers are
+     * collected before anything in QEMU changes. */
     settings = vm_settings_capture_start(b.qmp, o->qmp_path, o->qga_path,
                                          o->timeout_ms);
+    if (!discover_disks(&b, settings, errp)) {
+        goto out;
+    }
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         plan_disk(&b, d);

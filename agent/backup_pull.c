@@ -340,7 +340,7 @@ add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
 {
     struct batch bt;
 
-    batch_init(&bt, 4);
+    batch_init(&bt, 5);
     batch_add(&bt, d->name, "blockdev-add",
               json_pack("{s:s, s:s, s:{s:b}, s:{s:s, s:I, s:{s:s, s:s, "
                         "s:{s:b}}}}",
@@ -358,6 +358,14 @@ add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
                         "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S,
                         "discard", "unmap"),
               &pd->cbw_added, true);
+    /* The bitmap of the next generation (raw images cannot store a
+     * persistent one), in the same round trip: added before the point
+     * in time, it records a superset of the writes after it, which is
+     * safe; a failure undoes it with the rest. */
+    batch_add(&bt, d->name, "block-dirty-bitmap-add",
+              json_pack("{s:s, s:s, s:b}", "node", d->node, "name", d->bitmap,
+                        "persistent", g_strcmp0(d->drv, "qcow2") == 0),
+              &d->bitmap_added, true);
     if (pd->pass) {
         batch_add(&bt, d->name, "blockdev-add", pass_options(pd, d->node),
                   &pd->pass_added, true);

@@ -19,6 +19,9 @@ static const struct {
     const char *cmd;
     const char *args; /* JSON or NULL */
 } queries[] = {
+    /* First: the backup plans its disks from it while QEMU answers the
+     * rest (vm_settings_capture_query_block). */
+    {"query-block", NULL},
     {"query-version", NULL},
     {"query-name", NULL},
     {"query-uuid", NULL},
@@ -29,7 +32,6 @@ static const struct {
     {"query-memdev", NULL},
     {"query-memory-size-summary", NULL},
     {"query-memory-devices", NULL},
-    {"query-block", NULL},
     {"query-named-block-nodes", "{\"flat\": true}"},
     {"query-pci", NULL},
     {"query-chardev", NULL},
@@ -360,6 +362,20 @@ vm_settings_capture_start(struct qmp_client *qmp, const char *qmp_path,
         json_pack("{s:s, s:s}", "path", "/machine", "property", "type");
     qmp_client_send_many(qmp, calls, G_N_ELEMENTS(p->calls), timeout_ms);
     return p;
+}
+
+json_t *
+vm_settings_capture_query_block(struct vm_settings_pending *p, GError **errp)
+{
+    struct qmp_call *c = &p->calls[0];
+
+    g_assert(strcmp(c->cmd, "query-block") == 0);
+    qmp_client_wait_many(p->qmp, c, 1, p->timeout_ms);
+    if (!c->result) {
+        g_propagate_error(errp, g_error_copy(c->error));
+        return NULL;
+    }
+    return json_incref(c->result);
 }
 
 json_t *
