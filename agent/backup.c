@@ -587,20 +587,53 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
     return true;
 }
 
-static void
-remove_bitmap(struct backup *b, struct disk *d, const char *name,
-              GPtrArray *warnings)
+/* The bitmaps the committed point made stale, removed in one round trip:
+ * sent (calls returned, *n of them, names[i] the disk of calls[i]) before
+ * the answers to the graph's teardown are awaited, collected after. */
+static struct qmp_call *
+stale_bitmaps_send(struct backup *b, GPtrArray *names, size_t *n)
 {
-    g_autoptr(GError) err = NULL;
-    json_t *r =
-        qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
-                        json_pack("{s:s, s:s}", "node", d->node, "name", name),
-                        b->opts->timeout_ms, &err);
-    if (!r) {
-        g_ptr_array_add(warnings,
-                        g_strdup_printf("%s: %s", d->name, err->message));
+    struct qmp_call *calls;
+    size_t total = 0, j = 0;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        total += ((struct disk *)b->disks->pdata[k])->stale_bitmaps->len;
     }
-    json_decref(r);
+    *n = total;
+    if (total == 0) {
+        return NULL;
+    }
+    calls = g_new0(struct qmp_call, total);
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        for (guint i = 0; i < d->stale_bitmaps->len; i++, j++) {
+            calls[j].cmd = "block-dirty-bitmap-remove";
+            calls[j].args = json_pack("{s:s, s:s}", "node", d->node, "name",
+                                      (char *)d->stale_bitmaps->pdata[i]);
+            g_ptr_array_add(names, d->name);
+        }
+    }
+    qmp_client_send_many(b->qmp, calls, total, b->opts->timeout_ms);
+    return calls;
+}
+
+static void
+stale_bitmaps_finish(struct backup *b, struct qmp_call *calls, size_t n,
+                     GPtrArray *names, GPtrArray *warnings)
+{
+    if (!calls) {
+        return;
+    }
+    qmp_client_wait_many(b->qmp, calls, n, b->opts->timeout_ms);
+    for (size_t i = 0; i < n; i++) {
+        if (calls[i].error) {
+            g_ptr_array_add(warnings,
+                            g_strdup_printf("%s: %s", (char *)names->pdata[i],
+                                            calls[i].error->message));
+        }
+    }
+    qmp_calls_clear(calls, n);
+    g_free(calls);
 }
 
 /* Undo what QEMU holds for us: jobs, NBD nodes; then stop serving. */
@@ -904,14 +937,17 @@ copied:
     if (!b.pull) {
         backup_jobs_finalize(&b, warnings);
     }
-    backup_pull_release(&b, warnings);
-    trace(&b, "finalized");
-    for (guint k = 0; k < b.disks->len; k++) {
-        struct disk *d = b.disks->pdata[k];
-        for (guint i = 0; i < d->stale_bitmaps->len; i++) {
-            remove_bitmap(&b, d, d->stale_bitmaps->pdata[i], warnings);
-        }
+    {
+        /* QEMU runs the removals after the teardown sent before the
+         * commit: one wait for both. */
+        g_autoptr(GPtrArray) names = g_ptr_array_new();
+        size_t n;
+        struct qmp_call *stale = stale_bitmaps_send(&b, names, &n);
+
+        backup_pull_release(&b, warnings);
+        stale_bitmaps_finish(&b, stale, n, names, warnings);
     }
+    trace(&b, "finalized");
     release_qemu(&b, false, warnings);
     trace(&b, "NBD nodes released");
     result = result_json(&b, manifest, warnings, recovered);
