@@ -956,9 +956,7 @@ out:
     if (b.quiesce) {
         quiesce_thaw(b.quiesce); /* before any clean-up that may block */
     }
-    if (settings) {
-        json_decref(vm_settings_capture_finish(settings));
-    }
+    vm_settings_capture_abandon(settings);
     vmstate_free(b.vmstate); /* the VM runs again, the snapshot stops */
     backup_pull_release(&b, b.committed ? warnings : NULL);
     if (b.partial_made || b.disks->len) {

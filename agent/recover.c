@@ -120,6 +120,12 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
         }
     }
     if (json_array_size(jobs) == 0) {
+        if (!calls[1].result) {
+            g_propagate_error(errp, g_steal_pointer(&calls[1].error));
+            qmp_calls_clear(calls, G_N_ELEMENTS(calls));
+            json_decref(jobs);
+            return false;
+        }
         nodes = g_steal_pointer(&calls[1].result);
     }
     qmp_calls_clear(calls, G_N_ELEMENTS(calls));

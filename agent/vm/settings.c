@@ -420,6 +420,16 @@ vm_settings_capture_finish(struct vm_settings_pending *p)
     return s;
 }
 
+void
+vm_settings_capture_abandon(struct vm_settings_pending *p)
+{
+    if (p) {
+        qmp_client_forget_many(p->qmp, p->calls, G_N_ELEMENTS(p->calls));
+        json_decref(p->s);
+        g_free(p);
+    }
+}
+
 json_t *
 vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
                     const char *qga_path, int timeout_ms)

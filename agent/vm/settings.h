@@ -34,6 +34,9 @@ struct vm_settings_pending *vm_settings_capture_start(struct qmp_client *qmp,
                                                       const char *qga_path,
                                                       int timeout_ms);
 json_t *vm_settings_capture_finish(struct vm_settings_pending *p);
+/* On a failure before _finish: frees p without waiting for QEMU (answers
+ * that come later are dropped with the client). */
+void vm_settings_capture_abandon(struct vm_settings_pending *p);
 /* query-block's answer, the first of the capture's (a new reference), as
  * soon as it is in; NULL with *errp if it failed. */
 json_t *vm_settings_capture_query_block(struct vm_settings_pending *p,
