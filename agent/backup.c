@@ -24,6 +24,7 @@
 #include "agent/recover.h"
 #include "agent/vm/settings.h"
 #include "agent/vm/vmstate.h"
+#include "io/lazy_libs.h"
 #include "io/qcow2_sums.h"
 
 #define RING_ENTRIES 256
@@ -784,6 +785,9 @@ backup_run(const struct backup_opts *o, GError **errp)
     int ret;
 
     b.start_us = g_get_monotonic_time();
+    if (o->mode == BACKUP_MODE_PULL) {
+        lazy_libs_preload_nbd(); /* as early as can be: see below */
+    }
     b.disks = g_ptr_array_new_with_free_func((GDestroyNotify)disk_free);
     ret = ring_init(&b.ring, RING_ENTRIES);
     if (ret < 0) {
@@ -840,6 +844,9 @@ backup_run(const struct backup_opts *o, GError **errp)
     trace(&b, "leftovers checked");
     if (!backup_choose_mode(&b, errp)) {
         goto out;
+    }
+    if (b.use_pull) {
+        lazy_libs_preload_nbd(); /* io/lazy_libs.h: 90 ms, overlapped */
     }
     if (o->verbose) {
         fprintf(stderr, "qbak: mode %s: %s\n", b.use_pull ? "pull" : "push",
@@ -982,6 +989,7 @@ out:
     if (b.ring_ok) {
         ring_fini(&b.ring);
     }
+    lazy_libs_preload_wait();
     g_free(b.point);
     g_free(b.mode_reason);
     if (!result && errp && !*errp) {
