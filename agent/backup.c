@@ -24,6 +24,7 @@
 #include "agent/recover.h"
 #include "agent/vm/settings.h"
 #include "agent/vm/vmstate.h"
+#include "io/lazy_libs.h"
 #include "io/qcow2_sums.h"
 
 #define RING_ENTRIES 256
@@ -99,14 +100,14 @@ wanted(const struct backup_opts *o, const char *name)
 
 /* Every writable, non-empty block device with a guest device. */
 static bool
-discover_disks(struct backup *b, GError **errp)
+discover_disks(struct backup *b, struct vm_settings_pending *settings,
+               GError **errp)
 {
     const struct backup_opts *o = b->opts;
     size_t i;
     json_t *dev;
 
-    b->block =
-        qmp_client_call(b->qmp, "query-block", NULL, o->timeout_ms, errp);
+    b->block = vm_settings_capture_query_block(settings, errp);
     if (!b->block) {
         return false;
     }
@@ -573,10 +574,13 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
             return false;
         }
     }
-    recover_crash_point("fsynced");
     *manifest = make_manifest(
         b, parent, (double)(g_get_monotonic_time() - b->start_us) / 1e6);
-    if (!repo_commit(b->repo, b->partial_fd, b->point, *manifest, errp)) {
+    if (!repo_commit_sync(b->repo, b->partial_fd, b->point, *manifest, errp)) {
+        return false;
+    }
+    recover_crash_point("fsynced");
+    if (!repo_commit_publish(b->repo, b->point, errp)) {
         return false;
     }
     b->committed = true;
@@ -584,20 +588,53 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
     return true;
 }
 
-static void
-remove_bitmap(struct backup *b, struct disk *d, const char *name,
-              GPtrArray *warnings)
+/* The bitmaps the committed point made stale, removed in one round trip:
+ * sent (calls returned, *n of them, names[i] the disk of calls[i]) before
+ * the answers to the graph's teardown are awaited, collected after. */
+static struct qmp_call *
+stale_bitmaps_send(struct backup *b, GPtrArray *names, size_t *n)
 {
-    g_autoptr(GError) err = NULL;
-    json_t *r =
-        qmp_client_call(b->qmp, "block-dirty-bitmap-remove",
-                        json_pack("{s:s, s:s}", "node", d->node, "name", name),
-                        b->opts->timeout_ms, &err);
-    if (!r) {
-        g_ptr_array_add(warnings,
-                        g_strdup_printf("%s: %s", d->name, err->message));
+    struct qmp_call *calls;
+    size_t total = 0, j = 0;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        total += ((struct disk *)b->disks->pdata[k])->stale_bitmaps->len;
     }
-    json_decref(r);
+    *n = total;
+    if (total == 0) {
+        return NULL;
+    }
+    calls = g_new0(struct qmp_call, total);
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        for (guint i = 0; i < d->stale_bitmaps->len; i++, j++) {
+            calls[j].cmd = "block-dirty-bitmap-remove";
+            calls[j].args = json_pack("{s:s, s:s}", "node", d->node, "name",
+                                      (char *)d->stale_bitmaps->pdata[i]);
+            g_ptr_array_add(names, d->name);
+        }
+    }
+    qmp_client_send_many(b->qmp, calls, total, b->opts->timeout_ms);
+    return calls;
+}
+
+static void
+stale_bitmaps_finish(struct backup *b, struct qmp_call *calls, size_t n,
+                     GPtrArray *names, GPtrArray *warnings)
+{
+    if (!calls) {
+        return;
+    }
+    qmp_client_wait_many(b->qmp, calls, n, b->opts->timeout_ms);
+    for (size_t i = 0; i < n; i++) {
+        if (calls[i].error) {
+            g_ptr_array_add(warnings,
+                            g_strdup_printf("%s: %s", (char *)names->pdata[i],
+                                            calls[i].error->message));
+        }
+    }
+    qmp_calls_clear(calls, n);
+    g_free(calls);
 }
 
 /* Undo what QEMU holds for us: jobs, NBD nodes; then stop serving. */
@@ -714,11 +751,11 @@ pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
 {
     bool started;
 
-    if (!backup_pull_prepare(b, errp)) {
+    if (!backup_pull_add_nodes(b, errp)) {
         return false;
     }
-    trace(b, "fleecing nodes added");
-    if (!add_bitmaps(b, errp) || !quiesce_freeze(b->quiesce, errp)) {
+    trace(b, "fleecing nodes and bitmaps added");
+    if (!quiesce_freeze(b->quiesce, errp)) {
         return false;
     }
     started = backup_pull_point(b, errp);
@@ -744,9 +781,13 @@ backup_run(const struct backup_opts *o, GError **errp)
     const char *parent = NULL, *last_point = NULL;
     bool any_incremental = false, started;
     int qga_timeout_ms = MIN(o->timeout_ms, QGA_TIMEOUT_MAX_MS);
+    struct vm_settings_pending *settings = NULL;
     int ret;
 
     b.start_us = g_get_monotonic_time();
+    if (o->mode == BACKUP_MODE_PULL) {
+        lazy_libs_preload_nbd(); /* as early as can be: see below */
+    }
     b.disks = g_ptr_array_new_with_free_func((GDestroyNotify)disk_free);
     ret = ring_init(&b.ring, RING_ENTRIES);
     if (ret < 0) {
@@ -804,19 +845,24 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!backup_choose_mode(&b, errp)) {
         goto out;
     }
+    if (b.use_pull) {
+        lazy_libs_preload_nbd(); /* io/lazy_libs.h: 90 ms, overlapped */
+    }
     if (o->verbose) {
         fprintf(stderr, "qbak: mode %s: %s\n", b.use_pull ? "pull" : "push",
                 b.mode_reason);
     }
-    if (!discover_disks(&b, errp)) {
+    /* The settings' queries, query-block first: qbak plans the disks
+     * from it and prepares while QEMU answers the rest; the answers are
+     * collected before anything in QEMU changes. */
+    settings = vm_settings_capture_start(b.qmp, o->qmp_path, o->qga_path,
+                                         o->timeout_ms);
+    if (!discover_disks(&b, settings, errp)) {
         goto out;
     }
-    b.settings =
-        vm_settings_capture(b.qmp, o->qmp_path, o->qga_path, o->timeout_ms);
     for (guint k = 0; k < b.disks->len; k++) {
         struct disk *d = b.disks->pdata[k];
         plan_disk(&b, d);
-        explain_full(&b, d, last_point);
         any_incremental |= !d->full;
     }
     /* The agent is checked before anything starts in QEMU, so a required
@@ -836,7 +882,15 @@ backup_run(const struct backup_opts *o, GError **errp)
         goto out;
     }
     b.partial_made = true;
-    /* The settings, with or without memory, durable before the commit. */
+    if (b.use_pull && !backup_pull_prepare(&b, errp)) {
+        goto out;
+    }
+    b.settings = vm_settings_capture_finish(g_steal_pointer(&settings));
+    for (guint k = 0; k < b.disks->len; k++) {
+        explain_full(&b, b.disks->pdata[k], last_point);
+    }
+    /* The settings, with or without memory; durable with the rest of the
+     * point at the commit (repo_commit_sync). */
     if (!vm_settings_write(b.partial_fd, VM_SETTINGS_NAME, b.settings, errp)) {
         goto out;
     }
@@ -890,14 +944,17 @@ copied:
     if (!b.pull) {
         backup_jobs_finalize(&b, warnings);
     }
-    backup_pull_release(&b, warnings);
-    trace(&b, "finalized");
-    for (guint k = 0; k < b.disks->len; k++) {
-        struct disk *d = b.disks->pdata[k];
-        for (guint i = 0; i < d->stale_bitmaps->len; i++) {
-            remove_bitmap(&b, d, d->stale_bitmaps->pdata[i], warnings);
-        }
+    {
+        /* QEMU runs the removals after the teardown sent before the
+         * commit: one wait for both. */
+        g_autoptr(GPtrArray) names = g_ptr_array_new();
+        size_t n;
+        struct qmp_call *stale = stale_bitmaps_send(&b, names, &n);
+
+        backup_pull_release(&b, warnings);
+        stale_bitmaps_finish(&b, stale, n, names, warnings);
     }
+    trace(&b, "finalized");
     release_qemu(&b, false, warnings);
     trace(&b, "NBD nodes released");
     result = result_json(&b, manifest, warnings, recovered);
@@ -906,6 +963,7 @@ out:
     if (b.quiesce) {
         quiesce_thaw(b.quiesce); /* before any clean-up that may block */
     }
+    vm_settings_capture_abandon(settings);
     vmstate_free(b.vmstate); /* the VM runs again, the snapshot stops */
     backup_pull_release(&b, b.committed ? warnings : NULL);
     if (b.partial_made || b.disks->len) {
@@ -931,6 +989,7 @@ out:
     if (b.ring_ok) {
         ring_fini(&b.ring);
     }
+    lazy_libs_preload_wait();
     g_free(b.point);
     g_free(b.mode_reason);
     if (!result && errp && !*errp) {

@@ -85,8 +85,16 @@ struct pull {
     bool teardown_on_cbw;  /* false once the pass nodes left the filters */
     bool server_started;
     bool marker;
+    /* The NBD server's listening socket, made before the point (a mkdir
+     * of a busy file system once took 135 ms after it); -1, NULL once
+     * the server has it. */
+    int lfd;
+    char *sock_dir;
     uint64_t scratch_peak;
 };
+
+static bool make_listener(struct pull *p, guint n, GError **errp);
+static void drop_listener(struct pull *p);
 
 static json_t *
 call(struct backup *b, const char *cmd, json_t *args, GError **errp)
@@ -340,7 +348,7 @@ add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
 {
     struct batch bt;
 
-    batch_init(&bt, 4);
+    batch_init(&bt, 5);
     batch_add(&bt, d->name, "blockdev-add",
               json_pack("{s:s, s:s, s:{s:b}, s:{s:s, s:I, s:{s:s, s:s, "
                         "s:{s:b}}}}",
@@ -358,6 +366,14 @@ add_nodes(struct backup *b, struct disk *d, struct pull_disk *pd, GError **errp)
                         "break-snapshot", "cbw-timeout", CBW_TIMEOUT_S,
                         "discard", "unmap"),
               &pd->cbw_added, true);
+    /* The bitmap of the next generation (raw images cannot store a
+     * persistent one), in the same round trip: added before the point
+     * in time, it records a superset of the writes after it, which is
+     * safe; a failure undoes it with the rest. */
+    batch_add(&bt, d->name, "block-dirty-bitmap-add",
+              json_pack("{s:s, s:s, s:b}", "node", d->node, "name", d->bitmap,
+                        "persistent", g_strcmp0(d->drv, "qcow2") == 0),
+              &d->bitmap_added, true);
     if (pd->pass) {
         batch_add(&bt, d->name, "blockdev-add", pass_options(pd, d->node),
                   &pd->pass_added, true);
@@ -392,6 +408,7 @@ backup_pull_prepare(struct backup *b, GError **errp)
         return false;
     }
     p = b->pull = g_new0(struct pull, 1);
+    p->lfd = -1;
     p->disks = g_ptr_array_new();
     p->multi = b->disks->len > 1;
     for (guint k = 0; k < b->disks->len; k++) {
@@ -439,8 +456,20 @@ backup_pull_prepare(struct backup *b, GError **errp)
         d->target = backup_target_new(&b->ring, b->partial_fd, d->file, d->name,
                                       d->size, o->cluster_bits, d->backing_rel,
                                       d->backing, NULL, errp);
-        if (!d->target || !make_scratch(pd, d->size, errp) ||
-            !add_nodes(b, d, pd, errp)) {
+        if (!d->target || !make_scratch(pd, d->size, errp)) {
+            return false;
+        }
+    }
+    return make_listener(p, b->disks->len, errp);
+}
+
+bool
+backup_pull_add_nodes(struct backup *b, GError **errp)
+{
+    struct pull *p = b->pull;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        if (!add_nodes(b, b->disks->pdata[k], p->disks->pdata[k], errp)) {
             return false;
         }
     }
@@ -561,37 +590,64 @@ export_points(struct backup *b, const char *fdname, GError **errp)
     return true;
 }
 
-/* QEMU's NBD server listens on a socket qbak made in a private directory
- * and handed over (getfd): qbak connects once per disk, then removes the
- * socket's name; the server takes no more connections than that. */
-static bool
-start_server(struct backup *b, int *conn_fds, GError **errp)
+static void
+drop_listener(struct pull *p)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbak-XXXXXX", NULL);
-    g_autofree char *path = NULL;
-    g_autofree char *fdname = recover_qemu_prefix(b->repo);
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    guint n = b->disks->len, k = 0;
-    int lfd = -1;
-    bool ok = false;
+    if (p->lfd >= 0) {
+        close(p->lfd);
+        p->lfd = -1;
+    }
+    if (p->sock_dir) {
+        g_autofree char *path = g_build_filename(p->sock_dir, "nbd", NULL);
+        unlink(path);
+        rmdir(p->sock_dir);
+        g_clear_pointer(&p->sock_dir, g_free);
+    }
+}
 
-    if (!dir) {
+static bool
+make_listener(struct pull *p, guint n, GError **errp)
+{
+    g_autofree char *path = NULL;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+
+    p->sock_dir = g_dir_make_tmp("qbak-XXXXXX", NULL);
+    if (!p->sock_dir) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_FAILED,
                     "NBD socket directory: %s", g_strerror(errno));
         return false;
     }
-    path = g_build_filename(dir, "nbd", NULL);
+    path = g_build_filename(p->sock_dir, "nbd", NULL);
     g_strlcpy(sa.sun_path, path, sizeof(sa.sun_path));
-    lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (lfd < 0 || bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
-        listen(lfd, (int)n) < 0) {
+    p->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (p->lfd < 0 || bind(p->lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+        listen(p->lfd, (int)n) < 0) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "NBD socket: %s", g_strerror(errno));
-        goto out;
+        drop_listener(p);
+        return false;
     }
+    return true;
+}
+
+/* QEMU's NBD server listens on a socket qbak made in a private directory
+ * (make_listener) and handed over (getfd): qbak connects once per disk,
+ * then removes the socket's name; the server takes no more connections
+ * than that. */
+static bool
+start_server(struct backup *b, int *conn_fds, GError **errp)
+{
+    struct pull *p = b->pull;
+    g_autofree char *path = g_build_filename(p->sock_dir, "nbd", NULL);
+    g_autofree char *fdname = recover_qemu_prefix(b->repo);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    guint n = b->disks->len, k = 0;
+    bool ok = false;
+
+    g_strlcpy(sa.sun_path, path, sizeof(sa.sun_path));
     fdname[strlen(fdname) - 1] = 0;
     json_decref(qmp_client_call_fd(b->qmp, "getfd",
-                                   json_pack("{s:s}", "fdname", fdname), lfd,
+                                   json_pack("{s:s}", "fdname", fdname), p->lfd,
                                    b->opts->timeout_ms, NULL));
     if (!export_points(b, fdname, errp)) {
         goto out;
@@ -615,11 +671,7 @@ out:
             }
         }
     }
-    if (lfd >= 0) {
-        close(lfd);
-    }
-    unlink(path);
-    rmdir(dir);
+    drop_listener(p);
     return ok;
 }
 
@@ -917,6 +969,7 @@ backup_pull_free(struct backup *b)
         g_free(pd->scratch_path);
         g_free(pd);
     }
+    drop_listener(p);
     g_ptr_array_free(p->disks, true);
     g_free(p);
     b->pull = NULL;

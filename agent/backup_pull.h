@@ -31,9 +31,13 @@ struct backup;
  * b->use_pull and b->mode_reason; fails only when QEMU does not answer. */
 bool backup_choose_mode(struct backup *b, GError **errp);
 
-/* Scratch files, the QEMU nodes and the targets; nothing changes for the
- * guest yet.  Called after the disks are planned. */
+/* The marker, scratch files and targets: qbak's own files, no QEMU call
+ * (so it overlaps QEMU answering the settings' queries).  Called after
+ * the disks are planned. */
 bool backup_pull_prepare(struct backup *b, GError **errp);
+/* The QEMU nodes (scratch, filter) of every disk; nothing changes for the
+ * guest yet. */
+bool backup_pull_add_nodes(struct backup *b, GError **errp);
 /* The point in time: each device's writes go through its filter from now
  * on; an incremental's bitmap is copied for the export. */
 bool backup_pull_point(struct backup *b, GError **errp);

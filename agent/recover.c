@@ -95,13 +95,40 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
 {
     g_autofree char *prefix = recover_qemu_prefix(r);
     gint64 deadline;
-    json_t *jobs, *j, *nodes, *n;
+    json_t *jobs, *j, *nodes = NULL, *n;
     size_t i;
+    /* The jobs and the nodes in one round trip: with no job of ours (the
+     * usual case) the nodes asked for with them are current. */
+    struct qmp_call calls[2] = {
+        {.cmd = "query-jobs"},
+        {.cmd = "query-named-block-nodes",
+         .args = json_pack("{s:b}", "flat", 1)},
+    };
 
-    jobs = our_jobs(qmp, prefix, timeout_ms, errp);
-    if (!jobs) {
+    qmp_client_call_many(qmp, calls, G_N_ELEMENTS(calls), timeout_ms);
+    if (!calls[0].result) {
+        g_propagate_error(errp, g_steal_pointer(&calls[0].error));
+        qmp_calls_clear(calls, G_N_ELEMENTS(calls));
         return false;
     }
+    jobs = json_array();
+    json_array_foreach(calls[0].result, i, j)
+    {
+        const char *id = json_string_value(json_object_get(j, "id"));
+        if (id && g_str_has_prefix(id, prefix)) {
+            json_array_append(jobs, j);
+        }
+    }
+    if (json_array_size(jobs) == 0) {
+        if (!calls[1].result) {
+            g_propagate_error(errp, g_steal_pointer(&calls[1].error));
+            qmp_calls_clear(calls, G_N_ELEMENTS(calls));
+            json_decref(jobs);
+            return false;
+        }
+        nodes = g_steal_pointer(&calls[1].result);
+    }
+    qmp_calls_clear(calls, G_N_ELEMENTS(calls));
     json_array_foreach(jobs, i, j)
     {
         const char *id = json_string_value(json_object_get(j, "id"));
@@ -131,7 +158,7 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
 
     /* Wait until they have all concluded, then dismiss them. */
     deadline = qmp_now_ms() + timeout_ms;
-    for (;;) {
+    while (!nodes) {
         bool busy = false;
         jobs = our_jobs(qmp, prefix, timeout_ms, errp);
         if (!jobs) {
@@ -163,8 +190,11 @@ recover_qemu(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
         }
     }
 
-    nodes = qmp_client_call(qmp, "query-named-block-nodes",
+    if (!nodes) {
+        nodes =
+            qmp_client_call(qmp, "query-named-block-nodes",
                             json_pack("{s:b}", "flat", 1), timeout_ms, errp);
+    }
     if (!nodes) {
         return false;
     }

@@ -86,8 +86,14 @@ int repo_partial_create(struct repo_vm *r, const char *id, GError **errp);
 void repo_partial_remove(struct repo_vm *r, const char *id);
 /* Remove every .partial-* directory (crash leftovers). Returns count. */
 unsigned repo_partial_cleanup(struct repo_vm *r);
-/* Write manifest (borrowed) into the partial dir, fsync it and the dir,
- * rename the dir to <id>, fsync the VM dir: the commit point. */
+/* The commit in two steps.  repo_commit_sync writes manifest (borrowed)
+ * into the partial dir and fsyncs every file in it and the dir itself, all
+ * at once (what a backup wrote there need not be fsynced before: this
+ * makes it durable).  repo_commit_publish renames the dir to <id> and
+ * fsyncs the VM dir: the commit point.  repo_commit does both. */
+bool repo_commit_sync(struct repo_vm *r, int partial_fd, const char *id,
+                      json_t *manifest, GError **errp);
+bool repo_commit_publish(struct repo_vm *r, const char *id, GError **errp);
 bool repo_commit(struct repo_vm *r, int partial_fd, const char *id,
                  json_t *manifest, GError **errp);
 

@@ -522,21 +522,19 @@ backup_target_commit(struct backup_target *t, GError **errp)
         g_prefix_error(errp, "%s: ", t->disk);
         return false;
     }
+    /* The layer and its checksums are made durable by the point's commit
+     * (repo_commit_sync), with every other file of the point at once;
+     * the test hook fails this layer's fsync here. */
     err = ring_fault_fsync();
-    if (err == 0 && fsync(t->fd) < 0) {
-        err = -errno;
-    }
     if (err < 0) {
         target_fail(t, "fsync", -err);
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(-err), "%s",
                     t->error);
         return false;
     }
-    /* The layer's checksums, durable (written and fsynced) before the
-     * commit makes the point visible; the commit fsyncs the directory. */
     sums = g_strconcat(t->file, QCOW2_SUMS_SUFFIX, NULL);
-    if (!qcow2_sums_write(t->dir_fd, sums, qcow2_writer_sums(t->writer),
-                          errp)) {
+    if (!qcow2_sums_write_sync(t->dir_fd, sums, qcow2_writer_sums(t->writer),
+                               false, errp)) {
         g_prefix_error(errp, "%s: ", t->disk);
         return false;
     }

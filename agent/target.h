@@ -40,9 +40,10 @@ bool backup_target_connected(const struct backup_target *t);
 /* The NBD client has gone and all I/O has completed. */
 bool backup_target_finished(const struct backup_target *t);
 
-/* Complete the qcow2 file and fsync it, then write its checksum file
- * (<file>.sums, io/qcow2_sums.h) durably beside it.  Fails if any earlier write
- * or fsync failed: a failed fsync is never retried into a success. */
+/* Complete the qcow2 file, then write its checksum file (<file>.sums,
+ * io/qcow2_sums.h) beside it; neither is fsynced here: the point's commit
+ * (repo_commit_sync) fsyncs them with the rest of the point.  Fails if any
+ * earlier write failed. */
 bool backup_target_commit(struct backup_target *t, GError **errp);
 
 /* Pull mode (client_fd NULL in backup_target_new): no NBD server; the

@@ -15,9 +15,14 @@
  * constructors (guestfs_create, nbd_create) fail as the libraries do when
  * the library cannot be loaded; every other call needs a handle from them,
  * so its library is loaded by then. */
+#include "io/lazy_libs.h"
+
 #include <dlfcn.h>
 #include <guestfs.h>
 #include <libnbd.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -54,6 +59,51 @@ lazy_sym(struct lazy_lib *lib, const char *name)
                  name);
     }
     return sym;
+}
+
+static pthread_t preload_thread;
+static bool preload_running;
+
+/* Only loads: a failure is left for the first real call to find and
+ * report (lazy_sym), so this thread never writes lib->error. */
+static void *
+preload_main(void *arg)
+{
+    struct lazy_lib *lib = arg;
+    void *h = dlopen(lib->soname, RTLD_NOW | RTLD_LOCAL);
+    void *none = NULL;
+
+    if (h && !__atomic_compare_exchange_n(&lib->handle, &none, h, false,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        dlclose(h); /* loaded meanwhile: drop the second reference */
+    }
+    return NULL;
+}
+
+void
+lazy_libs_preload_nbd(void)
+{
+    sigset_t all, old;
+
+    if (preload_running || __atomic_load_n(&nbd.handle, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    /* Signals stay with the main thread (its handlers set flags it
+     * polls): the loader starts with all of them blocked. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    preload_running =
+        pthread_create(&preload_thread, NULL, preload_main, &nbd) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void
+lazy_libs_preload_wait(void)
+{
+    if (preload_running) {
+        pthread_join(preload_thread, NULL);
+        preload_running = false;
+    }
 }
 
 /* For calls that cannot fail to find their library (see above); should

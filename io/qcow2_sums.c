@@ -218,6 +218,13 @@ bool
 qcow2_sums_write(int dirfd, const char *name, const struct qcow2_sums *s,
                  GError **errp)
 {
+    return qcow2_sums_write_sync(dirfd, name, s, true, errp);
+}
+
+bool
+qcow2_sums_write_sync(int dirfd, const char *name, const struct qcow2_sums *s,
+                      bool do_fsync, GError **errp)
+{
     size_t len;
     g_autofree uint8_t *buf = serialize(s, &len);
     int fd = openat(dirfd, name,
@@ -246,7 +253,7 @@ qcow2_sums_write(int dirfd, const char *name, const struct qcow2_sums *s,
         }
         done += (size_t)n;
     }
-    if (fsync(fd) < 0) {
+    if (do_fsync && fsync(fd) < 0) {
         int err = errno;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
                     "%s: fsync: %s", name, g_strerror(err));

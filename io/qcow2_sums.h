@@ -78,6 +78,11 @@ struct qcow2_sums *qcow2_sums_overlay(const struct qcow2_sums *base,
  * symlinks followed) and fsyncs it; the caller fsyncs the directory. */
 bool qcow2_sums_write(int dirfd, const char *name, const struct qcow2_sums *s,
                       GError **errp);
+/* The same, fsynced only with do_fsync: without, the caller makes it
+ * durable (a backup's commit fsyncs its whole point at once). */
+bool qcow2_sums_write_sync(int dirfd, const char *name,
+                           const struct qcow2_sums *s, bool do_fsync,
+                           GError **errp);
 /* Reads and validates dirfd/name.  A missing file fails with
  * G_FILE_ERROR_NOENT, a damaged one with G_FILE_ERROR_INVAL. */
 struct qcow2_sums *qcow2_sums_read(int dirfd, const char *name, GError **errp);

@@ -442,6 +442,17 @@ qmp_client_call_many(struct qmp_client *c, struct qmp_call *calls, size_t n,
 }
 
 void
+qmp_client_forget_many(struct qmp_client *c, struct qmp_call *calls, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (calls[i].id) {
+            g_hash_table_remove(c->waiting, (gpointer)(intptr_t)calls[i].id);
+        }
+    }
+    qmp_calls_clear(calls, n);
+}
+
+void
 qmp_calls_clear(struct qmp_call *calls, size_t n)
 {
     for (size_t i = 0; i < n; i++) {

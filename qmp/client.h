@@ -70,6 +70,10 @@ bool qmp_client_send_many(struct qmp_client *c, struct qmp_call *calls,
 bool qmp_client_wait_many(struct qmp_client *c, struct qmp_call *calls,
                           size_t n, int timeout_ms);
 void qmp_calls_clear(struct qmp_call *calls, size_t n);
+/* Gives up on sent calls without waiting: their answers, when they come,
+ * are dropped (and hold no later answer back); then qmp_calls_clear. */
+void qmp_client_forget_many(struct qmp_client *c, struct qmp_call *calls,
+                            size_t n);
 
 /* Pop the oldest queued event (new reference), or NULL. */
 json_t *qmp_client_pop_event(struct qmp_client *c);

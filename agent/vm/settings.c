@@ -19,6 +19,9 @@ static const struct {
     const char *cmd;
     const char *args; /* JSON or NULL */
 } queries[] = {
+    /* First: the backup plans its disks from it while QEMU answers the
+     * rest (vm_settings_capture_query_block). */
+    {"query-block", NULL},
     {"query-version", NULL},
     {"query-name", NULL},
     {"query-uuid", NULL},
@@ -29,7 +32,6 @@ static const struct {
     {"query-memdev", NULL},
     {"query-memory-size-summary", NULL},
     {"query-memory-devices", NULL},
-    {"query-block", NULL},
     {"query-named-block-nodes", "{\"flat\": true}"},
     {"query-pci", NULL},
     {"query-chardev", NULL},
@@ -307,21 +309,32 @@ check_rebuildable(json_t *s)
     json_object_set_new(s, "rebuildable", json_boolean(ok));
 }
 
-json_t *
-vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
-                    const char *qga_path, int timeout_ms)
+struct vm_settings_pending {
+    struct qmp_client *qmp;
+    int timeout_ms;
+    json_t *s;
+    struct qmp_call calls[G_N_ELEMENTS(queries) + 3];
+};
+
+static const char *const qom_paths[] = {"/machine/peripheral",
+                                        "/machine/peripheral-anon"};
+
+struct vm_settings_pending *
+vm_settings_capture_start(struct qmp_client *qmp, const char *qmp_path,
+                          const char *qga_path, int timeout_ms)
 {
+    struct vm_settings_pending *p = g_new0(struct vm_settings_pending, 1);
     json_t *s = json_pack("{s:i, s:o, s:o}", "format", VM_SETTINGS_FORMAT,
                           "not_captured", json_array(), "qmp", json_object());
-    json_t *qmpres = json_object_get(s, "qmp");
     g_autofree char *time = repo_time_now();
-    g_autofree char *mt = NULL;
     g_autofree char *qmp_abs = g_canonicalize_filename(qmp_path, NULL);
     int v = qmp_client_qemu_version(qmp);
-    const char *paths[] = {"/machine/peripheral", "/machine/peripheral-anon"};
-    struct qmp_call calls[G_N_ELEMENTS(queries) + 3] = {{0}};
+    struct qmp_call *calls = p->calls;
     size_t nq;
 
+    p->qmp = qmp;
+    p->timeout_ms = timeout_ms;
+    p->s = s;
     json_object_set_new(s, "time", json_string(time));
     json_object_set_new(
         s, "qemu_version",
@@ -340,18 +353,47 @@ vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
         calls[i].args =
             queries[i].args ? json_loads(queries[i].args, 0, NULL) : NULL;
     }
-    for (size_t i = 0; i < G_N_ELEMENTS(paths); i++) {
+    for (size_t i = 0; i < G_N_ELEMENTS(qom_paths); i++) {
         calls[nq + i].cmd = "qom-list";
-        calls[nq + i].args = json_pack("{s:s}", "path", paths[i]);
+        calls[nq + i].args = json_pack("{s:s}", "path", qom_paths[i]);
     }
     calls[nq + 2].cmd = "qom-get";
     calls[nq + 2].args =
         json_pack("{s:s, s:s}", "path", "/machine", "property", "type");
-    qmp_client_call_many(qmp, calls, G_N_ELEMENTS(calls), timeout_ms);
+    qmp_client_send_many(qmp, calls, G_N_ELEMENTS(p->calls), timeout_ms);
+    return p;
+}
+
+json_t *
+vm_settings_capture_query_block(struct vm_settings_pending *p, GError **errp)
+{
+    struct qmp_call *c = &p->calls[0];
+
+    g_assert(strcmp(c->cmd, "query-block") == 0);
+    qmp_client_wait_many(p->qmp, c, 1, p->timeout_ms);
+    if (!c->result) {
+        g_propagate_error(errp, g_error_copy(c->error));
+        return NULL;
+    }
+    return json_incref(c->result);
+}
+
+json_t *
+vm_settings_capture_finish(struct vm_settings_pending *p)
+{
+    struct qmp_client *qmp = p->qmp;
+    struct qmp_call *calls = p->calls;
+    int timeout_ms = p->timeout_ms;
+    json_t *s = p->s;
+    json_t *qmpres = json_object_get(s, "qmp");
+    g_autofree char *mt = NULL;
+    size_t nq = G_N_ELEMENTS(queries);
+
+    qmp_client_wait_many(qmp, calls, G_N_ELEMENTS(p->calls), timeout_ms);
     for (size_t i = 0; i < nq + 2; i++) {
         g_autofree char *key =
             i < nq ? g_strdup(queries[i].cmd)
-                   : g_strdup_printf("qom-list %s", paths[i - nq]);
+                   : g_strdup_printf("qom-list %s", qom_paths[i - nq]);
         if (calls[i].result) {
             json_object_set_new(qmpres, key, g_steal_pointer(&calls[i].result));
         } else {
@@ -363,7 +405,8 @@ vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
     if (json_is_string(calls[nq + 2].result)) {
         mt = g_strdup(json_string_value(calls[nq + 2].result));
     }
-    qmp_calls_clear(calls, G_N_ELEMENTS(calls));
+    qmp_calls_clear(calls, G_N_ELEMENTS(p->calls));
+    g_free(p);
     if (mt && g_str_has_suffix(mt, "-machine")) {
         mt[strlen(mt) - strlen("-machine")] = 0;
     }
@@ -377,6 +420,24 @@ vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
     return s;
 }
 
+void
+vm_settings_capture_abandon(struct vm_settings_pending *p)
+{
+    if (p) {
+        qmp_client_forget_many(p->qmp, p->calls, G_N_ELEMENTS(p->calls));
+        json_decref(p->s);
+        g_free(p);
+    }
+}
+
+json_t *
+vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
+                    const char *qga_path, int timeout_ms)
+{
+    return vm_settings_capture_finish(
+        vm_settings_capture_start(qmp, qmp_path, qga_path, timeout_ms));
+}
+
 bool
 vm_settings_write(int dirfd, const char *name, json_t *settings, GError **errp)
 {
@@ -386,7 +447,7 @@ vm_settings_write(int dirfd, const char *name, json_t *settings, GError **errp)
                     O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 
     if (fd < 0 || !text || fchmod(fd, 0600) < 0 ||
-        write(fd, text, len) != (ssize_t)len || fsync(fd) < 0) {
+        write(fd, text, len) != (ssize_t)len) {
         int e = fd < 0 || errno == 0 ? errno : errno;
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(e), "%s: %s",
                     name, g_strerror(e ? e : EIO));

@@ -24,9 +24,26 @@
  * given (NULL: none).  Returns a new reference. */
 json_t *vm_settings_capture(struct qmp_client *qmp, const char *qmp_path,
                             const char *qga_path, int timeout_ms);
+/* The same in two halves, so that qbak's own work overlaps QEMU's
+ * answering: _start sends the queries, _finish collects the answers
+ * (before any change to QEMU's block graph or devices: the capture is of
+ * the VM as it was, not of qbak's nodes) and frees p. */
+struct vm_settings_pending;
+struct vm_settings_pending *vm_settings_capture_start(struct qmp_client *qmp,
+                                                      const char *qmp_path,
+                                                      const char *qga_path,
+                                                      int timeout_ms);
+json_t *vm_settings_capture_finish(struct vm_settings_pending *p);
+/* On a failure before _finish: frees p without waiting for QEMU (answers
+ * that come later are dropped with the client). */
+void vm_settings_capture_abandon(struct vm_settings_pending *p);
+/* query-block's answer, the first of the capture's (a new reference), as
+ * soon as it is in; NULL with *errp if it failed. */
+json_t *vm_settings_capture_query_block(struct vm_settings_pending *p,
+                                        GError **errp);
 
 /* Write settings (borrowed) as name in dirfd, mode 0600 (a command line may
- * hold secrets), fsynced. */
+ * hold secrets); not fsynced: the point's commit makes it durable. */
 bool vm_settings_write(int dirfd, const char *name, json_t *settings,
                        GError **errp);
 

@@ -67,16 +67,18 @@ LIMIT = 16 << 20           # the QMP parser's message limit
 VM = "vm1"
 
 # qbak's commands up to the backup transaction, in order (recovery lists
-# jobs, then checks they have all concluded; the VM's settings recorded in
-# every point come from the queries after query-block).
-SETTINGS = ["query-version", "query-name", "query-uuid", "query-kvm",
-            "query-status", "query-cpus-fast", "query-hotpluggable-cpus",
-            "query-memdev", "query-memory-size-summary", "query-memory-devices",
-            "query-block", "query-named-block-nodes", "query-pci",
+# jobs and nodes in one batch; the VM's settings recorded in every point
+# come from one batch of queries, query-block first: the disks are planned
+# from it).
+SETTINGS = ["query-block", "query-version", "query-name", "query-uuid",
+            "query-kvm", "query-status", "query-cpus-fast",
+            "query-hotpluggable-cpus", "query-memdev",
+            "query-memory-size-summary", "query-memory-devices",
+            "query-named-block-nodes", "query-pci",
             "query-chardev", "query-migrate-capabilities",
             "query-migrate-parameters", "qom-list", "qom-list", "qom-get"]
-ORDER = ["qmp_capabilities", "query-jobs", "query-jobs",
-         "query-named-block-nodes", "query-block"] + SETTINGS + [
+ORDER = ["qmp_capabilities", "query-jobs",
+         "query-named-block-nodes"] + SETTINGS + [
          "getfd", "blockdev-add", "block-dirty-bitmap-add", "transaction"]
 QB = Qemu().query_block()  # the model's query-block, for edits
 CLOSED = ("connection closed", "connection reset", "broken pipe")
