@@ -31,11 +31,13 @@ def copying():
     return bool([j for j in vm.jobs() if j["status"] == "running"])
 
 
-def backup_while_writing(kind, writes):
+def backup_while_writing(kind, writes, speed):
+    """A backup slowed to speed bytes/s: the callers give it 8 s or more
+    of copying, far longer than the few writes below take even on a
+    loaded machine, so they race the copy."""
     before = vm.reference("vd0", os.path.join(w, "before-%s.raw" % kind))
-    # 4 MiB/s: the copy takes seconds, so the writes below race it.
     proc = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                             "--vm", "vm1", "--speed", str(4 << 20), "--json"]
+                             "--vm", "vm1", "--speed", str(speed), "--json"]
                             + mode_args(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
@@ -62,10 +64,10 @@ try:
     for i in range(0, SIZE, 1 << 20):  # data everywhere: the job has work to do
         vm.io("vd0", "write -P 0x%02x %d 1048576" % (1 + i % 200, i))
     # Writes both ahead of the job (not copied yet) and behind it.
-    backup_while_writing("full", [SIZE - (1 << 20), SIZE // 2, 0, 65536 * 3])
-    for i in range(0, SIZE, 4 << 20):
-        vm.io("vd0", "write -P 0x%02x %d 65536" % (0x30 + i % 100, i))
-    backup_while_writing("incremental", [SIZE - 65536, 4 << 20, 8 << 20])
+    backup_while_writing("full", [SIZE - (1 << 20), SIZE // 2, 0, 65536 * 3], SIZE // 8)
+    for i in range(0, SIZE, 4 << 20):  # 8 MiB for the incremental to copy
+        vm.io("vd0", "write -P 0x%02x %d 1048576" % (0x30 + i % 100, i))
+    backup_while_writing("incremental", [SIZE - 65536, 4 << 20, 8 << 20], 1 << 20)
     # The racing writes are in the next point.
     after = vm.reference("vd0", os.path.join(w, "after.raw"))
     res = qbak_json("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1")
