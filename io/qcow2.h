@@ -270,15 +270,15 @@ typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
  * parent_fd.  Afterwards the parent image alone reads exactly as the top
  * layer over it did; the top layer's file is not touched.  Cost follows
  * the top layer's data, not the disk: its clusters are written into the
- * parent in place or appended, then fresh tables, fdatasync, the header,
- * fdatasync.  Until that header write the parent image reads as before,
- * except for clusters the top layer covers; any failure or crash before
- * it leaves the chain (top over parent) reading as before, so the merge
- * can simply be run again.
- * Every cluster to merge is read and checked against its checksums before
- * the first is written: damage fails the merge (G_FILE_ERROR_INVAL) with
- * the parent untouched.  *merged_sums: the parent's checksums with the top's
- * over them, or NULL when either layer has none. */
+ * parent in place or into free clusters, then copies of the tables that
+ * changed (qcow2_writer_reopen), fdatasync, the header, fdatasync.  Until that
+ * header write the parent image reads as before, except for clusters the top
+ * layer covers; any failure or crash before it leaves the chain (top over
+ * parent) reading as before, so the merge can simply be run again. Every
+ * cluster to merge is read and checked against its checksums before the first
+ * is written: damage fails the merge (G_FILE_ERROR_INVAL) with the parent
+ * untouched.  *merged_sums: the parent's checksums with the top's over them, or
+ * NULL when either layer has none. */
 bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_sums **merged_sums,
                      struct qcow2_merge_stats *stats,
