@@ -77,10 +77,30 @@ needed_layers(struct prune_ctx *c, GHashTable *kept)
     return needed;
 }
 
+/* The point whose layer of disk the data of a removed layer ends in:
+ * from ch, its child, up the chain to the first point kept (the layers
+ * between are removed too, and all fold into that one). */
+static struct prune_dir *
+landing_point(struct prune_ctx *c, struct prune_dir *ch, const char *disk,
+              GHashTable *kept)
+{
+    unsigned steps = 0;
+
+    while (ch && !g_hash_table_contains(kept, ch->id) &&
+           steps++ <= c->dirs->len) {
+        json_t *e = prune_manifest_disk(ch->manifest, disk);
+        const char *file =
+            e ? json_string_value(json_object_get(e, "file")) : NULL;
+
+        ch = file ? prune_child(c, ch, disk, file) : NULL;
+    }
+    return ch && g_hash_table_contains(kept, ch->id) ? ch : NULL;
+}
+
 /* What removing p does to each of its disks. */
 static json_t *
 removal_json(struct prune_ctx *c, struct prune_dir *p, GHashTable *needed,
-             bool *merges)
+             GHashTable *kept, bool *merges)
 {
     json_t *disks = json_array();
     size_t i;
@@ -95,10 +115,12 @@ removal_json(struct prune_ctx *c, struct prune_dir *p, GHashTable *needed,
             disk && file ? prune_child(c, p, disk, file) : NULL;
 
         if (ch && g_hash_table_contains(needed, key)) {
+            struct prune_dir *into = landing_point(c, ch, disk, kept);
+
             *merges = true;
-            json_array_append_new(disks,
-                                  json_pack("{s:s, s:s, s:s}", "disk", disk,
-                                            "action", "merge", "into", ch->id));
+            json_array_append_new(
+                disks, json_pack("{s:s, s:s, s:s}", "disk", disk, "action",
+                                 "merge", "into", into ? into->id : ch->id));
         } else {
             json_array_append_new(disks, json_pack("{s:s?, s:s}", "disk", disk,
                                                    "action", "delete"));
@@ -349,7 +371,7 @@ plan(struct prune_ctx *c, const struct prune_opts *o, GPtrArray *order,
         } else {
             bool merge = false;
             json_object_set_new(pj, "disks",
-                                removal_json(c, p, needed, &merge));
+                                removal_json(c, p, needed, kept, &merge));
             /* Layers nothing kept reads go newest first (no point is
              * ever left listed on a deleted backing file); merges go
              * oldest first (each folds one child's data). */

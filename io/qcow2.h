@@ -109,23 +109,33 @@ bool qcow2_writer_write_header(struct qcow2_writer *w, GError **errp);
 /* Layer depth of chain (borrowed), an existing image whose file is fd
  * (open read-write, the same file; borrowed), made writable again to
  * fold another layer into it: guest writes of whole clusters overwrite
- * its data clusters in place or take new ones, first clusters the image
- * does not use (holes an earlier merge punched), then at the end of the
- * file (a write of part of a cluster it lacks fails), and finish writes
- * fresh tables after the end of the file and a header that points at
- * them, the old tables becoming free clusters.  Backing file name, cluster size
- * and virtual size stay.  A reopened writer keeps no checksums
- * (qcow2_writer_sums returns NULL): those of a merge come from the layers' own
- * (qcow2_sums_overlay). */
+ * its data clusters in place or take clusters its refcounts say are
+ * free, else at the end of the file (a write of part of a cluster it
+ * lacks fails).  Finish writes each L2 table and refcount block that
+ * changed to a free cluster, a new L1 and refcount table, and a header
+ * that points at them; the tables replaced become free clusters.  So the
+ * bytes written follow what the merge changes, not the image's size, and
+ * the old image stays whole until the new header is written.  The old
+ * image's L2 tables are read only where the merge goes
+ * (qcow2_writer_load_tables; writes and zeroes read theirs themselves).
+ * Needs a clean v3 image with 16-bit refcounts and no snapshots (what qbak
+ * and qemu-img write).  Backing file name, cluster size and virtual size
+ * stay.  A reopened writer keeps no checksums (qcow2_writer_sums returns
+ * NULL): those of a merge come from the layers' own (qcow2_sums_overlay). */
 struct qcow2_writer *qcow2_writer_reopen(int fd, struct qcow2_reader *chain,
                                          unsigned depth, GError **errp);
+/* Reopened: reads the old image's L2 tables for guest bytes [off, off +
+ * len), once; a no-op for a new layer. */
+bool qcow2_writer_load_tables(struct qcow2_writer *w, uint64_t off,
+                              uint64_t len, GError **errp);
 /* Reopened: whether a write of the guest cluster at off goes over a data
  * cluster of the image as it was (in place), rather than to a cluster the
- * old image does not reference, which nothing reads until the new header. */
+ * old image does not reference, which nothing reads until the new header.
+ * off's table must have been loaded (qcow2_writer_load_tables). */
 bool qcow2_writer_in_place(const struct qcow2_writer *w, uint64_t off);
 /* After the header written by a reopened writer is durable: gives the
- * free clusters back to the file system (hole punching; where the file
- * system cannot, they stay as they are).  Best effort, no error. */
+ * clusters it freed back to the file system (hole punching; where the
+ * file system cannot, they stay as they are).  Best effort, no error. */
 void qcow2_writer_punch_free(struct qcow2_writer *w);
 
 /* Bytes of the image file after finish (header, data and metadata). */
@@ -260,15 +270,15 @@ typedef void qcow2_merge_progress_fn(void *opaque, uint64_t done);
  * parent_fd.  Afterwards the parent image alone reads exactly as the top
  * layer over it did; the top layer's file is not touched.  Cost follows
  * the top layer's data, not the disk: its clusters are written into the
- * parent in place or appended, then fresh tables, fdatasync, the header,
- * fdatasync.  Until that header write the parent image reads as before,
- * except for clusters the top layer covers; any failure or crash before
- * it leaves the chain (top over parent) reading as before, so the merge
- * can simply be run again.
- * Every cluster to merge is read and checked against its checksums before
- * the first is written: damage fails the merge (G_FILE_ERROR_INVAL) with
- * the parent untouched.  *merged_sums: the parent's checksums with the top's
- * over them, or NULL when either layer has none. */
+ * parent in place or into free clusters, then copies of the tables that
+ * changed (qcow2_writer_reopen), fdatasync, the header, fdatasync.  Until that
+ * header write the parent image reads as before, except for clusters the top
+ * layer covers; any failure or crash before it leaves the chain (top over
+ * parent) reading as before, so the merge can simply be run again. Every
+ * cluster to merge is read and checked against its checksums before the first
+ * is written: damage fails the merge (G_FILE_ERROR_INVAL) with the parent
+ * untouched.  *merged_sums: the parent's checksums with the top's over them, or
+ * NULL when either layer has none. */
 bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
                      struct qcow2_sums **merged_sums,
                      struct qcow2_merge_stats *stats,

@@ -391,6 +391,12 @@ merge_walk(struct merge *m, uint64_t size, GError **errp)
                         errp)) {
             return false;
         }
+        /* The parent's tables where the merge goes, and only there, read
+         * before in_place is asked about them. */
+        if (run.kind != QCOW2_LAYER_UNALLOCATED &&
+            !qcow2_writer_load_tables(m->w, off, run.len, errp)) {
+            return false;
+        }
         if (run.kind == QCOW2_LAYER_DATA) {
             if (!add_data_run(m, depth, off, &run, errp)) {
                 return false;

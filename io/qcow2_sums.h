@@ -38,11 +38,13 @@
 #define QCOW2_SUMS_SUFFIX ".sums"
 #define QCOW2_SUMS_VERSION 1
 
+/* 24 bytes in memory (the flag shares the cluster's word: guest cluster
+ * indexes stay below 2^41). */
 struct qcow2_sum {
-    uint64_t cluster; /* first guest cluster */
-    uint64_t count;   /* clusters: 1 for data, the run's length for zero */
-    bool zero;        /* a run of zero clusters (hash is 0) */
-    uint64_t hash;    /* XXH3-64 of the data cluster */
+    uint64_t cluster : 63; /* first guest cluster */
+    uint64_t zero : 1;     /* a run of zero clusters (hash is 0) */
+    uint64_t count;        /* clusters: 1 for data, the run's length for zero */
+    uint64_t hash;         /* XXH3-64 of the data cluster */
 };
 
 /* Ordered, non-overlapping entries; adjacent zero runs are one entry. */

@@ -29,6 +29,7 @@
 #include "io/qcow2.h"
 #include "io/qcow2_format.h"
 #include "io/qcow2_sums.h"
+#include "io/qcow2_writer_int.h"
 
 /* Header, backing format extension (8 + "qcow2" padded to 8), end marker. */
 #define HEADER_BYTES_WITH_BACKING (QCOW2_V3_HEADER_LEN + 16 + 8)
@@ -38,29 +39,10 @@
 #define MAX_PARTIAL_CLUSTERS 4096
 #define MAX_PARTIAL_BYTES (UINT64_C(256) << 20)
 
-/* In-memory L2 entry: ENTRY_UNSET, ENTRY_ZERO, or the host offset of a
- * data cluster (cluster-aligned and >= one cluster, so never 0 or 1). */
-#define ENTRY_UNSET UINT64_C(0)
-#define ENTRY_ZERO UINT64_C(1)
-
-struct l2_table {
-    uint32_t n_zero;    /* entries equal to ENTRY_ZERO */
-    uint32_t n_partial; /* clusters in reach with a partial buffer */
-    uint64_t e[];
-};
-
-/* Stands for a table whose every valid entry is ENTRY_ZERO: a TRIM of the
- * whole disk costs no memory per cluster. */
-static struct l2_table all_zero_table;
-#define L2_ALL_ZERO (&all_zero_table)
+struct l2_table qcow2_all_zero_table;
 
 struct cover_range {
     uint32_t start, end; /* [start, end) within the cluster */
-};
-
-/* Host clusters [start, start + count) free to take. */
-struct free_run {
-    uint64_t start, count;
 };
 
 struct partial {
@@ -70,53 +52,8 @@ struct partial {
     GList link;       /* in qcow2_writer.partial_order */
 };
 
-struct qcow2_writer {
-    int fd;
-    uint64_t virtual_size;
-    unsigned cluster_bits;
-    uint64_t cluster_size;
-    unsigned l2_bits;
-    uint64_t n_clusters; /* guest clusters */
-    uint64_t l1_size;
-    struct l2_table **l1; /* NULL: all unset; L2_ALL_ZERO; or a table */
-    char *backing_file;
-    struct qcow2_reader *backing;
-
-    uint64_t next_host_cluster;
-    GArray *orphans; /* host cluster indices no longer referenced */
-
-    GHashTable *partials; /* &partial->cluster -> struct partial */
-    GQueue partial_order; /* oldest first */
-    uint64_t partial_bytes;
-
-    uint8_t *zero_buf; /* cluster_size zero bytes, allocated on first use */
-    bool failed;       /* an I/O error left the file in an unknown state */
-    bool tables_done;  /* finish_tables ran: no more guest writes */
-    bool finished;
-    uint64_t file_size;
-    uint64_t l1_offset, reftable_offset, reftable_clusters;
-
-    /* Checksums: the XXH3 of each data cluster, indexed by host cluster.
-     * A cluster changed in part after its hash was taken is listed in
-     * stale and hashed again from the file at finish. */
-    GArray *host_hash;       /* uint64_t */
-    GArray *stale;           /* host cluster indices */
-    bool no_sums;            /* reopened without checksums: produce none */
-    struct qcow2_sums *sums; /* built by finish_tables */
-    bool reopened;           /* partial clusters have no base to fill from */
-
-    /* Reopened: clusters the old image does not use at all (ascending,
-     * taken from free_at on), handed out before the end of the file. */
-    GArray *free_runs; /* struct free_run */
-    guint free_at;
-    /* Reopened: one byte per host cluster of the file as it was, 1 for
-     * the old image's data clusters (what a write overwrites in place). */
-    uint8_t *old_use;
-    uint64_t old_n;
-};
-
-static bool
-writer_pwrite(struct qcow2_writer *w, const void *buf, size_t len, uint64_t off,
+bool
+qcow2w_pwrite(struct qcow2_writer *w, const void *buf, size_t len, uint64_t off,
               const char *what, GError **errp)
 {
     const uint8_t *p = buf;
@@ -160,20 +97,20 @@ writer_usable(const struct qcow2_writer *w, GError **errp)
     return true;
 }
 
-static uint64_t
-alloc_host_cluster(struct qcow2_writer *w)
+/* A host cluster for new data or a table: the next at the end of the
+ * file, or for a reopened image one its refcounts say is free. */
+static bool
+alloc_host_cluster(struct qcow2_writer *w, uint64_t *host, GError **errp)
 {
-    if (w->free_runs != NULL && w->free_at < w->free_runs->len) {
-        struct free_run *f =
-            &g_array_index(w->free_runs, struct free_run, w->free_at);
-        uint64_t idx = f->start++;
-
-        if (--f->count == 0) {
-            w->free_at++;
+    if (w->ro != NULL) {
+        if (!qcow2_reopen_alloc(w, host, errp)) {
+            w->failed = true;
+            return false;
         }
-        return idx << w->cluster_bits;
+        return true;
     }
-    return w->next_host_cluster++ << w->cluster_bits;
+    *host = w->next_host_cluster++ << w->cluster_bits;
+    return true;
 }
 
 static void
@@ -225,8 +162,8 @@ cluster_valid_len(const struct qcow2_writer *w, uint64_t c)
 }
 
 /* Valid entries in the L2 table at L1 index i. */
-static uint64_t
-table_valid_entries(const struct qcow2_writer *w, uint64_t i)
+uint64_t
+qcow2w_table_valid_entries(const struct qcow2_writer *w, uint64_t i)
 {
     uint64_t first = i << w->l2_bits;
 
@@ -258,7 +195,7 @@ l2_materialize(struct qcow2_writer *w, uint64_t i)
     }
     struct l2_table *n = g_malloc0(sizeof(*n) + entries * sizeof(n->e[0]));
     if (t == L2_ALL_ZERO) {
-        uint64_t valid = table_valid_entries(w, i);
+        uint64_t valid = qcow2w_table_valid_entries(w, i);
         for (uint64_t k = 0; k < valid; k++) {
             n->e[k] = ENTRY_ZERO;
         }
@@ -283,7 +220,7 @@ l2_maybe_compact(struct qcow2_writer *w, uint64_t i)
     struct l2_table *t = w->l1[i];
 
     if (t != NULL && t != L2_ALL_ZERO && t->n_partial == 0 &&
-        t->n_zero == table_valid_entries(w, i)) {
+        t->n_zero == qcow2w_table_valid_entries(w, i)) {
         g_free(t);
         w->l1[i] = L2_ALL_ZERO;
     }
@@ -310,6 +247,9 @@ l2_set(struct qcow2_writer *w, uint64_t c, uint64_t value)
             t->n_zero++;
         }
         *e = value;
+        if (w->ro != NULL) {
+            qcow2_reopen_table_changed(w, i);
+        }
     }
     /* Also when unchanged: a partial buffer dropped just before may have
      * been all that kept the table. */
@@ -411,8 +351,9 @@ partial_flush(struct qcow2_writer *w, struct partial *p, GError **errp)
         }
         out = merged;
     }
-    uint64_t host = alloc_host_cluster(w);
-    if (!writer_pwrite(w, out, (size_t)w->cluster_size, host,
+    uint64_t host = 0;
+    if (!alloc_host_cluster(w, &host, errp) ||
+        !qcow2w_pwrite(w, out, (size_t)w->cluster_size, host,
                        "partial data cluster", errp)) {
         return false;
     }
@@ -430,7 +371,7 @@ partial_get(struct qcow2_writer *w, uint64_t c, GError **errp)
     if (p != NULL) {
         return p;
     }
-    if (w->reopened) {
+    if (w->ro != NULL) {
         g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                     "qcow2: part of guest cluster %" PRIu64
                     " written into a reopened image",
@@ -528,174 +469,6 @@ qcow2_writer_new(int fd, uint64_t virtual_size, unsigned cluster_bits,
     return w;
 }
 
-/* Loads layer 0 of self into w's mapping; marks the host clusters its
- * data uses in `used' (one byte per host cluster of the file). */
-static bool
-reopen_load(struct qcow2_writer *w, struct qcow2_reader *chain, unsigned depth,
-            uint8_t *used, uint64_t n_host, GError **errp)
-{
-    const char *name = qcow2_reader_layer_name(chain, depth);
-    uint64_t off = 0;
-
-    while (off < w->virtual_size) {
-        struct qcow2_layer_run run;
-
-        if (!qcow2_reader_layer_map(chain, depth, off, w->virtual_size - off,
-                                    &run, errp)) {
-            return false;
-        }
-        if (run.kind == QCOW2_LAYER_ZERO) {
-            /* Runs start on a cluster boundary here: off always does. */
-            uint64_t end = MIN(w->virtual_size, off + run.len);
-            for (uint64_t c = off >> w->cluster_bits;
-                 (c << w->cluster_bits) < end; c++) {
-                l2_set(w, c, ENTRY_ZERO);
-            }
-        } else if (run.kind == QCOW2_LAYER_DATA) {
-            for (uint64_t d = 0; d < run.len; d += w->cluster_size) {
-                uint64_t c = (off + d) >> w->cluster_bits;
-                uint64_t host = run.host_offset + d;
-                uint64_t idx = host >> w->cluster_bits;
-
-                if (idx == 0 || idx >= n_host || used[idx]) {
-                    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                                "%s: guest cluster %" PRIu64
-                                " at host cluster %" PRIu64
-                                " overlaps other data or the header",
-                                name, c, idx);
-                    return false;
-                }
-                used[idx] = 1;
-                l2_set(w, c, host);
-            }
-        }
-        off += run.len;
-    }
-    return true;
-}
-
-/* Marks (2) in `used' the old image's metadata: the header cluster, the
- * L1 table, the L2 tables, the refcount table and blocks.  False when
- * the image holds anything else that is not data (snapshots) or its
- * tables cannot be read: then no cluster of it counts as free. */
-static bool
-mark_metadata(struct qcow2_writer *w, uint8_t *used, uint64_t n_host)
-{
-    uint8_t h[QCOW2_V3_HEADER_LEN];
-    uint64_t l1_off, rt_off, l1_bytes, rt_bytes;
-    g_autofree uint8_t *buf = NULL;
-
-    if (pread(w->fd, h, sizeof(h), 0) != (ssize_t)sizeof(h) ||
-        qcow2_load_be32(h + 60) != 0) { /* nb_snapshots */
-        return false;
-    }
-    l1_off = qcow2_load_be64(h + QCOW2_HDR_L1_OFFSET);
-    l1_bytes = (uint64_t)qcow2_load_be32(h + QCOW2_HDR_L1_SIZE) * 8;
-    rt_off = qcow2_load_be64(h + QCOW2_HDR_REFTABLE_OFFSET);
-    rt_bytes = (uint64_t)qcow2_load_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS)
-               << w->cluster_bits;
-    if (l1_bytes > QCOW2_MAX_L1_BYTES || rt_bytes > QCOW2_MAX_REFTABLE_BYTES) {
-        return false;
-    }
-    used[0] = 2;
-    for (int t = 0; t < 2; t++) {
-        uint64_t off = t == 0 ? l1_off : rt_off;
-        uint64_t bytes = t == 0 ? l1_bytes : rt_bytes;
-
-        /* The table's own clusters, then those its entries point at. */
-        for (uint64_t b = 0; b < bytes; b += w->cluster_size) {
-            uint64_t idx = (off + b) >> w->cluster_bits;
-            if (idx >= n_host) {
-                return false;
-            }
-            used[idx] = 2;
-        }
-        buf = g_realloc(buf, MAX(bytes, 1));
-        if (bytes && pread(w->fd, buf, bytes, (off_t)off) != (ssize_t)bytes) {
-            return false;
-        }
-        for (uint64_t i = 0; i < bytes / 8; i++) {
-            uint64_t idx =
-                (qcow2_load_be64(buf + i * 8) & QCOW2_L1E_OFFSET_MASK) >>
-                w->cluster_bits;
-            if (idx != 0 && idx < n_host) {
-                used[idx] = 2;
-            }
-        }
-    }
-    return true;
-}
-
-struct qcow2_writer *
-qcow2_writer_reopen(int fd, struct qcow2_reader *chain, unsigned depth,
-                    GError **errp)
-{
-    struct stat st, layer_st;
-    struct qcow2_writer *w;
-    uint64_t n_host;
-    uint8_t *used;
-    const char *name = qcow2_reader_layer_name(chain, depth);
-
-    if (fstat(fd, &st) < 0 ||
-        fstat(qcow2_reader_layer_fd(chain, depth), &layer_st) < 0) {
-        int err = errno;
-        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
-                    "%s: fstat: %s", name, g_strerror(err));
-        return NULL;
-    }
-    if (st.st_dev != layer_st.st_dev || st.st_ino != layer_st.st_ino) {
-        g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL,
-                    "%s: the file to write is not the image read", name);
-        return NULL;
-    }
-    w = qcow2_writer_new(fd, qcow2_reader_layer_virtual_size(chain, depth),
-                         qcow2_reader_layer_cluster_bits(chain, depth),
-                         qcow2_reader_layer_backing_file(chain, depth), NULL,
-                         errp);
-    if (w == NULL) {
-        return NULL;
-    }
-    w->reopened = true;
-    w->no_sums = true;
-    n_host = ((uint64_t)st.st_size + w->cluster_size - 1) >> w->cluster_bits;
-    n_host = MAX(n_host, 1);
-    used = g_malloc0(n_host);
-    w->old_use = used;
-    w->old_n = n_host;
-    if (!reopen_load(w, chain, depth, used, n_host, errp)) {
-        qcow2_writer_free(w);
-        return NULL;
-    }
-    /* The old header and tables stay valid until the new header replaces
-     * them: their clusters are free only then (orphans).  Clusters the
-     * old image does not use at all (holes punched by an earlier merge,
-     * clusters a crashed merge appended) are free now; with snapshots, or
-     * tables that do not read, nothing is. */
-    bool reuse = mark_metadata(w, used, n_host);
-    w->free_runs = g_array_new(FALSE, FALSE, sizeof(struct free_run));
-    for (uint64_t idx = 1; idx < n_host; idx++) {
-        if (used[idx] == 1) {
-            continue;
-        }
-        if (used[idx] == 2 || !reuse) {
-            g_array_append_val(w->orphans, idx);
-            continue;
-        }
-        struct free_run *last =
-            w->free_runs->len ? &g_array_index(w->free_runs, struct free_run,
-                                               w->free_runs->len - 1)
-                              : NULL;
-        if (last && last->start + last->count == idx) {
-            last->count++;
-        } else {
-            struct free_run f = {idx, 1};
-            g_array_append_val(w->free_runs, f);
-        }
-    }
-    w->next_host_cluster = n_host;
-    return w;
-}
-
 void
 qcow2_writer_free(struct qcow2_writer *w)
 {
@@ -713,27 +486,13 @@ qcow2_writer_free(struct qcow2_writer *w)
     g_free(w->l1);
     g_free(w->backing_file);
     g_array_unref(w->orphans);
-    g_free(w->old_use);
-    if (w->free_runs != NULL) {
-        g_array_unref(w->free_runs);
-    }
+    qcow2_reopen_free(w->ro);
     g_array_unref(w->host_hash);
     g_array_unref(w->stale);
     qcow2_sums_free(w->sums);
     g_hash_table_unref(w->partials);
     g_free(w->zero_buf);
     g_free(w);
-}
-
-bool
-qcow2_writer_in_place(const struct qcow2_writer *w, uint64_t off)
-{
-    uint64_t c = off >> w->cluster_bits;
-    uint64_t e = c < w->n_clusters ? l2_get(w, c) : ENTRY_UNSET;
-    uint64_t idx = e >> w->cluster_bits;
-
-    return w->old_use != NULL && e != ENTRY_UNSET && e != ENTRY_ZERO &&
-           idx < w->old_n && w->old_use[idx] == 1;
 }
 
 size_t
@@ -782,7 +541,7 @@ zero_tail(struct qcow2_writer *w, uint64_t host, uint64_t valid, GError **errp)
     if (w->zero_buf == NULL) {
         w->zero_buf = g_malloc0(w->cluster_size);
     }
-    return writer_pwrite(w, w->zero_buf, (size_t)(w->cluster_size - valid),
+    return qcow2w_pwrite(w, w->zero_buf, (size_t)(w->cluster_size - valid),
                          host + valid, "end of the last cluster", errp);
 }
 
@@ -796,7 +555,8 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
     uint64_t pos = off;
 
     *n_ext = 0;
-    if (!writer_usable(w, errp) || !check_range(w, off, len, "write", errp)) {
+    if (!writer_usable(w, errp) || !check_range(w, off, len, "write", errp) ||
+        (w->ro != NULL && !qcow2_reopen_load(w, off, len, errp))) {
         return false;
     }
     while (pos < end) {
@@ -821,8 +581,9 @@ qcow2_writer_write(struct qcow2_writer *w, uint64_t off, const void *buf,
             if (p != NULL) {
                 partial_drop(w, p);
             }
-            uint64_t host = alloc_host_cluster(w);
-            if (n < w->cluster_size && !zero_tail(w, host, n, errp)) {
+            uint64_t host = 0;
+            if (!alloc_host_cluster(w, &host, errp) ||
+                (n < w->cluster_size && !zero_tail(w, host, n, errp))) {
                 return false;
             }
             l2_set(w, c, host);
@@ -854,7 +615,7 @@ zero_table(struct qcow2_writer *w, uint64_t i)
         return;
     }
     if (t != NULL) {
-        uint64_t valid = table_valid_entries(w, i);
+        uint64_t valid = qcow2w_table_valid_entries(w, i);
         uint64_t first = i << w->l2_bits;
         for (uint64_t k = 0; k < valid && t->n_partial > 0; k++) {
             struct partial *p = partial_lookup(w, first + k);
@@ -870,6 +631,9 @@ zero_table(struct qcow2_writer *w, uint64_t i)
         g_free(t);
     }
     w->l1[i] = L2_ALL_ZERO;
+    if (w->ro != NULL) {
+        qcow2_reopen_table_changed(w, i);
+    }
 }
 
 static bool
@@ -884,7 +648,7 @@ zero_piece(struct qcow2_writer *w, uint64_t c, uint64_t in_off, uint64_t n,
             w->zero_buf = g_malloc0(w->cluster_size);
         }
         mark_stale(w, e);
-        return writer_pwrite(w, w->zero_buf, (size_t)n, e + in_off,
+        return qcow2w_pwrite(w, w->zero_buf, (size_t)n, e + in_off,
                              "zeroes into data cluster", errp);
     }
     p = partial_lookup(w, c);
@@ -913,7 +677,8 @@ qcow2_writer_zero(struct qcow2_writer *w, uint64_t off, uint64_t len,
     uint64_t pos = off;
     unsigned reach_bits = w->cluster_bits + w->l2_bits;
 
-    if (!writer_usable(w, errp) || !check_range(w, off, len, "zero", errp)) {
+    if (!writer_usable(w, errp) || !check_range(w, off, len, "zero", errp) ||
+        (w->ro != NULL && !qcow2_reopen_load(w, off, len, errp))) {
         return false;
     }
     while (pos < end) {
@@ -985,7 +750,8 @@ qcow2_writer_read(struct qcow2_writer *w, uint64_t off, void *buf, size_t len,
     if (w->failed) {
         return writer_usable(w, errp);
     }
-    if (!check_range(w, off, len, "read", errp)) {
+    if (!check_range(w, off, len, "read", errp) ||
+        (w->ro != NULL && !qcow2_reopen_load(w, off, len, errp))) {
         return false;
     }
     while (pos < end) {
@@ -1024,6 +790,29 @@ qcow2_writer_read(struct qcow2_writer *w, uint64_t off, void *buf, size_t len,
     return true;
 }
 
+void
+qcow2w_encode_table(const struct qcow2_writer *w, uint64_t i, uint8_t *buf,
+                    bool *any)
+{
+    const struct l2_table *t = w->l1[i];
+
+    *any = false;
+    memset(buf, 0, w->cluster_size);
+    for (uint64_t k = 0; t != NULL && k < qcow2w_table_valid_entries(w, i);
+         k++) {
+        uint64_t e = t == L2_ALL_ZERO ? ENTRY_ZERO : t->e[k];
+        uint64_t v = 0;
+
+        if (e == ENTRY_ZERO) {
+            v = QCOW2_OFLAG_ZERO;
+        } else if (e != ENTRY_UNSET) {
+            v = e | QCOW2_OFLAG_COPIED;
+        }
+        qcow2_store_be64(buf + k * 8, v);
+        *any |= v != 0;
+    }
+}
+
 /* L2 tables go out in L1 order; returns the L1 table (big-endian). */
 static bool
 write_l2_tables(struct qcow2_writer *w, uint8_t *l1_buf, GError **errp)
@@ -1031,30 +820,15 @@ write_l2_tables(struct qcow2_writer *w, uint8_t *l1_buf, GError **errp)
     g_autofree uint8_t *buf = g_malloc(w->cluster_size);
 
     for (uint64_t i = 0; i < w->l1_size; i++) {
-        const struct l2_table *t = w->l1[i];
+        uint64_t host = 0;
         bool any = false;
 
-        if (t == NULL) {
-            continue;
-        }
-        memset(buf, 0, w->cluster_size);
-        for (uint64_t k = 0; k < table_valid_entries(w, i); k++) {
-            uint64_t e = t == L2_ALL_ZERO ? ENTRY_ZERO : t->e[k];
-            uint64_t v = 0;
-
-            if (e == ENTRY_ZERO) {
-                v = QCOW2_OFLAG_ZERO;
-            } else if (e != ENTRY_UNSET) {
-                v = e | QCOW2_OFLAG_COPIED;
-            }
-            qcow2_store_be64(buf + k * 8, v);
-            any |= v != 0;
-        }
+        qcow2w_encode_table(w, i, buf, &any);
         if (!any) {
             continue;
         }
-        uint64_t host = alloc_host_cluster(w);
-        if (!writer_pwrite(w, buf, (size_t)w->cluster_size, host, "L2 table",
+        if (!alloc_host_cluster(w, &host, errp) ||
+            !qcow2w_pwrite(w, buf, (size_t)w->cluster_size, host, "L2 table",
                            errp)) {
             return false;
         }
@@ -1103,13 +877,13 @@ write_refcounts(struct qcow2_writer *w, uint64_t total, uint64_t first_block,
             }
             qcow2_store_be16(buf + k * 2, 1);
         }
-        if (!writer_pwrite(w, buf, (size_t)w->cluster_size, host,
+        if (!qcow2w_pwrite(w, buf, (size_t)w->cluster_size, host,
                            "refcount block", errp)) {
             return false;
         }
         qcow2_store_be64(table + b * 8, host);
     }
-    return writer_pwrite(w, table, (size_t)(table_clusters * w->cluster_size),
+    return qcow2w_pwrite(w, table, (size_t)(table_clusters * w->cluster_size),
                          (first_block + n_blocks) << w->cluster_bits,
                          "refcount table", errp);
 }
@@ -1153,7 +927,7 @@ write_header(struct qcow2_writer *w, uint64_t l1_offset,
     }
     /* ext now points at the end-of-extensions marker (zeroes). */
     memcpy(ext + 8, w->backing_file ? w->backing_file : "", name_len);
-    return writer_pwrite(w, h, len, 0, "header", errp);
+    return qcow2w_pwrite(w, h, len, 0, "header", errp);
 }
 
 /* Hashes again, from the file, the data clusters changed in part after
@@ -1189,7 +963,7 @@ build_sums(const struct qcow2_writer *w)
     for (uint64_t i = 0; i < w->l1_size; i++) {
         const struct l2_table *t = w->l1[i];
         uint64_t first = i << w->l2_bits;
-        uint64_t valid = table_valid_entries(w, i);
+        uint64_t valid = qcow2w_table_valid_entries(w, i);
 
         if (t == L2_ALL_ZERO) {
             struct qcow2_sum e = {.cluster = first, .count = valid, .zero = 1};
@@ -1228,6 +1002,14 @@ qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp)
     if (!rehash_stale(w, errp)) {
         return false;
     }
+    if (w->ro != NULL) {
+        if (!qcow2_reopen_finish_tables(w, errp)) {
+            w->failed = true;
+            return false;
+        }
+        w->tables_done = true;
+        return true;
+    }
 
     uint64_t l1_bytes = w->l1_size * 8;
     uint64_t l1_clusters = (l1_bytes + w->cluster_size - 1) >> w->cluster_bits;
@@ -1235,19 +1017,9 @@ qcow2_writer_finish_tables(struct qcow2_writer *w, GError **errp)
     if (!write_l2_tables(w, l1_buf, errp)) {
         return false;
     }
-    /* Free clusters left over get refcount 0 like any other orphan. */
-    for (; w->free_runs != NULL && w->free_at < w->free_runs->len;
-         w->free_at++) {
-        struct free_run *f =
-            &g_array_index(w->free_runs, struct free_run, w->free_at);
-        for (uint64_t k = 0; k < f->count; k++) {
-            uint64_t idx = f->start + k;
-            g_array_append_val(w->orphans, idx);
-        }
-    }
     uint64_t l1_offset = w->next_host_cluster << w->cluster_bits;
     w->next_host_cluster += l1_clusters;
-    if (!writer_pwrite(w, l1_buf, (size_t)(l1_clusters * w->cluster_size),
+    if (!qcow2w_pwrite(w, l1_buf, (size_t)(l1_clusters * w->cluster_size),
                        l1_offset, "L1 table", errp)) {
         return false;
     }
@@ -1331,30 +1103,6 @@ qcow2_writer_finish(struct qcow2_writer *w, GError **errp)
            qcow2_writer_write_header(w, errp);
 }
 
-void
-qcow2_writer_punch_free(struct qcow2_writer *w)
-{
-    const uint64_t *idx = (const uint64_t *)(void *)w->orphans->data;
-    guint n = w->orphans->len;
-
-    if (!w->finished) {
-        return;
-    }
-    g_array_sort(w->orphans, compare_u64);
-    for (guint i = 0; i < n;) {
-        guint j = i + 1;
-
-        while (j < n && idx[j] <= idx[j - 1] + 1) {
-            j++;
-        }
-        /* Best effort: a file system without hole punching keeps them. */
-        (void)fallocate(w->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                        (off_t)(idx[i] << w->cluster_bits),
-                        (off_t)((idx[j - 1] - idx[i] + 1) << w->cluster_bits));
-        i = j;
-    }
-}
-
 const struct qcow2_sums *
 qcow2_writer_sums(const struct qcow2_writer *w)
 {
@@ -1378,7 +1126,7 @@ count_bytes(const struct qcow2_writer *w, uint64_t *data, uint64_t *zero)
     for (uint64_t i = 0; i < w->l1_size; i++) {
         const struct l2_table *t = w->l1[i];
         uint64_t first = i << w->l2_bits;
-        uint64_t valid = table_valid_entries(w, i);
+        uint64_t valid = qcow2w_table_valid_entries(w, i);
 
         if (t == NULL) {
             continue;

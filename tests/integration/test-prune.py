@@ -226,6 +226,10 @@ try:
     check({d["disk"]: d["action"] for d in dec[more[-1]]["disks"]} == {"vd0": "merge", "vd1": "merge"}
           and {d["disk"]: d["action"] for d in dec[nxt["point"]]["disks"]} == {"vd0": "merge", "vd1": "merge"},
           "older points merge both disks into what mid reads: %s" % res["points"])
+    # "into" names the kept point the data lands in, not the next point
+    # (nxt, removed as well).
+    check(all(d["into"] == mid for pt in (more[-1], nxt["point"]) for d in dec[pt]["disks"]),
+          "both merge into the kept mid: %s" % res["points"])
     res = prune("--keep-last", "1", "--json")
     check(res["removed"] == 3 and [d["action"] for x in res["points"] if not x["keep"]
                                     for d in x["disks"] if d["disk"] == "vd1"] == ["delete"] * 3,
