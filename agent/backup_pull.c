@@ -42,6 +42,7 @@
 
 #include "agent/backup_int.h"
 #include "agent/error.h"
+#include "agent/progress.h"
 #include "agent/pull_copy.h"
 #include "agent/recover.h"
 #include "io/nbd_client.h"
@@ -689,34 +690,39 @@ check_snapshot(struct backup *b, struct disk *d, struct pull_disk *pd,
     return true;
 }
 
-bool
-backup_pull_copy(struct backup *b, GError **errp)
+/* Sets each disk's progress once every disk's total is known (as push
+ * mode's first line has QEMU's totals); false until then. */
+static bool
+set_progress(struct backup *b, struct progress *prog)
+{
+    struct pull *p = b->pull;
+    uint64_t done, total;
+
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct pull_disk *pd = p->disks->pdata[k];
+        if (!pull_copy_progress(pd->copy, &done, &total)) {
+            return false;
+        }
+    }
+    for (guint k = 0; k < b->disks->len; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        pull_copy_progress(pd->copy, &done, &total);
+        progress_set(prog, d->name, done, total);
+    }
+    return true;
+}
+
+/* The copy loop: libnbd's reads and io_uring's writes, driven by one
+ * ring.  The progress line is set a few times a second at most, from
+ * counters: no system call per request. */
+static bool
+copy_loop(struct backup *b, struct progress *prog, GError **errp)
 {
     struct pull *p = b->pull;
     guint n = b->disks->len;
-    g_autofree int *fds = g_new(int, n);
-    gint64 last_measure = 0;
-    bool ok = true;
+    gint64 last_measure = 0, last_progress = 0;
 
-    for (guint k = 0; k < n; k++) {
-        fds[k] = -1;
-    }
-    if (!start_server(b, fds, errp)) {
-        return false;
-    }
-    for (guint k = 0; k < n; k++) {
-        struct disk *d = b->disks->pdata[k];
-        struct pull_disk *pd = p->disks->pdata[k];
-        if (ok) {
-            ok = connect_disk(b, d, pd, fds[k], errp);
-        } else {
-            close(fds[k]);
-        }
-    }
-    if (!ok) {
-        return false;
-    }
-    recover_crash_point("running");
     for (;;) {
         bool all_done = true;
         gint64 now = g_get_monotonic_time();
@@ -746,10 +752,54 @@ backup_pull_copy(struct backup *b, GError **errp)
             measure_scratch(p);
             last_measure = now;
         }
+        if (prog && now - last_progress > 250000 && set_progress(b, prog)) {
+            progress_show(prog);
+            last_progress = now;
+        }
         if (all_done) {
-            break;
+            set_progress(b, prog);
+            return true;
         }
         ring_run_once(&b->ring, wait_ms);
+    }
+}
+
+bool
+backup_pull_copy(struct backup *b, GError **errp)
+{
+    struct pull *p = b->pull;
+    guint n = b->disks->len;
+    g_autofree int *fds = g_new(int, n);
+    struct progress *prog;
+    bool ok = true;
+
+    for (guint k = 0; k < n; k++) {
+        fds[k] = -1;
+    }
+    if (!start_server(b, fds, errp)) {
+        return false;
+    }
+    for (guint k = 0; k < n; k++) {
+        struct disk *d = b->disks->pdata[k];
+        struct pull_disk *pd = p->disks->pdata[k];
+        if (ok) {
+            ok = connect_disk(b, d, pd, fds[k], errp);
+        } else {
+            close(fds[k]);
+        }
+    }
+    if (!ok) {
+        return false;
+    }
+    recover_crash_point("running");
+    prog = backup_progress_new(b);
+    for (guint k = 0; prog && k < n; k++) {
+        pull_copy_count(((struct pull_disk *)p->disks->pdata[k])->copy);
+    }
+    ok = copy_loop(b, prog, errp);
+    progress_end(prog, ok);
+    if (!ok) {
+        return false;
     }
     measure_scratch(p);
     recover_crash_point("pending");
