@@ -33,8 +33,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -764,6 +766,31 @@ copy_loop(struct backup *b, struct progress *prog, GError **errp)
     }
 }
 
+/* Every thread of qbak (io_uring's workers too) to nice value `to`; the
+ * value before, or INT_MIN when unknown or already `to`.  Per thread: Linux's
+ * setpriority(PRIO_PROCESS) sets one thread's. */
+static int
+renice(int to)
+{
+    GDir *dir = g_dir_open("/proc/self/task", 0, NULL);
+    const char *tid;
+    int before;
+
+    errno = 0;
+    before = getpriority(PRIO_PROCESS, 0);
+    if (errno || !dir || before == to) {
+        if (dir) {
+            g_dir_close(dir);
+        }
+        return INT_MIN;
+    }
+    while ((tid = g_dir_read_name(dir))) {
+        setpriority(PRIO_PROCESS, (id_t)atoi(tid), to);
+    }
+    g_dir_close(dir);
+    return before;
+}
+
 bool
 backup_pull_copy(struct backup *b, GError **errp)
 {
@@ -771,6 +798,7 @@ backup_pull_copy(struct backup *b, GError **errp)
     guint n = b->disks->len;
     g_autofree int *fds = g_new(int, n);
     struct progress *prog;
+    int nice_before;
     bool ok = true;
 
     for (guint k = 0; k < n; k++) {
@@ -796,7 +824,22 @@ backup_pull_copy(struct backup *b, GError **errp)
     for (guint k = 0; prog && k < n; k++) {
         pull_copy_count(((struct pull_disk *)p->disks->pdata[k])->copy);
     }
+    /* The guest's vCPUs and QEMU's main loop (which serves both the
+     * guest's I/O and the export) share the CPUs with the copy: at a
+     * lower priority the copy takes what they leave.  Only now, after the
+     * point: the freeze window runs at full priority.  Measured on 2
+     * cores (TCG guest, a full of 1 GiB): guest O_DIRECT write median
+     * 3.1x that of no backup at nice 0, 1.5x at 19; the copy 1.4x
+     * longer. */
+    nice_before = INT_MIN;
+    errno = 0;
+    if (b->opts->nice > getpriority(PRIO_PROCESS, 0) && !errno) {
+        nice_before = renice(b->opts->nice);
+    }
     ok = copy_loop(b, prog, errp);
+    if (nice_before != INT_MIN) {
+        renice(nice_before); /* fails without CAP_SYS_NICE: stays low */
+    }
     progress_end(prog, ok);
     if (!ok) {
         return false;

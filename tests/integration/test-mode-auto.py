@@ -5,7 +5,9 @@ choice and its reason in the JSON result and in -v output, and every
 point, whatever the mode, equal to the disk at its point in time."""
 import os
 import random
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from qbaktest import *  # noqa: E402,F403
@@ -74,6 +76,41 @@ try:
     p = run([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1",
              "--mode", "pull", "--memory"], check_rc=False)
     check(p.returncode == 2 and "--memory" in p.stderr, "pull with --memory: %s" % p.stderr)
+
+    # Pull mode's copy runs at nice 19 by default (--nice), after the
+    # point: the guest's vCPUs and QEMU's I/O go first; push mode's does
+    # not (guest writes wait for it there).
+    def nice_while_copying(*extra):
+        random_writes(vm, "vd0", size, rng, 8)
+        vm.io("vd0", "write -P 0x5a 0 %d" % (8 << 20))
+        p = subprocess.Popen([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
+                              "--vm", "vm1", "--json", "--speed", str(2 << 20)] + list(extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = set()
+        deadline = time.time() + 300
+        while p.poll() is None and time.time() < deadline:
+            copying = vm.qmp.cmd("query-block-exports") or \
+                [j for j in vm.jobs() if j["status"] == "running"]
+            try:
+                with open("/proc/%d/stat" % p.pid) as f:
+                    nice = int(f.read().rsplit(")", 1)[1].split()[16])
+            except (OSError, ValueError, IndexError):
+                break
+            if copying:
+                seen.add(nice)
+            time.sleep(0.05)
+        out, err = p.communicate(timeout=300)
+        check(p.returncode == 0, "backup %s: %s" % (extra, err))
+        return seen, json.loads(out)["mode"]
+    seen, mode = nice_while_copying()
+    check(mode == "pull" and 19 in seen, "pull copy at nice 19: %s %s" % (mode, seen))
+    seen, mode = nice_while_copying("--nice", "0")
+    check(mode == "pull" and seen == {0}, "--nice 0: %s %s" % (mode, seen))
+    seen, mode = nice_while_copying("--mode", "push")
+    check(mode == "push" and seen == {0}, "push copy at nice 0: %s %s" % (mode, seen))
+    p = run([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1",
+             "--nice", "20"], check_rc=False)
+    check(p.returncode == 2 and "--nice" in p.stderr, "bad --nice: %s" % p.stderr)
 
     # A disk whose device runs in an iothread: QEMU before 9.0 aborts (the
     # VM is gone) when pull mode's snapshot-access node goes above it
