@@ -40,6 +40,7 @@ struct backup_opts {
     enum backup_mode mode;
     const char *scratch_dir;
     uint64_t scratch_max; /* bytes for all disks' scratch, 0: unbounded */
+    int nice; /* pull mode's copy runs at this nice value, 0: as started */
 };
 
 /* Set by the SIGINT/SIGTERM handler: the backup stops and cleans up. */

@@ -64,6 +64,10 @@ struct backup {
     char *mode_reason;       /* why, for the result and --verbose */
 };
 
+/* The data's progress line (agent/progress.h): on a terminal, or as
+ * reports to `qbak run` (--progress-fd); NULL when neither is wanted. */
+struct progress;
+struct progress *backup_progress_new(struct backup *b);
 /* Wait until every job is pending (all data received), or one failed. */
 bool backup_jobs_wait_pending(struct backup *b, GError **errp);
 /* Every job is still pending in a live QEMU: checked right before commit. */

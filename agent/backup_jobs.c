@@ -141,14 +141,20 @@ wait_pending(struct backup *b, struct progress *p, GError **errp)
     }
 }
 
+struct progress *
+backup_progress_new(struct backup *b)
+{
+    g_autofree char *label = g_strdup_printf("qbak: %s", b->opts->vm);
+
+    return b->opts->progress_fd > 0 ? progress_new_fd(b->opts->progress_fd)
+                                    : progress_new(label, b->opts->progress);
+}
+
 /* Wait until every job is pending (all data received), or one failed. */
 bool
 backup_jobs_wait_pending(struct backup *b, GError **errp)
 {
-    g_autofree char *label = g_strdup_printf("qbak: %s", b->opts->vm);
-    struct progress *p = b->opts->progress_fd > 0
-                             ? progress_new_fd(b->opts->progress_fd)
-                             : progress_new(label, b->opts->progress);
+    struct progress *p = backup_progress_new(b);
     bool ok = wait_pending(b, p, errp);
 
     progress_end(p, ok);

@@ -69,6 +69,14 @@ struct pull_copy {
     GQueue runs; /* struct run *, in disk order */
     struct slot slots[READ_SLOTS];
     uint64_t bytes_read;
+    struct {
+        bool on, inflight, answered;
+        int err;
+        uint64_t cursor;   /* [0, cursor) counted */
+        uint64_t bytes;    /* the copy's reads in [0, cursor) */
+        uint64_t last_end; /* of the last range counted */
+        struct extents x;
+    } count; /* progress only: see count_step() */
     long reads;
     long drop_at; /* test only: QBAK_FAULT_NBD_DROP=N */
     char *error;
@@ -196,52 +204,41 @@ queue_read(struct pull_copy *pc, uint64_t off, uint64_t end, uint64_t lo,
     }
 }
 
-/* Turn a block status reply into runs of whole clusters, in one sweep of
- * its extents.  A full reads every cluster that is not all known to read
- * as zeroes (base:allocation) and skips the rest.  An incremental asks
- * only for the dirty bitmap (base:allocation of the whole disk cost QEMU
- * more than a small incremental's copy) and reads every cluster with a
- * dirty byte; what reads as zeroes becomes a zero cluster when written.
- * Reading a whole cluster for a piece of it is always right: every byte
- * comes from the point in time. */
-static void
-take_status(struct pull_copy *pc)
+/* One block status answer x, for [*cursor, ...), swept into take(): every
+ * wanted range, to be rounded out to whole clusters within [lo, hi);
+ * *cursor moves to the end of what the answer settled.  A full reads
+ * every cluster that is not all known to read as zeroes (base:allocation)
+ * and skips the rest.  An incremental asks only for the dirty bitmap
+ * (base:allocation of the whole disk cost QEMU more than a small
+ * incremental's copy) and reads every cluster with a dirty byte; what
+ * reads as zeroes becomes a zero cluster when written.  Reading a whole
+ * cluster for a piece of it is always right: every byte comes from the
+ * point in time.  Returns NULL, or why the answer cannot be used. */
+static const char *
+sweep_answer(struct pull_copy *pc, const struct extents *x, uint64_t *cursor,
+             void (*take)(struct pull_copy *pc, uint64_t off, uint64_t end,
+                          uint64_t lo, uint64_t hi))
 {
     uint64_t csize = UINT64_C(1) << pc->cluster_bits;
-    struct extents *x = pc->bitmap_context ? &pc->dirty : &pc->base;
     const uint32_t *e = (const uint32_t *)x->e->data;
     uint64_t end, pos;
 
-    pc->status_done = false;
-    if (pc->status_err) {
-        copy_fail(pc, g_strdup_printf("block status at %" PRIu64 ": %s (the "
-                                      "point in time is gone: scratch full "
-                                      "or failing, or QEMU failed)",
-                                      pc->cursor, g_strerror(pc->status_err)));
-        return;
-    }
-    if (!x->seen || x->start != pc->cursor) {
-        copy_fail(pc, g_strdup_printf("block status at %" PRIu64
-                                      ": the server left out a context",
-                                      pc->cursor));
-        return;
+    if (!x->seen || x->start != *cursor) {
+        return "the server left out a context";
     }
     end = MIN(extents_end(x), pc->size);
-    if (end <= pc->cursor) {
-        copy_fail(pc, g_strdup_printf("block status at %" PRIu64
-                                      ": an empty answer",
-                                      pc->cursor));
-        return;
+    if (end <= *cursor) {
+        return "an empty answer";
     }
     /* Whole clusters only, unless the answer stops inside the first
      * cluster: then that cluster is read (the safe answer). */
     if (end < pc->size) {
         uint64_t aligned = end & ~(csize - 1);
-        if (aligned <= pc->cursor) {
-            uint64_t cend = MIN((pc->cursor | (csize - 1)) + 1, pc->size);
-            queue_run(pc, pc->cursor, cend - pc->cursor);
-            pc->cursor = cend;
-            return;
+        if (aligned <= *cursor) {
+            uint64_t cend = MIN((*cursor | (csize - 1)) + 1, pc->size);
+            take(pc, *cursor, cend, *cursor, cend);
+            *cursor = cend;
+            return NULL;
         }
         end = aligned;
     }
@@ -251,11 +248,138 @@ take_status(struct pull_copy *pc)
         bool wanted = pc->bitmap_context ? (e[i + 1] & 1) != 0
                                          : !(e[i + 1] & LIBNBD_STATE_ZERO);
         if (wanted && next > pos) {
-            queue_read(pc, pos, next, pc->cursor, end);
+            take(pc, pos, next, *cursor, end);
         }
         pos = next;
     }
-    pc->cursor = end;
+    *cursor = end;
+    return NULL;
+}
+
+/* Turn a block status reply into runs of whole clusters to read. */
+static void
+take_status(struct pull_copy *pc)
+{
+    const char *why;
+
+    pc->status_done = false;
+    if (pc->status_err) {
+        copy_fail(pc, g_strdup_printf("block status at %" PRIu64 ": %s (the "
+                                      "point in time is gone: scratch full "
+                                      "or failing, or QEMU failed)",
+                                      pc->cursor, g_strerror(pc->status_err)));
+        return;
+    }
+    why = sweep_answer(pc, pc->bitmap_context ? &pc->dirty : &pc->base,
+                       &pc->cursor, queue_read);
+    if (why) {
+        copy_fail(pc, g_strdup_printf("block status at %" PRIu64 ": %s",
+                                      pc->cursor, why));
+    }
+}
+
+/* Progress: a second walk of block status, ahead of the copy's own (which
+ * keeps only a few runs queued), counts the bytes the copy will read, so
+ * that the total is known after a few round trips (one per GiB or so)
+ * rather than at the end.  It reads the same answers the same way
+ * (sweep_answer()); a failure only stops the count: the copy's own walk
+ * reports it. */
+static void
+count_read(struct pull_copy *pc, uint64_t off, uint64_t end, uint64_t lo,
+           uint64_t hi)
+{
+    uint64_t csize = UINT64_C(1) << pc->cluster_bits;
+
+    off = MAX(off & ~(csize - 1), lo);
+    end = MIN(((end - 1) | (csize - 1)) + 1, hi);
+    off = MAX(off, pc->count.last_end);
+    if (off < end) {
+        pc->count.bytes += end - off;
+        pc->count.last_end = end;
+    }
+}
+
+static int
+count_extent_cb(void *opaque, const char *context, uint64_t offset,
+                uint32_t *entries, size_t nr, int *error)
+{
+    struct pull_copy *pc = opaque;
+    struct extents *x = &pc->count.x;
+    const char *want = pc->bitmap_context ? pc->bitmap_context
+                                          : LIBNBD_CONTEXT_BASE_ALLOCATION;
+
+    if (strcmp(context, want) != 0 || x->seen) {
+        return 0;
+    }
+    x->seen = true;
+    x->start = offset;
+    g_array_set_size(x->e, 0);
+    g_array_append_vals(x->e, entries, (guint)(nr & ~(size_t)1));
+    return 0;
+}
+
+static int
+count_done_cb(void *opaque, int *error)
+{
+    struct pull_copy *pc = opaque;
+
+    pc->count.inflight = false;
+    pc->count.answered = true;
+    pc->count.err = *error;
+    return 1;
+}
+
+static void
+count_step(struct pull_copy *pc)
+{
+    if (!pc->count.on || pc->count.inflight) {
+        return;
+    }
+    if (pc->count.answered) {
+        pc->count.answered = false;
+        if (pc->count.err ||
+            sweep_answer(pc, &pc->count.x, &pc->count.cursor, count_read)) {
+            pc->count.on = false;
+            return;
+        }
+    }
+    if (pc->count.cursor < pc->size) {
+        pc->count.x.seen = false;
+        if (nbd_aio_block_status(
+                nbd_client_handle(pc->c),
+                MIN(pc->size - pc->count.cursor, STATUS_MAX), pc->count.cursor,
+                (nbd_extent_callback){.callback = count_extent_cb,
+                                      .user_data = pc},
+                (nbd_completion_callback){.callback = count_done_cb,
+                                          .user_data = pc},
+                0) < 0) {
+            pc->count.on = false;
+            return;
+        }
+        pc->count.inflight = true;
+    }
+}
+
+void
+pull_copy_count(struct pull_copy *pc)
+{
+    pc->count.on = true;
+}
+
+bool
+pull_copy_progress(const struct pull_copy *pc, uint64_t *done, uint64_t *total)
+{
+    /* Until the count is complete (or when it stopped), the rest of the
+     * disk might all be read: the total only comes down. */
+    uint64_t rest = pc->size - pc->count.cursor;
+
+    *done = pc->bytes_read;
+    *total = MAX(pc->count.bytes + rest, pc->bytes_read);
+    if (pull_copy_done(pc)) {
+        *done = *total = pc->bytes_read;
+        return true;
+    }
+    return !pc->count.on || pc->count.cursor > 0;
 }
 
 /* All-zero data is not written: a full reads zeroes where nothing is, an
@@ -447,6 +571,7 @@ pull_copy_step(struct pull_copy *pc)
         pc->cursor < pc->size && g_queue_get_length(&pc->runs) < QUEUE_LOW) {
         issue_status(pc);
     }
+    count_step(pc);
     nbd_client_kick(pc->c);
 }
 
@@ -481,7 +606,8 @@ bool
 pull_copy_done(const struct pull_copy *pc)
 {
     if (pc->error || pc->cursor < pc->size || pc->status_inflight ||
-        pc->status_done || !g_queue_is_empty((GQueue *)&pc->runs)) {
+        pc->count.inflight || pc->status_done ||
+        !g_queue_is_empty((GQueue *)&pc->runs)) {
         return false;
     }
     for (unsigned i = 0; i < READ_SLOTS; i++) {
@@ -523,6 +649,7 @@ pull_copy_new(struct ring *ring, struct nbd_client *c, struct backup_target *t,
         getenv("QBAK_FAULT_NBD_DROP") ? atol(getenv("QBAK_FAULT_NBD_DROP")) : 0;
     pc->base.e = g_array_new(false, false, sizeof(uint32_t));
     pc->dirty.e = g_array_new(false, false, sizeof(uint32_t));
+    pc->count.x.e = g_array_new(false, false, sizeof(uint32_t));
     g_queue_init(&pc->runs);
     for (unsigned i = 0; i < READ_SLOTS; i++) {
         struct slot *s = &pc->slots[i];
@@ -563,6 +690,7 @@ pull_copy_free(struct pull_copy *pc)
     g_queue_clear_full(&pc->runs, g_free); /* embedded: clear, not free */
     g_array_free(pc->base.e, true);
     g_array_free(pc->dirty.e, true);
+    g_array_free(pc->count.x.e, true);
     g_free(pc->bitmap_context);
     g_free(pc->error);
     g_free(pc);

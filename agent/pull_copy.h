@@ -45,5 +45,14 @@ bool pull_copy_done(const struct pull_copy *pc);
 const char *pull_copy_error(const struct pull_copy *pc);
 
 uint64_t pull_copy_bytes_read(const struct pull_copy *pc);
+/* Progress as QEMU's backup jobs report it in push mode: the bytes read
+ * of those to read (a full's data, an incremental's dirty clusters).
+ * pull_copy_count() makes the total exact early, with a second walk of
+ * block status ahead of the copy; without it the total is known only as
+ * the copy's own walk goes.  pull_copy_progress() is false while the
+ * count has had no answer yet (the total is still the disk's size). */
+void pull_copy_count(struct pull_copy *pc);
+bool pull_copy_progress(const struct pull_copy *pc, uint64_t *done,
+                        uint64_t *total);
 
 #endif

@@ -106,6 +106,7 @@ cmd_backup(int argc, char **argv)
     g_autofree gchar *scratch_max = NULL;
     int64_t scratch_bytes = 0;
     gint wait = 0;
+    gint nice_v = 19;
     gint progress_fd = -1;
     GError *err = NULL;
     json_t *res;
@@ -154,6 +155,10 @@ cmd_backup(int argc, char **argv)
          "pull mode: at most SIZE bytes of scratch (K, M, G, T suffixes); "
          "past it the backup fails, the guest goes on",
          "SIZE"},
+        {"nice", 0, 0, G_OPTION_ARG_INT, &nice_v,
+         "pull mode: copy at this CPU nice value, 0 to 19 (default 19): "
+         "the guest's vCPUs and QEMU's I/O go first; 0: as started",
+         "N"},
         {"json", 0, 0, G_OPTION_ARG_NONE, &json,
          "print the result as one JSON object", NULL},
         {"verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose,
@@ -222,6 +227,11 @@ cmd_backup(int argc, char **argv)
         return QBAK_EXIT_USAGE;
     }
     o.scratch_max = (uint64_t)scratch_bytes;
+    if (nice_v < 0 || nice_v > 19) {
+        fprintf(stderr, "qbak backup: --nice must be 0 to 19\n");
+        return QBAK_EXIT_USAGE;
+    }
+    o.nice = nice_v;
     o.qmp_path = qmp;
     o.repo = repo;
     o.vm = vm;

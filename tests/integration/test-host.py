@@ -282,24 +282,43 @@ try:
     verify_restores(NAMES, refs)
     no_leftovers()
 
-    # Progress on a terminal (per disk: done of total, rate, time left);
-    # none with --json.
+    # Progress on a terminal (per disk: done of total, rate, time left), in
+    # both modes; none with --json.  An incremental counts of its bitmap,
+    # a full of the disk.
     vm = vms["vm00"]
-    vm.io("vd0", "write -P 0x77 0 %d" % (4 << 20))
-    # Push mode: pull mode draws no progress yet.
-    text = on_terminal([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
-                        "--vm", "vm00", "--speed", str(2 << 20), "--mode", "push"])
-    check(re.search(r"qbak: vm00: vd0 [0-9.]+ MiB of 4.0 MiB.*MiB/s.*left", text),
-          "backup progress: %r" % text)
+    full_totals = []
+    for mode in ("push", "pull"):
+        vm.io("vd0", "write -P 0x77 0 %d" % (4 << 20))
+        text = on_terminal([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
+                            "--vm", "vm00", "--speed", str(2 << 20), "--mode", mode])
+        check(re.search(r"qbak: vm00: vd0 [0-9.]+ MiB of 4.0 MiB.*MiB/s.*left", text)
+              and "qbak: vm00: vd0 4.0 MiB of 4.0 MiB" in text,
+              "%s backup progress: %r" % (mode, text))
+        text = on_terminal([QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo,
+                            "--vm", "vm00", "--speed", str(8 << 20), "--mode", mode,
+                            "--full"])
+        # A full counts the data it copies, the same in either mode: the
+        # disk's data, not its size; the total is known from the start.
+        totals = set(re.findall(r"qbak: vm00: vd0 [0-9.]+ MiB of ([0-9.]+) MiB", text))
+        m = re.search(r"qbak: vm00: vd0 [0-9.]+ MiB of ([0-9.]+) MiB[^\r]*MiB/s[^\r]*left",
+                      text)
+        check(m and totals == {m.group(1)} and 8 <= float(m.group(1)) < 16 and
+              "qbak: vm00: vd0 %s MiB of %s MiB" % (m.group(1), m.group(1)) in text,
+              "%s full backup progress: %r" % (mode, text))
+        full_totals.append(m.group(1))
+    check(full_totals[0] == full_totals[1], "full totals differ: %s" % full_totals)
     out = os.path.join(w, "restore-tty.raw")
     text = on_terminal([QBAK, "restore", "--repo", repo, "--vm", "vm00", "--disk", "vd0",
                         "--output", out])
     check("qbak: restore vm00: vd0 16.0 MiB of 16.0 MiB" in text, "restore progress: %r" % text)
-    vms["vm01"].io("vd0", "write -P 0x78 0 %d" % (3 << 20))
-    text = on_terminal([QBAK, "run", "--config", slow, "--all", "--vm", "vm01"])
-    check(re.search(r"qbak run: 0 of 1 VMs done, 1 running, 0 failed: vm01/vd0 [0-9.]+ MiB "
-                    r"of 3.0 MiB.*MiB/s", text) and "vm01: ok" in text,
-          "run progress: %r" % text)
+    slow_pull = write_config(os.path.join(w, "slow-pull.conf"), NAMES,
+                             extra="speed = 1M\nmode = pull")
+    for conf_ in (slow, slow_pull):
+        vms["vm01"].io("vd0", "write -P 0x78 0 %d" % (3 << 20))
+        text = on_terminal([QBAK, "run", "--config", conf_, "--all", "--vm", "vm01"])
+        check(re.search(r"qbak run: 0 of 1 VMs done, 1 running, 0 failed: vm01/vd0 "
+                        r"[0-9.]+ MiB of 3.0 MiB.*MiB/s", text) and "vm01: ok" in text,
+              "run progress (%s): %r" % (conf_, text))
     text = on_terminal([QBAK, "run", "--config", main, "--all", "--vm", "vm01", "--json"])
     check("VMs done" not in text, "no progress with --json: %r" % text)
 finally:
