@@ -4,6 +4,8 @@
 #ifndef QBAK_IO_QCOW2_FORMAT_H
 #define QBAK_IO_QCOW2_FORMAT_H
 
+#include <glib.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #define QCOW2_MAGIC 0x514649fbU
@@ -43,6 +45,12 @@
 #define QCOW2_L1E_RESERVED_MASK UINT64_C(0x7f000000000001ff)
 #define QCOW2_L2E_OFFSET_MASK UINT64_C(0x00fffffffffffe00)
 #define QCOW2_L2E_RESERVED_MASK UINT64_C(0x3f000000000001fe)
+
+/* Sets errp to "NAME: message" (G_FILE_ERROR_INVAL) for a layer whose
+ * bytes break the format, and returns false, so that checks read
+ * "return qcow2_corrupt(...)". */
+bool qcow2_corrupt(GError **errp, const char *name, const char *fmt, ...)
+    G_GNUC_PRINTF(3, 4);
 
 static inline uint32_t
 qcow2_load_be32(const uint8_t *p)

@@ -129,12 +129,8 @@ layer_free(struct qcow2_layer *l)
     g_free(l);
 }
 
-/* Always returns false, so that checks read "return corrupt(...)". */
-static bool corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt,
-                    ...) G_GNUC_PRINTF(3, 4);
-
-static bool
-corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt, ...)
+bool
+qcow2_corrupt(GError **errp, const char *name, const char *fmt, ...)
 {
     va_list ap;
     g_autofree char *msg = NULL;
@@ -142,7 +138,7 @@ corrupt(GError **errp, const struct qcow2_layer *l, const char *fmt, ...)
     va_start(ap, fmt);
     msg = g_strdup_vprintf(fmt, ap);
     va_end(ap);
-    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "%s: %s", l->name, msg);
+    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "%s: %s", name, msg);
     return false;
 }
 
@@ -157,8 +153,8 @@ parse_extensions(struct qcow2_layer *l, const uint8_t *hdr, uint64_t start,
 
     while (off < end) {
         if (end - off < 8) {
-            return corrupt(errp, l, "truncated header extension at %" PRIu64,
-                           off);
+            return qcow2_corrupt(errp, l->name,
+                                 "truncated header extension at %" PRIu64, off);
         }
         uint32_t type = qcow2_load_be32(hdr + off);
         uint32_t len = qcow2_load_be32(hdr + off + 4);
@@ -167,19 +163,20 @@ parse_extensions(struct qcow2_layer *l, const uint8_t *hdr, uint64_t start,
             break;
         }
         if (len > end - off) {
-            return corrupt(errp, l,
-                           "header extension 0x%08x of %u bytes overruns "
-                           "the header",
-                           type, len);
+            return qcow2_corrupt(errp, l->name,
+                                 "header extension 0x%08x of %u bytes overruns "
+                                 "the header",
+                                 type, len);
         }
         if (type == QCOW2_EXT_BACKING_FORMAT) {
             if (len != 5 || memcmp(hdr + off, "qcow2", 5) != 0) {
                 g_autofree char *fmt =
                     g_strndup((const char *)hdr + off, MIN(len, 32u));
-                return corrupt(errp, l,
-                               "backing file format '%s' is not supported "
-                               "(only qcow2)",
-                               fmt);
+                return qcow2_corrupt(
+                    errp, l->name,
+                    "backing file format '%s' is not supported "
+                    "(only qcow2)",
+                    fmt);
             }
         }
         off += ((uint64_t)len + 7) & ~UINT64_C(7);
@@ -197,17 +194,19 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
 
     *backing_name = NULL;
     if (have < QCOW2_V2_HEADER_LEN) {
-        return corrupt(errp, l, "file too short for a qcow2 header");
+        return qcow2_corrupt(errp, l->name,
+                             "file too short for a qcow2 header");
     }
     if (!read_exact(l->fd, fixed, have, 0, l->name, "header", errp)) {
         return false;
     }
     if (qcow2_load_be32(fixed) != QCOW2_MAGIC) {
-        return corrupt(errp, l, "not a qcow2 image (bad magic)");
+        return qcow2_corrupt(errp, l->name, "not a qcow2 image (bad magic)");
     }
     uint32_t version = qcow2_load_be32(fixed + 4);
     if (version != 2 && version != 3) {
-        return corrupt(errp, l, "unsupported qcow2 version %u", version);
+        return qcow2_corrupt(errp, l->name, "unsupported qcow2 version %u",
+                             version);
     }
     uint64_t backing_offset = qcow2_load_be64(fixed + QCOW2_HDR_BACKING_OFFSET);
     uint32_t backing_len = qcow2_load_be32(fixed + QCOW2_HDR_BACKING_LEN);
@@ -221,46 +220,52 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
 
     if (version == 3) {
         if (have < QCOW2_V3_HEADER_LEN) {
-            return corrupt(errp, l, "file too short for a qcow2 v3 header");
+            return qcow2_corrupt(errp, l->name,
+                                 "file too short for a qcow2 v3 header");
         }
         incompat = qcow2_load_be64(fixed + QCOW2_HDR_INCOMPAT);
         uint32_t refcount_order =
             qcow2_load_be32(fixed + QCOW2_HDR_REFCOUNT_ORDER);
         header_len = qcow2_load_be32(fixed + QCOW2_HDR_HEADER_LEN);
         if (refcount_order > 6) {
-            return corrupt(errp, l, "invalid refcount order %u",
-                           refcount_order);
+            return qcow2_corrupt(errp, l->name, "invalid refcount order %u",
+                                 refcount_order);
         }
         if (header_len < QCOW2_V3_HEADER_LEN) {
-            return corrupt(errp, l, "header length %u too small", header_len);
+            return qcow2_corrupt(errp, l->name, "header length %u too small",
+                                 header_len);
         }
     }
     if (cluster_bits < QCOW2_MIN_CLUSTER_BITS ||
         cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-        return corrupt(errp, l, "unsupported cluster bits %u", cluster_bits);
+        return qcow2_corrupt(errp, l->name, "unsupported cluster bits %u",
+                             cluster_bits);
     }
     l->cluster_bits = cluster_bits;
     l->cluster_size = UINT64_C(1) << cluster_bits;
     l->l2_bits = cluster_bits - 3;
     if (header_len > l->cluster_size) {
-        return corrupt(errp, l, "header length %u exceeds the cluster size",
-                       header_len);
+        return qcow2_corrupt(errp, l->name,
+                             "header length %u exceeds the cluster size",
+                             header_len);
     }
     /* The dirty bit only says refcounts may be stale; a reader does not
      * use them.  Every other bit changes how data is found. */
     if (incompat & ~QCOW2_INCOMPAT_DIRTY) {
-        return corrupt(errp, l,
-                       "unsupported incompatible features 0x%" PRIx64
-                       " (corrupt, external data file, compression type or "
-                       "extended L2)",
-                       incompat & ~QCOW2_INCOMPAT_DIRTY);
+        return qcow2_corrupt(
+            errp, l->name,
+            "unsupported incompatible features 0x%" PRIx64
+            " (corrupt, external data file, compression type or "
+            "extended L2)",
+            incompat & ~QCOW2_INCOMPAT_DIRTY);
     }
     if (crypt_method != 0) {
-        return corrupt(errp, l, "encrypted images are not supported");
+        return qcow2_corrupt(errp, l->name,
+                             "encrypted images are not supported");
     }
     if (virtual_size > QCOW2_MAX_VIRTUAL_SIZE) {
-        return corrupt(errp, l, "virtual size %" PRIu64 " too large",
-                       virtual_size);
+        return qcow2_corrupt(
+            errp, l->name, "virtual size %" PRIu64 " too large", virtual_size);
     }
     l->virtual_size = virtual_size;
 
@@ -270,25 +275,28 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     uint64_t l1_needed =
         (virtual_size + (UINT64_C(1) << reach_bits) - 1) >> reach_bits;
     if (l1_size < l1_needed) {
-        return corrupt(errp, l,
-                       "L1 table of %u entries too small for virtual size "
-                       "%" PRIu64,
-                       l1_size, virtual_size);
+        return qcow2_corrupt(
+            errp, l->name,
+            "L1 table of %u entries too small for virtual size "
+            "%" PRIu64,
+            l1_size, virtual_size);
     }
     if ((uint64_t)l1_size * 8 > QCOW2_MAX_L1_BYTES) {
-        return corrupt(errp, l, "L1 table of %u entries too large", l1_size);
+        return qcow2_corrupt(errp, l->name, "L1 table of %u entries too large",
+                             l1_size);
     }
     if (l1_size > 0) {
         if (l1_offset & (l->cluster_size - 1)) {
-            return corrupt(errp, l, "L1 table offset 0x%" PRIx64 " not aligned",
-                           l1_offset);
+            return qcow2_corrupt(errp, l->name,
+                                 "L1 table offset 0x%" PRIx64 " not aligned",
+                                 l1_offset);
         }
         if (l1_offset == 0 || l1_offset > l->file_size ||
             (uint64_t)l1_size * 8 > l->file_size - l1_offset) {
-            return corrupt(errp, l,
-                           "L1 table at 0x%" PRIx64
-                           " (%u entries) is outside the file",
-                           l1_offset, l1_size);
+            return qcow2_corrupt(errp, l->name,
+                                 "L1 table at 0x%" PRIx64
+                                 " (%u entries) is outside the file",
+                                 l1_offset, l1_size);
         }
     }
 
@@ -302,10 +310,10 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     uint64_t ext_end = l->cluster_size;
     if (backing_offset != 0) {
         if (backing_offset > l->cluster_size) {
-            return corrupt(errp, l,
-                           "backing file name offset 0x%" PRIx64
-                           " outside cluster 0",
-                           backing_offset);
+            return qcow2_corrupt(errp, l->name,
+                                 "backing file name offset 0x%" PRIx64
+                                 " outside cluster 0",
+                                 backing_offset);
         }
         ext_end = backing_offset;
     }
@@ -315,11 +323,13 @@ layer_parse_header(struct qcow2_layer *l, char **backing_name, GError **errp)
     if (backing_offset != 0 && backing_len != 0) {
         if (backing_len > QCOW2_MAX_BACKING_NAME ||
             backing_len > l->cluster_size - backing_offset) {
-            return corrupt(errp, l, "backing file name of %u bytes too long",
-                           backing_len);
+            return qcow2_corrupt(errp, l->name,
+                                 "backing file name of %u bytes too long",
+                                 backing_len);
         }
         if (memchr(hdr + backing_offset, '\0', backing_len) != NULL) {
-            return corrupt(errp, l, "backing file name contains a NUL byte");
+            return qcow2_corrupt(errp, l->name,
+                                 "backing file name contains a NUL byte");
         }
         *backing_name =
             g_strndup((const char *)hdr + backing_offset, backing_len);
@@ -632,11 +642,13 @@ layer_l2(struct qcow2_layer *l, uint64_t off, GError **errp)
         }
     }
     if ((off & (l->cluster_size - 1)) != 0) {
-        corrupt(errp, l, "L2 table offset 0x%" PRIx64 " not aligned", off);
+        qcow2_corrupt(errp, l->name,
+                      "L2 table offset 0x%" PRIx64 " not aligned", off);
         return NULL;
     }
     if (off > l->file_size || l->cluster_size > l->file_size - off) {
-        corrupt(errp, l, "L2 table offset 0x%" PRIx64 " past end of file", off);
+        qcow2_corrupt(errp, l->name,
+                      "L2 table offset 0x%" PRIx64 " past end of file", off);
         return NULL;
     }
     if (victim->table == NULL) {
@@ -665,8 +677,9 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
     uint64_t l1e = l->l1[l1_index];
 
     if (l1e & QCOW2_L1E_RESERVED_MASK) {
-        return corrupt(errp, l, "L1 entry %" PRIu64 " has reserved bits set",
-                       l1_index);
+        return qcow2_corrupt(errp, l->name,
+                             "L1 entry %" PRIu64 " has reserved bits set",
+                             l1_index);
     }
     uint64_t l2_offset = l1e & QCOW2_L1E_OFFSET_MASK;
     if (l2_offset == 0) {
@@ -679,30 +692,30 @@ layer_cluster(struct qcow2_layer *l, uint64_t c, enum cluster_kind *kind,
     }
     uint64_t e = l2[c & ((UINT64_C(1) << l->l2_bits) - 1)];
     if (e & QCOW2_OFLAG_COMPRESSED) {
-        return corrupt(
-            errp, l, "guest cluster %" PRIu64 " is compressed (not supported)",
-            c);
+        return qcow2_corrupt(
+            errp, l->name,
+            "guest cluster %" PRIu64 " is compressed (not supported)", c);
     }
     if (e & QCOW2_L2E_RESERVED_MASK) {
-        return corrupt(
-            errp, l,
+        return qcow2_corrupt(
+            errp, l->name,
             "L2 entry for guest cluster %" PRIu64 " has reserved bits set", c);
     }
     uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
     if (off & (l->cluster_size - 1)) {
-        return corrupt(
-            errp, l, "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64,
-            c, off);
+        return qcow2_corrupt(
+            errp, l->name,
+            "guest cluster %" PRIu64 " at unaligned offset 0x%" PRIx64, c, off);
     }
     if (e & QCOW2_OFLAG_ZERO) {
         *kind = CLUSTER_ZERO;
     } else if (off == 0) {
         *kind = CLUSTER_UNALLOCATED;
     } else if (off >= l->file_size) {
-        return corrupt(errp, l,
-                       "guest cluster %" PRIu64 " at 0x%" PRIx64
-                       " past end of file",
-                       c, off);
+        return qcow2_corrupt(errp, l->name,
+                             "guest cluster %" PRIu64 " at 0x%" PRIx64
+                             " past end of file",
+                             c, off);
     } else {
         *kind = CLUSTER_DATA;
         *host = off;
@@ -858,14 +871,15 @@ qcow2_reader_check_cluster(const struct qcow2_reader *r, unsigned depth,
     }
     e = qcow2_sums_find(l->sums, c);
     if (e == NULL || e->zero) {
-        return corrupt(errp, l,
-                       "guest offset %" PRIu64
-                       ": data cluster the checksums do not list as data",
-                       c << l->cluster_bits);
+        return qcow2_corrupt(errp, l->name,
+                             "guest offset %" PRIu64
+                             ": data cluster the checksums do not list as data",
+                             c << l->cluster_bits);
     }
     if (qcow2_sums_hash(buf, l->cluster_size) != e->hash) {
-        return corrupt(errp, l, "guest offset %" PRIu64 ": checksum mismatch",
-                       c << l->cluster_bits);
+        return qcow2_corrupt(errp, l->name,
+                             "guest offset %" PRIu64 ": checksum mismatch",
+                             c << l->cluster_bits);
     }
     return true;
 }

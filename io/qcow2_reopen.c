@@ -74,20 +74,6 @@ struct qcow2_reopen {
                            a cluster still allocated */
 };
 
-static bool G_GNUC_PRINTF(3, 4)
-    damaged(GError **errp, const struct qcow2_reopen *ro, const char *fmt, ...)
-{
-    va_list ap;
-    g_autofree char *msg = NULL;
-
-    va_start(ap, fmt);
-    msg = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    g_set_error(errp, G_FILE_ERROR, G_FILE_ERROR_INVAL, "%s: %s", ro->name,
-                msg);
-    return false;
-}
-
 static bool
 read_at(struct qcow2_writer *w, void *buf, size_t len, uint64_t off,
         const char *what, GError **errp)
@@ -132,8 +118,8 @@ mark_meta(struct qcow2_writer *w, uint64_t off, const char *what, GError **errp)
 
     if ((off & (w->cluster_size - 1)) != 0 || idx >= ro->file_clusters ||
         (idx == 0 && off != 0)) {
-        return damaged(errp, ro, "%s at 0x%" PRIx64 " outside the file", what,
-                       off);
+        return qcow2_corrupt(errp, ro->name,
+                             "%s at 0x%" PRIx64 " outside the file", what, off);
     }
     use_set(ro, idx, USE_OLD_META);
     return true;
@@ -202,9 +188,9 @@ free_cluster(struct qcow2_writer *w, uint64_t idx, GError **errp)
     }
     r = &rb->cur[idx % ro->per_block];
     if (*r != 1) {
-        return damaged(errp, ro,
-                       "cluster %" PRIu64 " has refcount %u where 1 is due",
-                       idx, *r);
+        return qcow2_corrupt(
+            errp, ro->name,
+            "cluster %" PRIu64 " has refcount %u where 1 is due", idx, *r);
     }
     *r = 0;
     rb->dirty = true;
@@ -225,8 +211,9 @@ slot_free(struct qcow2_reopen *ro, uint64_t idx, bool *is_free, GError **errp)
         return true;
     }
     if (u != USE_UNKNOWN) {
-        return damaged(errp, ro,
-                       "cluster %" PRIu64 " is in use but has refcount 0", idx);
+        return qcow2_corrupt(errp, ro->name,
+                             "cluster %" PRIu64 " is in use but has refcount 0",
+                             idx);
     }
     *is_free = true;
     return true;
@@ -345,10 +332,10 @@ load_table(struct qcow2_writer *w, uint64_t i, GError **errp)
         uint64_t idx = off >> w->cluster_bits;
 
         if (e & (QCOW2_OFLAG_COMPRESSED | QCOW2_L2E_RESERVED_MASK)) {
-            return damaged(errp, ro,
-                           "guest cluster %" PRIu64
-                           " is compressed or has reserved bits set",
-                           first + k);
+            return qcow2_corrupt(errp, ro->name,
+                                 "guest cluster %" PRIu64
+                                 " is compressed or has reserved bits set",
+                                 first + k);
         }
         if (off == 0) {
             if (e & QCOW2_OFLAG_ZERO) {
@@ -359,11 +346,12 @@ load_table(struct qcow2_writer *w, uint64_t i, GError **errp)
         }
         if ((off & (w->cluster_size - 1)) != 0 || idx >= ro->file_clusters ||
             use_get(ro, idx) != USE_UNKNOWN) {
-            return damaged(errp, ro,
-                           "guest cluster %" PRIu64 " at host cluster %" PRIu64
-                           " overlaps other data or metadata, or lies "
-                           "outside the file",
-                           first + k, idx);
+            return qcow2_corrupt(errp, ro->name,
+                                 "guest cluster %" PRIu64
+                                 " at host cluster %" PRIu64
+                                 " overlaps other data or metadata, or lies "
+                                 "outside the file",
+                                 first + k, idx);
         }
         use_set(ro, idx, USE_OLD_DATA);
         if (e & QCOW2_OFLAG_ZERO) {
@@ -464,8 +452,9 @@ reopen_header(struct qcow2_writer *w, GError **errp)
     }
     l1_size = qcow2_load_be32(h + QCOW2_HDR_L1_SIZE);
     if (l1_size != w->l1_size) {
-        return damaged(errp, ro, "L1 table of %u entries, %" PRIu64 " expected",
-                       l1_size, w->l1_size);
+        return qcow2_corrupt(errp, ro->name,
+                             "L1 table of %u entries, %" PRIu64 " expected",
+                             l1_size, w->l1_size);
     }
     ro->old_l1_offset = qcow2_load_be64(h + QCOW2_HDR_L1_OFFSET);
     ro->old_l1_clusters =
@@ -474,8 +463,9 @@ reopen_header(struct qcow2_writer *w, GError **errp)
     ro->old_rt_clusters = qcow2_load_be32(h + QCOW2_HDR_REFTABLE_CLUSTERS);
     if (ro->old_rt_clusters == 0 ||
         ro->old_rt_clusters << w->cluster_bits > QCOW2_MAX_REFTABLE_BYTES) {
-        return damaged(errp, ro, "refcount table of %" PRIu64 " clusters",
-                       ro->old_rt_clusters);
+        return qcow2_corrupt(errp, ro->name,
+                             "refcount table of %" PRIu64 " clusters",
+                             ro->old_rt_clusters);
     }
     if (!mark_meta(w, 0, "header", errp)) {
         return false;
@@ -503,8 +493,8 @@ reopen_header(struct qcow2_writer *w, GError **errp)
 
         ro->old_l1[i] = e;
         if (e & QCOW2_L1E_RESERVED_MASK) {
-            return damaged(errp, ro, "L1 entry %" PRIu64 " has reserved bits",
-                           i);
+            return qcow2_corrupt(errp, ro->name,
+                                 "L1 entry %" PRIu64 " has reserved bits", i);
         }
         if ((e & QCOW2_L1E_OFFSET_MASK) != 0 &&
             !mark_meta(w, e & QCOW2_L1E_OFFSET_MASK, "L2 table", errp)) {
