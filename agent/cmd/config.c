@@ -42,6 +42,8 @@ vm_json(const struct host_vm *vm)
                         vm->scratch ? json_string(vm->scratch) : json_null());
     json_object_set_new(j, "scratch_max",
                         json_integer((json_int_t)vm->scratch_max));
+    json_object_set_new(j, "nice",
+                        vm->nice >= 0 ? json_integer(vm->nice) : json_null());
     return j;
 }
 

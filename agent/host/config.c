@@ -24,7 +24,7 @@ static const char *const known_keys[] = {
     "rpo",         "speed",       "timeout",    "stall-timeout", "wait",
     "keep-last",   "keep-hourly", "keep-daily", "keep-weekly",   "keep-monthly",
     "keep-yearly", "full",        "memory",     "mode",          "scratch",
-    "scratch-max",
+    "scratch-max", "nice",
 };
 
 #define VM_PREFIX "vm "
@@ -347,6 +347,16 @@ apply_key(struct scan *s, GKeyFile *kf, const char *group, const char *key,
         }
         return true;
     }
+    if (strcmp(key, "nice") == 0) {
+        char *end;
+        long n = strtol(v, &end, 10);
+        if (*v == '\0' || *end != '\0' || n < 0 || n > 19) {
+            return fail_at(s, errp, group, key,
+                           "'%s' is not a nice value from 0 to 19", v);
+        }
+        vm->nice = (int)n;
+        return true;
+    }
     if (strcmp(key, "memory") == 0) {
         if (strcmp(v, "on") && strcmp(v, "try") && strcmp(v, "off")) {
             return fail_at(s, errp, group, key, "'%s': must be on, try or off",
@@ -446,6 +456,7 @@ vm_new(const char *name)
     for (int k = 0; k < HOST_KEEP_N; k++) {
         vm->keep[k] = -1;
     }
+    vm->nice = -1;
     return vm;
 }
 
@@ -469,6 +480,7 @@ vm_from(struct scan *s, GKeyFile *kf, const struct host_vm *defaults,
     vm->mode = g_strdup(defaults->mode);
     vm->scratch = g_strdup(defaults->scratch);
     vm->scratch_max = defaults->scratch_max;
+    vm->nice = defaults->nice;
     vm->disks = g_strdupv(defaults->disks);
     vm->rpo_s = defaults->rpo_s;
     vm->speed = defaults->speed;

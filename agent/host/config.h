@@ -38,6 +38,7 @@ struct host_vm {
     char *mode;          /* auto, push or pull (backup --mode) */
     char *scratch;       /* pull mode's scratch directory */
     int64_t scratch_max; /* bytes, 0: unbounded */
+    int nice;            /* pull mode's copy nice value; -1: backup's default */
     char **disks;        /* NULL: every disk */
     int64_t rpo_s;
     bool full;         /* every backup full (backup --full) */

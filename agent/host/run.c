@@ -139,6 +139,9 @@ backup_argv(const struct host_run_opts *o, struct host_vm *vm)
         g_ptr_array_add(a, g_strdup_printf("--scratch-max=%" G_GINT64_FORMAT,
                                            vm->scratch_max));
     }
+    if (vm->nice >= 0) {
+        g_ptr_array_add(a, g_strdup_printf("--nice=%d", vm->nice));
+    }
     for (char **d = vm->disks; d && *d; d++) {
         g_ptr_array_add(a, g_strdup_printf("--disk=%s", *d));
     }

@@ -86,14 +86,15 @@ try:
     ]
     # The whole-VM and pull-mode keys, per VM and from [defaults].
     modes = write("modes.conf", GOOD.replace("quiesce = auto", "quiesce = auto\nscratch-max = 2G")
-                  .replace("rpo = 5m", "rpo = 5m\nmode = pull\nscratch = /var/tmp")
+                  .replace("rpo = 5m", "rpo = 5m\nmode = pull\nscratch = /var/tmp\nnice = 5")
                   .replace("disks = vd0 vd1", "disks = vd0 vd1\nmemory = try"))
     vms = {v["vm"]: v for v in qbak_json("config", "check", "--config", modes)["vms"]}
     check(vms["web1"]["mode"] == "pull" and vms["web1"]["scratch"] == "/var/tmp"
           and vms["web1"]["scratch_max"] == 2 << 30 and vms["web1"]["memory"] is None
           and vms["db1"]["memory"] == "try" and vms["db1"]["mode"] is None
-          and vms["db1"]["scratch_max"] == 2 << 30,
-          "memory, mode, scratch and scratch-max: %s" % vms)
+          and vms["db1"]["scratch_max"] == 2 << 30
+          and vms["web1"]["nice"] == 5 and vms["db1"]["nice"] is None,
+          "memory, mode, scratch, scratch-max and nice: %s" % vms)
     # auto (backup's default) may be set explicitly, also with memory.
     auto = write("auto.conf", GOOD.replace("rpo = 5m", "rpo = 5m\nmode = auto\nmemory = on"))
     vms = {v["vm"]: v for v in qbak_json("config", "check", "--config", auto)["vms"]}
@@ -107,6 +108,8 @@ try:
         (GOOD.replace("rpo = 5m", "rpo = 5m\nscratch = tmp"),
          ":13: [vm web1] scratch: 'tmp' is not an absolute path"),
         (GOOD.replace("rpo = 5m", "rpo = 5m\nscratch-max = 10K"), ":13: [vm web1] scratch-max:"),
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nnice = 20"), ":13: [vm web1] nice:"),
+        (GOOD.replace("rpo = 5m", "rpo = 5m\nnice = low"), ":13: [vm web1] nice:"),
     ]
     for i, (text, want) in enumerate(bad):
         path = write("bad%d.conf" % i, text)
