@@ -47,6 +47,21 @@ struct extents {
     bool seen;
 };
 
+/* The first answer of one block-status call for x's context: later
+ * ones (a server may repeat a context) are ignored. */
+static void
+extents_take(struct extents *x, uint64_t offset, const uint32_t *entries,
+             size_t nr)
+{
+    if (x->seen) {
+        return;
+    }
+    x->seen = true;
+    x->start = offset;
+    g_array_set_size(x->e, 0);
+    g_array_append_vals(x->e, entries, (guint)(nr & ~(size_t)1));
+}
+
 struct pull_copy {
     struct ring *ring;
     struct nbd_client *c;
@@ -115,13 +130,9 @@ extent_cb(void *opaque, const char *context, uint64_t offset, uint32_t *entries,
     } else if (pc->bitmap_context && strcmp(context, pc->bitmap_context) == 0) {
         x = &pc->dirty;
     }
-    if (!x || x->seen) {
-        return 0; /* a context we did not ask for, or a repeat: ignored */
+    if (x) { /* else a context we did not ask for */
+        extents_take(x, offset, entries, nr);
     }
-    x->seen = true;
-    x->start = offset;
-    g_array_set_size(x->e, 0);
-    g_array_append_vals(x->e, entries, (guint)(nr & ~(size_t)1));
     return 0;
 }
 
@@ -304,17 +315,12 @@ count_extent_cb(void *opaque, const char *context, uint64_t offset,
                 uint32_t *entries, size_t nr, int *error)
 {
     struct pull_copy *pc = opaque;
-    struct extents *x = &pc->count.x;
     const char *want = pc->bitmap_context ? pc->bitmap_context
                                           : LIBNBD_CONTEXT_BASE_ALLOCATION;
 
-    if (strcmp(context, want) != 0 || x->seen) {
-        return 0;
+    if (strcmp(context, want) == 0) {
+        extents_take(&pc->count.x, offset, entries, nr);
     }
-    x->seen = true;
-    x->start = offset;
-    g_array_set_size(x->e, 0);
-    g_array_append_vals(x->e, entries, (guint)(nr & ~(size_t)1));
     return 0;
 }
 
