@@ -1,6 +1,6 @@
-/* The qcow2 writer's insides, shared by io/qcow2_writer.c (a new layer)
- * and io/qcow2_reopen.c (an existing image made writable for a merge).
- * Private to io/. */
+/* The qcow2 writer's insides, shared by io/qcow2_writer.c (a new layer),
+ * io/qcow2_writer_finish.c and io/qcow2_reopen.c (an existing image made
+ * writable for a merge). Private to io/. */
 #ifndef QBAK_IO_QCOW2_WRITER_INT_H
 #define QBAK_IO_QCOW2_WRITER_INT_H
 
@@ -14,6 +14,10 @@
  * data cluster (cluster-aligned and >= one cluster, so never 0 or 1). */
 #define ENTRY_UNSET UINT64_C(0)
 #define ENTRY_ZERO UINT64_C(1)
+
+/* Header, backing format extension (8 + "qcow2" padded to 8), end marker. */
+#define HEADER_BYTES_WITH_BACKING (QCOW2_V3_HEADER_LEN + 16 + 8)
+#define HEADER_BYTES_STANDALONE (QCOW2_V3_HEADER_LEN + 8)
 
 struct l2_table {
     uint32_t n_zero;    /* entries equal to ENTRY_ZERO */
@@ -70,7 +74,20 @@ struct qcow2_writer {
 /* io/qcow2_writer.c */
 bool qcow2w_pwrite(struct qcow2_writer *w, const void *buf, size_t len,
                    uint64_t off, const char *what, GError **errp);
+/* A host cluster for new data or a table: the next at the end of the
+ * file, or for a reopened image one its refcounts say is free. */
+bool qcow2w_alloc_host_cluster(struct qcow2_writer *w, uint64_t *host,
+                               GError **errp);
+bool qcow2w_read_fd(struct qcow2_writer *w, uint64_t off, uint8_t *buf,
+                    size_t len, GError **errp);
+/* Fails once an I/O error has left the file in an unknown state. */
+bool qcow2w_usable(const struct qcow2_writer *w, GError **errp);
+void qcow2w_set_hash(struct qcow2_writer *w, uint64_t host, uint64_t hash);
 uint64_t qcow2w_table_valid_entries(const struct qcow2_writer *w, uint64_t i);
+/* Writes out every outstanding partial cluster, base bytes filled in. */
+bool qcow2w_flush_partials(struct qcow2_writer *w, GError **errp);
+
+/* io/qcow2_writer_finish.c */
 /* The L2 table at L1 index i in the file's big-endian form. */
 void qcow2w_encode_table(const struct qcow2_writer *w, uint64_t i, uint8_t *buf,
                          bool *any);
