@@ -12,6 +12,7 @@
 #include "agent/damage.h"
 #include "agent/error.h"
 #include "agent/recover.h"
+#include "io/image_lock.h"
 #include "io/qcow2.h"
 #include "io/qcow2_sums.h"
 
@@ -326,7 +327,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     struct qcow2_reader *chain;
     GError *err = NULL;
     int target;
-    bool ok;
+    bool ok, busy;
 
     *untouched = true;
     chain = qcow2_reader_open_with_sums(c->r->vm_fd, cpath, errp);
@@ -357,6 +358,19 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     if (target < 0) {
         qcow2_reader_free(chain);
         return qbak_errno(errp, errno, "%s/%s", p->id, pfile);
+    }
+    /* A QEMU reading through this file (a live restore) sees its data
+     * change under it: QEMU's own image locks keep the two apart. */
+    if (!image_lock_writer(target, &busy, errp) || busy) {
+        if (busy) {
+            g_set_error(errp, QBAK_ERROR, QBAK_ERROR_BUSY,
+                        "%s/%s: open in another program (a QEMU), which "
+                        "forbids changing it",
+                        p->id, pfile);
+        }
+        close(target);
+        qcow2_reader_free(chain);
+        return false;
     }
     ok = qcow2_merge_layers(chain, n, target, &merged, &stats, merge_progress,
                             c, &err);
@@ -837,6 +851,42 @@ prune_cleanup_removed(struct repo_vm *r)
     return n;
 }
 
+/* P's layer of entry e is not open in a QEMU (a live restore reading
+ * through it, qemu-nbd, ...): removing it would pull it from under that
+ * program, and a QEMU started again over the same chain would miss it. */
+static bool
+check_not_open(struct prune_dir *p, int pfd, json_t *e, GError **errp)
+{
+    const char *file = entry_str(e, "file");
+    bool in_use = false;
+    int fd;
+
+    if (!file) {
+        return true; /* remove_layer says what is wrong */
+    }
+    fd = openat(pfd, file, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        return true; /* gone already: a crash after its removal */
+    }
+    if (fd < 0) {
+        return qbak_errno(errp, errno, "%s/%s", p->id, file);
+    }
+    if (!image_lock_in_use(fd, &in_use, errp)) {
+        close(fd);
+        g_prefix_error(errp, "%s/%s: ", p->id, file);
+        return false;
+    }
+    close(fd);
+    if (in_use) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_BUSY,
+                    "%s/%s: open in another program (a QEMU); prune again "
+                    "once it is closed",
+                    p->id, file);
+        return false;
+    }
+    return true;
+}
+
 /* Whether removing p's layer of entry e would merge damaged data into a
  * point that stays, or a good layer into a damaged point. */
 static bool
@@ -945,6 +995,13 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
     pfd = open_dir(c->r->vm_fd, p->id, errp);
     if (pfd < 0) {
         return false;
+    }
+    json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
+    {
+        if (!check_not_open(p, pfd, e, errp)) {
+            close(pfd);
+            return false;
+        }
     }
     if (!p->delisted) {
         if (!create_marker(pfd, REPO_POINT_PRUNING, errp)) {
