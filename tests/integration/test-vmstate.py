@@ -18,6 +18,7 @@ in RAM.
 - a state that does not load fails with QEMU's reason, nothing left
   running, and --cold still boots."""
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -318,6 +319,28 @@ try:
     pr = qbak("prune", "--repo", repo, "--vm", "g1", "--keep-last", "1", check_rc=False)
     check(pr.returncode == 75 and "busy" in pr.stderr,
           "prune waits while the point is pinned: %d %s" % (pr.returncode, pr.stderr))
+    # The pin holder killed: QEMU's own image locks on the chain it reads
+    # still keep prune from changing or removing those files.
+    os.kill(res["pinned_by"], signal.SIGKILL)
+    deadline = time.time() + 60
+    while os.path.exists("/proc/%d" % res["pinned_by"]) and time.time() < deadline:
+        time.sleep(0.1)
+    chain = [i["filename"] for i in json.loads(run(
+        [QEMU_IMG, "info", "-U", "--backing-chain", "--output=json",
+         res["disks"][0]["file"]]).stdout)[1:]]
+    check(chain and all(f.startswith(repo) for f in chain), "read through the repository: %s"
+          % chain)
+    def sha(f):
+        return hashlib.sha256(open(f, "rb").read()).hexdigest() if os.path.exists(f) else None
+
+    held = {f: sha(f) for f in chain}
+    pr = qbak("prune", "--repo", repo, "--vm", "g1", "--keep-last", "1", check_rc=False)
+    check(pr.returncode == 75 and "open in another program" in pr.stderr,
+          "prune refuses the files a QEMU reads: %d %s" % (pr.returncode, pr.stderr))
+    check({f: sha(f) for f in chain} == held,
+          "the files QEMU reads are unchanged")
+    listed = [p["point"] for p in qbak_json("list", "--repo", repo, "--vm", "g1")["points"]]
+    check(p1["point"] in listed, "the point stays listed: %s" % listed)
     os.kill(res["pid"], signal.SIGKILL)
     deadline = time.time() + 60
     while os.path.exists("/proc/%d" % res["pid"]) and time.time() < deadline:
