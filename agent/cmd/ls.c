@@ -69,7 +69,9 @@ cmd_ls(int argc, char **argv)
     struct files_cli c FILES_CLI_AUTO = {0};
     struct files_opts o;
     GError *err = NULL;
-    json_t *res;
+    json_t *res, *errors, *e;
+    size_t i;
+    int ret;
     GOptionEntry entries[] = {FILES_CLI_ONE_POINT(c),
                               CLI_OPT_WAIT(c.wait),
                               CLI_OPT_JSON(c.json),
@@ -90,6 +92,16 @@ cmd_ls(int argc, char **argv)
     } else {
         print_human(res);
     }
+    /* As ls(1): what can be read is listed, each name that cannot is
+     * said, and the status says the listing is not whole. */
+    errors = json_object_get(res, "errors");
+    json_array_foreach(errors, i, e)
+    {
+        g_autofree char *line = files_name_printable(
+            json_string_value(e), strlen(json_string_value(e)));
+        fprintf(stderr, "qbak ls: %s\n", line);
+    }
+    ret = json_array_size(errors) ? 1 : 0;
     json_decref(res);
-    return 0;
+    return ret;
 }

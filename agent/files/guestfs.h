@@ -140,6 +140,16 @@ GArray *files_walk(struct files_session *s, const char *root,
 GArray *files_walk_at(struct files_session *s, const char *mnt,
                       const char *root, const char *fstype, GError **errp);
 
+/* Why lstat of apath (an appliance path) fails, in the file system's
+ * words ("Structure needs cleaning"), without the appliance's path. */
+char *files_lstat_reason(struct files_session *s, const char *apath);
+/* Whether a directory's link count is 2 + its subdirectories on this
+ * file system type (NULL: unknown, or several mounted together). */
+bool files_nlink_counts_subdirs(const char *fstype);
+/* What a directory whose link count is nlink but shows subdirs
+ * subdirectories has to say. */
+char *files_nlink_damage(const char *path, int64_t nlink, int64_t subdirs);
+
 /* The path with its directories resolved inside the guest file system
  * (symlinks there never lead out of it) and its last component not
  * followed: "/" or "/a/b". */

@@ -190,10 +190,14 @@ fs_list_json(GPtrArray *fss)
     return a;
 }
 
-/* The entries of directory dir (resolved), sorted by name. */
+/* The entries of directory dir (resolved), sorted by name.  A name that
+ * cannot be read, or a listing its link count (nlink, on fstype) says is
+ * short, adds a line to errors: what can be read is still listed. */
 static json_t *
-list_dir(struct files_session *s, const char *dir, GError **errp)
+list_dir(struct files_session *s, const char *dir, const char *fstype,
+         int64_t nlink, json_t *errors, GError **errp)
 {
+    int64_t subdirs = 0;
     char **names = guestfs_ls(s->g, dir);
     g_autoptr(GPtrArray) v = g_ptr_array_new_with_free_func(free);
     GArray *entries = files_entries_new();
@@ -222,10 +226,17 @@ list_dir(struct files_session *s, const char *dir, GError **errp)
         }
         for (guint i = 0; i < st->len && i < n; i++) {
             struct files_entry e = {0};
+            e.path = g_strconcat(prefix, "/", batch[i], NULL);
             if (st->val[i].st_ino < 0) {
+                g_autofree char *why = files_lstat_reason(s, e.path);
+                g_autofree char *line = g_strdup_printf("%s: %s", e.path, why);
+                g_autofree char *u = files_name_utf8(line, strlen(line));
+
+                json_array_append_new(errors, json_string(u));
+                g_free(e.path);
                 continue;
             }
-            e.path = g_strconcat(prefix, "/", batch[i], NULL);
+            subdirs += S_ISDIR(st->val[i].st_mode);
             e.mode = (uint32_t)st->val[i].st_mode;
             e.type = files_type_of_mode(e.mode);
             e.size = (uint64_t)MAX(st->val[i].st_size, 0);
@@ -233,6 +244,15 @@ list_dir(struct files_session *s, const char *dir, GError **errp)
             g_array_append_val(entries, e);
         }
         guestfs_free_statns_list(st);
+    }
+    /* An unreadable name may be one of the subdirectories counted. */
+    if (files_nlink_counts_subdirs(fstype) && nlink >= 2 &&
+        (nlink < 2 + subdirs ||
+         nlink > 2 + subdirs + (int64_t)json_array_size(errors))) {
+        g_autofree char *line = files_nlink_damage(dir, nlink, subdirs);
+        g_autofree char *u = files_name_utf8(line, strlen(line));
+
+        json_array_append_new(errors, json_string(u));
     }
     files_entries_sort(entries);
     for (guint i = 0; i < entries->len; i++) {
@@ -256,7 +276,7 @@ files_ls(const struct files_opts *o, const char *path, GError **errp)
     struct restore_point *p;
     struct guestfs_statns *st = NULL;
     g_autofree char *rpath = NULL;
-    json_t *res = NULL, *entries = NULL;
+    json_t *res = NULL, *entries = NULL, *errors = NULL;
 
     if (!s) {
         return NULL;
@@ -277,8 +297,9 @@ files_ls(const struct files_opts *o, const char *path, GError **errp)
                     "%s: no such file or directory in point %s", path, p->id);
         goto out;
     }
+    errors = json_array();
     if (S_ISDIR(st->st_mode)) {
-        entries = list_dir(s, rpath, errp);
+        entries = list_dir(s, rpath, fs->type, st->st_nlink, errors, errp);
     } else {
         struct files_entry e = {
             .path = rpath,
@@ -293,9 +314,9 @@ files_ls(const struct files_opts *o, const char *path, GError **errp)
     }
     if (entries) {
         g_autofree char *pu = files_name_utf8(rpath, strlen(rpath));
-        res = json_pack("{s:s, s:s, s:s, s:s, s:o, s:f}", "point", p->id,
+        res = json_pack("{s:s, s:s, s:s, s:s, s:o, s:O, s:f}", "point", p->id,
                         "disk", s->disk, "fs", fs->name, "path", pu, "entries",
-                        entries, "launch_s", s->launch_s);
+                        entries, "errors", errors, "launch_s", s->launch_s);
     }
 out:
     if (!res) {
@@ -304,6 +325,7 @@ out:
     if (st) {
         guestfs_free_statns(st);
     }
+    json_decref(errors);
     g_ptr_array_free(fss, true);
     files_session_free(s);
     return res;

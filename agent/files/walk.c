@@ -171,10 +171,8 @@ walk_dir_new(const char *mnt, const char *path, int64_t nlink)
     return d;
 }
 
-/* Whether a directory's link count is 2 + its subdirectories on this
- * file system type (NULL: unknown, or several mounted together). */
-static bool
-nlink_counts_subdirs(const char *fstype)
+bool
+files_nlink_counts_subdirs(const char *fstype)
 {
     static const char *const types[] = {"ext2", "ext3", "ext4", "xfs"};
 
@@ -186,17 +184,21 @@ nlink_counts_subdirs(const char *fstype)
     return false;
 }
 
-/* A name glob listed that lstat could not read: lstatns says why. */
-static bool
-unreadable_name(struct files_session *s, struct walk_dir *d, const char *name,
-                GError **errp)
+char *
+files_nlink_damage(const char *path, int64_t nlink, int64_t subdirs)
 {
-    g_autofree char *apath = g_strconcat(
-        strcmp(d->apath, "/") == 0 ? "" : d->apath, "/", name, NULL);
+    return g_strdup_printf(
+        "%s: directory damaged: its link count %" G_GINT64_FORMAT
+        " means %" G_GINT64_FORMAT " subdirectories, %" G_GINT64_FORMAT
+        " can be read",
+        path, nlink, nlink - 2, subdirs);
+}
+
+char *
+files_lstat_reason(struct files_session *s, const char *apath)
+{
     struct guestfs_statns *st = guestfs_lstatns(s->g, apath);
     const char *msg = st ? "lstat failed" : guestfs_last_error(s->g);
-    g_autofree char *path =
-        g_strconcat(strcmp(d->path, "/") == 0 ? "" : d->path, "/", name, NULL);
 
     if (st) {
         guestfs_free_statns(st);
@@ -208,8 +210,21 @@ unreadable_name(struct files_session *s, struct walk_dir *d, const char *name,
         g_str_has_prefix(msg + 9 + strlen(apath), ": ")) {
         msg += 9 + strlen(apath) + 2;
     }
-    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED, "%s: %s", path,
-                msg ? msg : "cannot be read");
+    return g_strdup(msg ? msg : "cannot be read");
+}
+
+/* A name glob listed that lstat could not read: lstatns says why. */
+static bool
+unreadable_name(struct files_session *s, struct walk_dir *d, const char *name,
+                GError **errp)
+{
+    g_autofree char *apath = g_strconcat(
+        strcmp(d->apath, "/") == 0 ? "" : d->apath, "/", name, NULL);
+    g_autofree char *reason = files_lstat_reason(s, apath);
+    g_autofree char *path =
+        g_strconcat(strcmp(d->path, "/") == 0 ? "" : d->path, "/", name, NULL);
+
+    g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED, "%s: %s", path, reason);
     return false;
 }
 
@@ -248,11 +263,8 @@ check_dir(struct files_session *s, struct walk_dir *d, bool nlink_ok,
         return false;
     }
     if (mismatch) {
-        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
-                    "%s: directory damaged: its link count %" G_GINT64_FORMAT
-                    " means %" G_GINT64_FORMAT
-                    " subdirectories, %" G_GINT64_FORMAT " can be read",
-                    d->path, d->nlink, d->nlink - 2, subdirs);
+        g_autofree char *msg = files_nlink_damage(d->path, d->nlink, subdirs);
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED, "%s", msg);
         return false;
     }
     return true;
@@ -318,7 +330,7 @@ files_walk_at(struct files_session *s, const char *mnt, const char *root,
     GArray *entries = files_entries_new();
     GPtrArray *level =
         g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
-    bool nlink_ok = nlink_counts_subdirs(fstype);
+    bool nlink_ok = files_nlink_counts_subdirs(fstype);
 
     mnt = mnt && strcmp(mnt, "/") != 0 ? mnt : "";
     g_ptr_array_add(level, walk_dir_new(mnt, root, -1));

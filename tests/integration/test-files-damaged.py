@@ -15,7 +15,9 @@ One qbak point of a QEMU with three whole-disk ext4 disks made on the host
   vd2: healthy, with an empty directory: listed in full, no error.
 index records the two damaged file systems as not listed, with the
 reason, in their catalogs (find says so on stderr and searches the rest);
-get of the damaged directory fails instead of copying part of it; the
+ls lists what can be read of each damaged directory, names what cannot
+and exits 1; get of the damaged directory fails instead of copying part
+of it; the
 repository stays byte-identical apart from the catalogs."""
 import json
 import os
@@ -131,6 +133,20 @@ got = sorted(m["path"] for m in r["matches"])
 want = ["/e", "/lost+found", "/n", "/n/m", "/n/m/o", "/n/m/o/f.txt", "/x.txt"]
 check(got == want and r["launches"] == 0, "find vd2: %s" % got)
 log("PASS healthy disk with an empty directory listed in full, from its catalog")
+
+# ls lists what can be read, says what cannot, and exits 1.
+p = qbak("ls", *common, "--disk", "vd0", "/a", "--json", check_rc=False)
+r = json.loads(p.stdout)
+names = sorted(e["name"] for e in r["entries"])
+check(p.returncode == 1 and names == ["ok.txt"] and len(r["errors"]) == 1
+      and r["errors"][0].startswith("/a/broken: ") and "/a/broken" in p.stderr,
+      "ls of a directory with an unreadable name: rc %d %s %s" % (p.returncode, r, p.stderr))
+log("PASS ls says which name cannot be read: %s" % p.stderr.strip())
+p = qbak("ls", *common, "--disk", "vd1", "/many", check_rc=False)
+check(p.returncode == 1 and "/many: directory damaged" in p.stderr
+      and "file-with-a-rather-long-name-number-0000.txt" in p.stdout,
+      "ls of a directory read short: rc %d %s" % (p.returncode, p.stderr))
+log("PASS ls says a directory reads short: %s" % p.stderr.strip())
 
 dest = os.path.join(w, "out")
 os.mkdir(dest)
