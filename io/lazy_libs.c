@@ -184,6 +184,7 @@ LAZY_FN(guestfs, char **, guestfs_blkid, (guestfs_h * g, const char *device),
 LAZY_FN(guestfs, int64_t, guestfs_blockdev_getsize64,
         (guestfs_h * g, const char *device), (g, device))
 LAZY_VOID(guestfs, guestfs_close, (guestfs_h * g), (g))
+LAZY_FN(guestfs, char *, guestfs_dmesg, (guestfs_h * g), (g))
 LAZY_FN(guestfs, int, guestfs_download,
         (guestfs_h * g, const char *remotefilename, const char *filename),
         (g, remotefilename, filename))

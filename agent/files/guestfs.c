@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "agent/error.h"
+#include "agent/files/kmsg.h"
 #include "io/qcow2.h"
 
 /* Appliance memory (MiB) unless LIBGUESTFS_MEMSIZE says otherwise: a
@@ -20,6 +21,25 @@
 #define FILES_APPLIANCE_MIB 640
 #define FILES_APPLIANCE_MIB_PER_DRIVE 64
 #define FILES_APPLIANCE_MIB_MAX 4096
+
+bool
+files_kernel_errors(struct files_session *s, char **first, GError **errp)
+{
+    char *log = guestfs_dmesg(s->g);
+    char *found;
+
+    if (!log) {
+        return files_gerror(s, "dmesg", errp);
+    }
+    found = files_kmsg_first_error(log, strlen(log), &s->kmsg_seen);
+    free(log);
+    if (first) {
+        *first = found;
+    } else {
+        g_free(found);
+    }
+    return true;
+}
 
 bool
 files_gerror(struct files_session *s, const char *what, GError **errp)
@@ -427,6 +447,11 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
         s->launch_s += (g_get_monotonic_time() - t0) / 1e6;
     }
     s->launches++;
+    /* A new kernel: what it logged while booting is not the points'. */
+    s->kmsg_seen = -1;
+    if (!files_kernel_errors(s, NULL, errp)) {
+        return false;
+    }
     if (targets->len == 1) {
         /* libguestfs names the first drive added /dev/sda (guestfs(3),
          * block device naming); list_devices would cost 0.25 s under TCG

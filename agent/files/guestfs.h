@@ -49,7 +49,8 @@ struct files_session {
     int tmpdir_lock;    /* its owner file, locked (when tmpdir is set) */
     GPtrArray *overlays;
     unsigned launches;
-    double launch_s; /* time spent in appliance launches */
+    double launch_s;  /* time spent in appliance launches */
+    double kmsg_seen; /* stamp of the kernel log's last line read */
 };
 
 /* A disk at a point: what one drive shows. */
@@ -154,6 +155,11 @@ char *files_nlink_damage(const char *path, int64_t nlink, int64_t subdirs);
  * (symlinks there never lead out of it) and its last component not
  * followed: "/" or "/a/b". */
 char *files_resolve(struct files_session *s, const char *path, GError **errp);
+
+/* *first: the first line the appliance kernel logged since the last
+ * call (or the launch) that reports a damaged file system or a read
+ * error, or NULL (first may be NULL: only moves past what is logged). */
+bool files_kernel_errors(struct files_session *s, char **first, GError **errp);
 
 /* Sets errp from the handle's last error, prefixed with what. */
 bool files_gerror(struct files_session *s, const char *what, GError **errp);

@@ -197,7 +197,8 @@ static json_t *
 list_dir(struct files_session *s, const char *dir, const char *fstype,
          int64_t nlink, json_t *errors, GError **errp)
 {
-    int64_t subdirs = 0;
+    int64_t subdirs = 0, unreadable = 0;
+    g_autofree char *damage = NULL;
     char **names = guestfs_ls(s->g, dir);
     g_autoptr(GPtrArray) v = g_ptr_array_new_with_free_func(free);
     GArray *entries = files_entries_new();
@@ -234,6 +235,7 @@ list_dir(struct files_session *s, const char *dir, const char *fstype,
 
                 json_array_append_new(errors, json_string(u));
                 g_free(e.path);
+                unreadable++;
                 continue;
             }
             subdirs += S_ISDIR(st->val[i].st_mode);
@@ -245,10 +247,19 @@ list_dir(struct files_session *s, const char *dir, const char *fstype,
         }
         guestfs_free_statns_list(st);
     }
+    if (!files_kernel_errors(s, &damage, errp)) {
+        goto fail;
+    }
+    if (damage) {
+        g_autofree char *line =
+            g_strdup_printf("%s: file system damaged: %s", dir, damage);
+        g_autofree char *u = files_name_utf8(line, strlen(line));
+
+        json_array_append_new(errors, json_string(u));
+    }
     /* An unreadable name may be one of the subdirectories counted. */
     if (files_nlink_counts_subdirs(fstype) && nlink >= 2 &&
-        (nlink < 2 + subdirs ||
-         nlink > 2 + subdirs + (int64_t)json_array_size(errors))) {
+        (nlink < 2 + subdirs || nlink > 2 + subdirs + unreadable)) {
         g_autofree char *line = files_nlink_damage(dir, nlink, subdirs);
         g_autofree char *u = files_name_utf8(line, strlen(line));
 

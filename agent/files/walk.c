@@ -331,6 +331,7 @@ files_walk_at(struct files_session *s, const char *mnt, const char *root,
     GPtrArray *level =
         g_ptr_array_new_with_free_func((GDestroyNotify)walk_dir_free);
     bool nlink_ok = files_nlink_counts_subdirs(fstype);
+    g_autofree char *damage = NULL;
 
     mnt = mnt && strcmp(mnt, "/") != 0 ? mnt : "";
     g_ptr_array_add(level, walk_dir_new(mnt, root, -1));
@@ -354,9 +355,23 @@ files_walk_at(struct files_session *s, const char *mnt, const char *root,
         g_ptr_array_unref(next);
         g_ptr_array_unref(level);
         g_array_unref(entries);
+        /* What this file system logged is not the next one's. */
+        files_kernel_errors(s, NULL, NULL);
         return NULL;
     }
     g_ptr_array_unref(level);
+    /* What the kernel skipped without an error to the caller (ext4
+     * drops a directory block that fails its checksum) it logged. */
+    if (!files_kernel_errors(s, &damage, errp)) {
+        g_array_unref(entries);
+        return NULL;
+    }
+    if (damage) {
+        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
+                    "%s: file system damaged: %s", root, damage);
+        g_array_unref(entries);
+        return NULL;
+    }
     files_entries_sort(entries);
     return entries;
 }

@@ -12,8 +12,12 @@ One qbak point of a QEMU with three whole-disk ext4 disks made on the host
        directory (no read error), and every name it still lists is found
        by lstat (lookups stop before the bad block), so only the link
        count (3: one subdirectory) tells the listing is short;
-  vd2: healthy, with an empty directory: listed in full, no error.
-index records the two damaged file systems as not listed, with the
+  vd2: healthy, with an empty directory: listed in full, no error;
+  vd3: /files (no htree) holds only files over several blocks, the last
+       one overwritten: ext4 lists the rest, the link count cannot tell, and
+       only the appliance kernel's log ("EXT4-fs error ... fails
+       checksum") says the listing is short.
+index records the three damaged file systems as not listed, with the
 reason, in their catalogs (find says so on stderr and searches the rest);
 ls lists what can be read of each damaged directory, names what cannot
 and exits 1; get of the damaged directory fails instead of copying part
@@ -33,7 +37,7 @@ w = workdir("files-damaged")
 rng = random.Random(11)
 
 
-def mkext4(name, tree):
+def mkext4(name, tree, features=()):
     """An ext4 raw image of tree {path: None (dir) or bytes}."""
     top = os.path.join(w, name + ".tree")
     for p, data in sorted(tree.items()):
@@ -45,7 +49,8 @@ def mkext4(name, tree):
             with open(full, "wb") as f:
                 f.write(data)
     raw = os.path.join(w, name + ".raw")
-    run(["mkfs.ext4", "-q", "-F", "-d", top, raw, "16M"])
+    run(["mkfs.ext4", "-q", "-F", *(["-O", ",".join(features)] if features else []),
+         "-d", top, raw, "16M"])
     shutil.rmtree(top)
     return raw
 
@@ -85,8 +90,21 @@ check("Links: 3" in links, "/many has one subdirectory by its link count: %s" % 
 # vd2: healthy
 raw2 = mkext4("d2", {"/e": None, "/n/m/o/f.txt": b"deep\n", "/x.txt": b"x\n"})
 
+# vd3: a directory of files only, its last block overwritten: ext4 lists
+# the other blocks' names, no subdirectory is missing, only the kernel log
+# says a block failed its checksum
+files3 = {"/files/file-with-a-rather-long-name-number-%04d.txt" % i: b"x\n" for i in range(120)}
+# linear, the last block: the lookup of every name still listed ends
+# before it, so no lstat fails
+raw3 = mkext4("d3", files3, ["^dir_index"])
+bs3, blocks3 = dir_blocks(raw3, "/files")
+check(len(blocks3) >= 5, "/files spans several blocks: %s" % blocks3)
+with open(raw3, "r+b") as f:
+    f.seek(blocks3[-1] * bs3)
+    f.write(rng.randbytes(bs3))
+
 disks = []
-for i, raw in enumerate((raw0, raw1, raw2)):
+for i, raw in enumerate((raw0, raw1, raw2, raw3)):
     q = os.path.join(w, "d%d.qcow2" % i)
     run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", raw, q])
     os.unlink(raw)
@@ -110,7 +128,7 @@ def catalog_header(disk):
 
 
 r = qbak_json("index", *common)
-check(sorted(p["disk"] for p in r["points"] if p["indexed"]) == ["vd0", "vd1", "vd2"],
+check(sorted(p["disk"] for p in r["points"] if p["indexed"]) == ["vd0", "vd1", "vd2", "vd3"],
       "index: %s" % r)
 fs0 = catalog_header("vd0")["filesystems"]
 fs1 = catalog_header("vd1")["filesystems"]
@@ -124,6 +142,12 @@ check(len(fs1) == 1 and "/many: directory damaged" in fs1[0].get("error", "")
       "vd1: the short directory must be recorded as the error: %s" % fs1)
 log("PASS a directory read short (a block skipped by the kernel): the catalog records the error")
 check(len(fs2) == 1 and "error" not in fs2[0], "vd2 healthy: %s" % fs2)
+fs3 = catalog_header("vd3")["filesystems"]
+check(len(fs3) == 1 and "file system damaged: EXT4-fs error" in fs3[0].get("error", "")
+      and fs3[0]["entries"] == 0,
+      "vd3: the block the kernel skipped must be recorded as the error: %s" % fs3)
+log("PASS a directory of files read short (only the kernel log says so): %s"
+    % fs3[0]["error"])
 
 p = qbak("find", *common, "--disk", "vd1", "--name", "*", "--json", check_rc=False)
 check(p.returncode == 0 and "not searched" in p.stderr and "/many" in p.stderr,
@@ -138,7 +162,7 @@ log("PASS healthy disk with an empty directory listed in full, from its catalog"
 p = qbak("ls", *common, "--disk", "vd0", "/a", "--json", check_rc=False)
 r = json.loads(p.stdout)
 names = sorted(e["name"] for e in r["entries"])
-check(p.returncode == 1 and names == ["ok.txt"] and len(r["errors"]) == 1
+check(p.returncode == 1 and names == ["ok.txt"] and r["errors"]
       and r["errors"][0].startswith("/a/broken: ") and "/a/broken" in p.stderr,
       "ls of a directory with an unreadable name: rc %d %s %s" % (p.returncode, r, p.stderr))
 log("PASS ls says which name cannot be read: %s" % p.stderr.strip())
@@ -147,6 +171,11 @@ check(p.returncode == 1 and "/many: directory damaged" in p.stderr
       and "file-with-a-rather-long-name-number-0000.txt" in p.stdout,
       "ls of a directory read short: rc %d %s" % (p.returncode, p.stderr))
 log("PASS ls says a directory reads short: %s" % p.stderr.strip())
+p = qbak("ls", *common, "--disk", "vd3", "/files", check_rc=False)
+check(p.returncode == 1 and "file system damaged: EXT4-fs error" in p.stderr
+      and "file-with-a-rather-long-name-number-0000.txt" in p.stdout,
+      "ls of a directory whose block the kernel skipped: rc %d %s" % (p.returncode, p.stderr))
+log("PASS ls says what the kernel logged: %s" % p.stderr.strip())
 
 dest = os.path.join(w, "out")
 os.mkdir(dest)
