@@ -632,7 +632,11 @@ def main():
     binaries = [("", os.path.join(W, "qbak"))]
     shutil.copy2(QBAK, binaries[0][1])
     asan = os.environ.get("QBAK_ASAN", os.path.join(ROOT, "build", "asan", "qbak"))
-    if os.path.exists(asan):
+    if ("QBAK_ASAN" not in os.environ and os.path.exists(asan)
+            and os.path.getmtime(asan) < os.path.getmtime(QBAK)):
+        # built from older sources (make check-asan rebuilds it)
+        log("build/asan/qbak is older than %s: not used" % QBAK)
+    elif os.path.exists(asan):
         binaries.append(("-asan", os.path.join(W, "qbak-asan")))
         shutil.copy2(asan, binaries[1][1])
     t0 = time.monotonic()
