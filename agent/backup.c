@@ -38,8 +38,8 @@ volatile sig_atomic_t backup_interrupted;
 #define QGA_TIMEOUT_MAX_MS 10000
 
 /* --verbose: where the time goes, phase by phase. */
-static void
-trace(struct backup *b, const char *phase)
+void
+backup_trace(struct backup *b, const char *phase)
 {
     if (b->opts->verbose) {
         fprintf(stderr, "qbak: %8.1f ms  %s\n",
@@ -754,17 +754,17 @@ pull_data(struct backup *b, GPtrArray *warnings, GError **errp)
     if (!backup_pull_add_nodes(b, errp)) {
         return false;
     }
-    trace(b, "fleecing nodes and bitmaps added");
+    backup_trace(b, "fleecing nodes and bitmaps added");
     if (!quiesce_freeze(b->quiesce, errp)) {
         return false;
     }
     started = backup_pull_point(b, errp);
     quiesce_thaw(b->quiesce);
-    trace(b, "filters inserted (point in time)");
+    backup_trace(b, "filters inserted (point in time)");
     if (!started || !backup_pull_copy(b, errp)) {
         return false;
     }
-    trace(b, "all data read");
+    backup_trace(b, "all data read");
     /* QEMU's graph goes back while the commit's fsyncs run; the answers
      * are collected after the commit (backup_run). */
     backup_pull_release_start(b);
@@ -829,19 +829,19 @@ backup_run(const struct backup_opts *o, GError **errp)
         last_point =
             ((struct restore_point *)b.points->pdata[b.points->len - 1])->id;
     }
-    trace(&b, "repository locked");
+    backup_trace(&b, "repository locked");
     b.qmp = qmp_client_connect(&b.ring, o->qmp_path, QMP_PARSER_QMP,
                                o->timeout_ms, errp);
     if (!b.qmp) {
         goto out;
     }
-    trace(&b, "QMP connected");
+    backup_trace(&b, "QMP connected");
     if (!backup_pull_recover(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
         !recover_qemu(b.qmp, b.repo, o->timeout_ms, recovered, errp) ||
         !vmstate_recover(b.qmp, b.repo, o->timeout_ms, recovered, errp)) {
         goto out;
     }
-    trace(&b, "leftovers checked");
+    backup_trace(&b, "leftovers checked");
     if (!backup_choose_mode(&b, errp)) {
         goto out;
     }
@@ -869,7 +869,7 @@ backup_run(const struct backup_opts *o, GError **errp)
      * freeze that cannot happen fails the backup early. */
     b.quiesce =
         quiesce_new(&b.ring, b.repo, o->quiesce, o->qga_path, qga_timeout_ms);
-    trace(&b, "disks planned");
+    backup_trace(&b, "disks planned");
     if (!quiesce_prepare(b.quiesce, errp)) {
         goto out;
     }
@@ -912,7 +912,7 @@ backup_run(const struct backup_opts *o, GError **errp)
     if (!vmstate_save_first(b.vmstate, errp) || !start_targets(&b, errp)) {
         goto out;
     }
-    trace(&b, "NBD targets attached");
+    backup_trace(&b, "NBD targets attached");
     if (!add_bitmaps(&b, errp) || (!vmstate_vcpus_stopped(b.vmstate) &&
                                    !quiesce_freeze(b.quiesce, errp))) {
         goto out;
@@ -928,11 +928,11 @@ backup_run(const struct backup_opts *o, GError **errp)
             vmstate_start(b.vmstate, started, started ? errp : NULL) && started;
     }
     quiesce_thaw(b.quiesce);
-    trace(&b, "transaction done (point in time)");
+    backup_trace(&b, "transaction done (point in time)");
     if (!started || !backup_jobs_wait_pending(&b, errp)) {
         goto out;
     }
-    trace(&b, "all data received");
+    backup_trace(&b, "all data received");
     if (b.vmstate && !vmstate_finish(b.vmstate, errp)) {
         goto out;
     }
@@ -940,7 +940,7 @@ copied:
     if (!commit(&b, parent, &manifest, errp)) {
         goto out;
     }
-    trace(&b, "committed");
+    backup_trace(&b, "committed");
     if (!b.pull) {
         backup_jobs_finalize(&b, warnings);
     }
@@ -954,9 +954,9 @@ copied:
         backup_pull_release(&b, warnings);
         stale_bitmaps_finish(&b, stale, n, names, warnings);
     }
-    trace(&b, "finalized");
+    backup_trace(&b, "finalized");
     release_qemu(&b, false, warnings);
-    trace(&b, "NBD nodes released");
+    backup_trace(&b, "NBD nodes released");
     result = result_json(&b, manifest, warnings, recovered);
     backup_pull_result(&b, result);
 out:

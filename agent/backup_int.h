@@ -64,6 +64,9 @@ struct backup {
     char *mode_reason;       /* why, for the result and --verbose */
 };
 
+/* --verbose: the time since the start and the phase just done. */
+void backup_trace(struct backup *b, const char *phase);
+
 /* The data's progress line (agent/progress.h): on a terminal, or as
  * reports to `qbak run` (--progress-fd); NULL when neither is wanted. */
 struct progress;

@@ -451,6 +451,7 @@ backup_pull_prepare(struct backup *b, GError **errp)
     if (!write_marker(b, errp)) {
         return false;
     }
+    backup_trace(b, "pull marker written");
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
@@ -463,6 +464,7 @@ backup_pull_prepare(struct backup *b, GError **errp)
             return false;
         }
     }
+    backup_trace(b, "targets and scratch made");
     return make_listener(p, b->disks->len, errp);
 }
 
@@ -859,6 +861,7 @@ backup_pull_copy(struct backup *b, GError **errp)
     if (!start_server(b, fds, errp)) {
         return false;
     }
+    backup_trace(b, "NBD exports started");
     for (guint k = 0; k < n; k++) {
         struct disk *d = b->disks->pdata[k];
         struct pull_disk *pd = p->disks->pdata[k];
@@ -871,6 +874,7 @@ backup_pull_copy(struct backup *b, GError **errp)
     if (!ok) {
         return false;
     }
+    backup_trace(b, "NBD connected");
     recover_crash_point("running");
     prog = backup_progress_new(b);
     for (guint k = 0; prog && k < n; k++) {
@@ -896,6 +900,7 @@ backup_pull_copy(struct backup *b, GError **errp)
     if (!ok) {
         return false;
     }
+    backup_trace(b, "copied");
     measure_scratch(p);
     recover_crash_point("pending");
     for (guint k = 0; k < n; k++) {

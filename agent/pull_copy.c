@@ -33,6 +33,7 @@ struct slot {
     uint8_t *buf;
     uint64_t off;
     size_t len;
+    size_t covered; /* bytes the reply's chunks said they filled */
     int err;
     unsigned pending;
     gint64 started_us;
@@ -92,6 +93,7 @@ struct pull_copy {
         uint64_t last_end; /* of the last range counted */
         struct extents x;
     } count; /* progress only: see count_step() */
+    bool df; /* reads go with NBD_CMD_FLAG_DF: see issue_read() */
     long reads;
     long drop_at; /* test only: QBAK_FAULT_NBD_DROP=N */
     char *error;
@@ -460,12 +462,36 @@ write_slot(struct pull_copy *pc, struct slot *s)
     }
 }
 
+/* A DF read's reply: one chunk in practice; every chunk must lie inside
+ * the read, and together they must fill it (read_done_cb), since libnbd
+ * does not check that a reply covered the whole buffer, which is not
+ * cleared before (nbd_set_pread_initialize). */
+static int
+read_chunk_cb(void *opaque, const void *subbuf, size_t count, uint64_t offset,
+              unsigned status, int *error)
+{
+    struct slot *s = opaque;
+
+    if (status != LIBNBD_READ_DATA && status != LIBNBD_READ_HOLE) {
+        return 0; /* an error chunk: the read fails with it */
+    }
+    if (offset < s->off || count > s->len || offset - s->off > s->len - count) {
+        *error = EPROTO;
+        return -1;
+    }
+    s->covered += count;
+    return 0;
+}
+
 static int
 read_done_cb(void *opaque, int *error)
 {
     struct slot *s = opaque;
 
     s->err = *error;
+    if (!s->err && s->pc->df && s->covered != s->len) {
+        s->err = EPROTO; /* a reply that left part of the buffer unset */
+    }
     s->state = SLOT_READ;
     return 1;
 }
@@ -477,6 +503,7 @@ issue_read(struct pull_copy *pc, struct slot *s, uint64_t off, size_t len)
 
     s->off = off;
     s->len = len;
+    s->covered = 0;
     s->err = 0;
     s->state = SLOT_READING;
     s->started_us = g_get_monotonic_time();
@@ -484,9 +511,24 @@ issue_read(struct pull_copy *pc, struct slot *s, uint64_t off, size_t len)
         /* Test hook: the connection breaks under reads in flight. */
         shutdown(nbd_aio_get_fd(nbd_client_handle(pc->c)), SHUT_RDWR);
     }
-    r = nbd_aio_pread(
-        nbd_client_handle(pc->c), s->buf, len, off,
-        (nbd_completion_callback){.callback = read_done_cb, .user_data = s}, 0);
+    /* DF: QEMU's server answers a read without it by asking block status
+     * of the whole graph below the export (snapshot-access, the filter,
+     * the disk's format and file: an lseek per read) to send holes as
+     * such; with it, QEMU reads and sends one data chunk.  The copy has
+     * its own block status already, and zeroes read as data are dropped
+     * all the same (is_zero()). */
+    if (pc->df) {
+        r = nbd_aio_pread_structured(
+            nbd_client_handle(pc->c), s->buf, len, off,
+            (nbd_chunk_callback){.callback = read_chunk_cb, .user_data = s},
+            (nbd_completion_callback){.callback = read_done_cb, .user_data = s},
+            LIBNBD_CMD_FLAG_DF);
+    } else {
+        r = nbd_aio_pread(
+            nbd_client_handle(pc->c), s->buf, len, off,
+            (nbd_completion_callback){.callback = read_done_cb, .user_data = s},
+            0);
+    }
     if (r < 0) {
         /* The read before this one may have found the connection gone:
          * that, not this read's "invalid state", is the error. */
@@ -653,6 +695,7 @@ pull_copy_new(struct ring *ring, struct nbd_client *c, struct backup_target *t,
     pc->stall_us = stall_us;
     pc->drop_at =
         getenv("QBAK_FAULT_NBD_DROP") ? atol(getenv("QBAK_FAULT_NBD_DROP")) : 0;
+    pc->df = nbd_can_df(nbd_client_handle(c)) == 1;
     pc->base.e = g_array_new(false, false, sizeof(uint32_t));
     pc->dirty.e = g_array_new(false, false, sizeof(uint32_t));
     pc->count.x.e = g_array_new(false, false, sizeof(uint32_t));

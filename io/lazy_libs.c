@@ -264,6 +264,12 @@ LAZY_FN(nbd, int64_t, nbd_aio_pread,
         (struct nbd_handle * h, void *buf, size_t count, uint64_t offset,
          nbd_completion_callback completion_callback, uint32_t flags),
         (h, buf, count, offset, completion_callback, flags))
+LAZY_FN(nbd, int64_t, nbd_aio_pread_structured,
+        (struct nbd_handle * h, void *buf, size_t count, uint64_t offset,
+         nbd_chunk_callback chunk_callback,
+         nbd_completion_callback completion_callback, uint32_t flags),
+        (h, buf, count, offset, chunk_callback, completion_callback, flags))
+LAZY_FN(nbd, int, nbd_can_df, (struct nbd_handle * h), (h))
 LAZY_FN(nbd, int, nbd_can_meta_context,
         (struct nbd_handle * h, const char *metacontext), (h, metacontext))
 LAZY_VOID(nbd, nbd_close, (struct nbd_handle * h), (h))
