@@ -565,6 +565,58 @@ relist(struct prune_ctx *c, GPtrArray *delisted)
     }
 }
 
+/* The group's points not delisted yet delisted (each added to delisted
+ * once its marker exists), their markers made durable together: one wait
+ * for the file system's journal instead of one per point (a full and ten
+ * incrementals pruned to one: nine waits became one).  Nothing changes
+ * before all are durable, so a crash meanwhile leaves some of them
+ * delisted and every file as it was: recovery removes those (each alone
+ * is a removal it completes, as after a crash between two of the former
+ * one-by-one fsyncs), or a failure here relists them all. */
+static bool
+delist_group(struct prune_ctx *c, GPtrArray *group, GPtrArray *delisted,
+             GError **errp)
+{
+    g_autoptr(GArray) fds = g_array_new(false, false, sizeof(int));
+    g_autoptr(GPtrArray) names = g_ptr_array_new();
+    bool ok = true;
+
+    for (guint i = 0; i < group->len && ok; i++) {
+        struct prune_dir *x = group->pdata[i];
+        int xfd, mfd;
+
+        if (x->delisted) {
+            continue;
+        }
+        xfd = open_dir(c->r->vm_fd, x->id, errp);
+        if (xfd < 0) {
+            ok = false;
+            break;
+        }
+        g_array_append_val(fds, xfd);
+        g_ptr_array_add(names, x->id);
+        mfd = openat(xfd, REPO_POINT_PRUNING,
+                     O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, FILE_MODE);
+        if (mfd < 0) {
+            ok = qbak_errno(errp, errno, "%s/%s: create", x->id,
+                            REPO_POINT_PRUNING);
+            break;
+        }
+        close(mfd);
+        x->delisted = true;
+        g_ptr_array_add(delisted, x);
+    }
+    if (ok) {
+        ok = repo_fsync_all((const int *)(void *)fds->data,
+                            (const char *const *)names->pdata, fds->len,
+                            c->r->vm, errp);
+    }
+    for (guint i = 0; i < fds->len; i++) {
+        close(g_array_index(fds, int, i));
+    }
+    return ok;
+}
+
 /* Step 3 for one disk of P when the points above P up to a kept point K
  * all go (a prune to the newest point, say): the group's layers and K's
  * are folded into P's file at once, each cluster written once, and P's
@@ -601,24 +653,9 @@ fold_into_kept(struct prune_ctx *c, struct prune_dir *p, int pfd,
     }
     kpath = g_strdup_printf("%s/%s", k->id, kfile);
     kback = g_strdup_printf("../%s/%s", top->id, tfile);
-    for (guint i = 0; i < group->len; i++) {
-        struct prune_dir *x = group->pdata[i];
-        int xfd;
-
-        if (x->delisted) {
-            continue;
-        }
-        xfd = open_dir(c->r->vm_fd, x->id, errp);
-        if (xfd < 0 || !create_marker(xfd, REPO_POINT_PRUNING, errp)) {
-            if (xfd >= 0) {
-                close(xfd);
-            }
-            relist(c, delisted);
-            return false;
-        }
-        close(xfd);
-        x->delisted = true;
-        g_ptr_array_add(delisted, x);
+    if (!delist_group(c, group, delisted, errp)) {
+        relist(c, delisted);
+        return false;
     }
     if (delisted->len) {
         recover_crash_point("prune-delisted-fold");
