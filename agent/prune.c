@@ -308,6 +308,7 @@ prune_recover(struct repo_vm *r, GPtrArray *done, GError **errp)
     if (ok) {
         ok = prune_journal_remove(r, errp);
     }
+    prune_finish_removals(&c);
     if (lock >= 0) {
         close(lock);
     }
@@ -461,6 +462,7 @@ failed:
                     strings_json(recovered), "duration_s",
                     (double)(g_get_monotonic_time() - start) / 1e6);
 out:
+    prune_finish_removals(&c);
     if (c.dirs) {
         g_ptr_array_free(c.dirs, true);
     }

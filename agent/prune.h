@@ -22,7 +22,9 @@
  *      C's checksums replaced by the merged ones, P's file renamed over
  *      C's layer (whether C's layer still names P's file as its backing
  *      tells whether this happened), C's manifest replaced;
- *   4. the point directory renamed to .pruned-<P>, then deleted;
+ *   4. the point directory renamed to .pruned-<P>, deleted at the end of
+ *      the run, after its last fsync (blocks freed earlier would slow the
+ *      journal commits of the steps still to come);
  *   and at the end:
  *   5. .prune.json removed.  Points of it not delisted yet when a crash
  *      came are untouched, and left to the next prune.

@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <liburing.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -296,6 +297,59 @@ merge_progress(void *opaque, uint64_t done)
     }
 }
 
+/* An fsync run by an io_uring worker while the caller goes on (plainly,
+ * at the wait, without io_uring). */
+struct bg_fsync {
+    struct io_uring ring;
+    int fd;
+    bool have_ring, inflight;
+};
+
+static void
+bg_fsync_start(struct bg_fsync *b, int fd)
+{
+    struct io_uring_sqe *sqe;
+
+    b->fd = fd;
+    b->inflight = false;
+    b->have_ring = io_uring_queue_init(1, &b->ring, 0) == 0;
+    if (b->have_ring && (sqe = io_uring_get_sqe(&b->ring)) != NULL) {
+        io_uring_prep_fsync(sqe, fd, 0);
+        b->inflight = io_uring_submit(&b->ring) == 1;
+    }
+}
+
+/* Waits for the fsync (fails naming dir/name) and closes the fd. */
+static bool
+bg_fsync_wait(struct bg_fsync *b, GError **errp, const char *dir,
+              const char *name)
+{
+    int res = 0;
+
+    if (b->inflight) {
+        struct io_uring_cqe *cqe;
+        int r;
+
+        while ((r = io_uring_wait_cqe(&b->ring, &cqe)) == -EINTR) {
+        }
+        /* A failed wait cannot tell whether the fsync ran: a failure. */
+        res = r < 0 ? r : cqe->res;
+        if (r == 0) {
+            io_uring_cqe_seen(&b->ring, cqe);
+        }
+    } else if (fsync(b->fd) < 0) {
+        res = -errno;
+    }
+    if (b->have_ring) {
+        io_uring_queue_exit(&b->ring);
+    }
+    close(b->fd);
+    if (res < 0) {
+        return qbak_errno(errp, -res, "%s/%s: fsync", dir, name);
+    }
+    return true;
+}
+
 /* Whether fd and dirfd/name are the same file. */
 static bool
 same_file(int fd, int dirfd, const char *name)
@@ -321,7 +375,9 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     g_autofree char *cpath = g_strdup_printf("%s/%s", ch->id, cfile);
     g_autofree char *sums = g_strdup_printf("%s%s", cfile, QCOW2_SUMS_SUFFIX);
     g_autofree char *sums_tmp = g_strdup_printf("%s.prune", sums);
+    g_autofree char *replaced = g_strdup_printf(".replaced-%s", cfile);
     struct qcow2_sums *merged = NULL;
+    struct bg_fsync sums_sync;
     struct qcow2_merge_stats stats = {0};
     struct qcow2_reader *chain;
     GError *err = NULL;
@@ -358,12 +414,46 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
         qcow2_reader_free(chain);
         return qbak_errno(errp, errno, "%s/%s", p->id, pfile);
     }
-    ok = qcow2_merge_layers(chain, n, target, &merged, &stats, merge_progress,
-                            c, &err);
+    /* The merged checksums come from the layers' checksum files alone,
+     * which the merge does not touch: written now under a temporary name
+     * nothing reads, and fsynced while the merge runs (one wait fewer
+     * after it).  A crash leaves the temporary file to the next run's
+     * merge, which replaces it. */
+    merged = qcow2_merge_sums(chain, n);
+    unlinkat(cfd, sums_tmp, 0);
+    if (merged) {
+        bool written =
+            qcow2_sums_write_sync(cfd, sums_tmp, merged, false, errp);
+        int sfd = written
+                      ? openat(cfd, sums_tmp, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                      : -1;
+
+        qcow2_sums_free(merged);
+        if (sfd < 0) {
+            if (written) {
+                qbak_errno(errp, errno, "%s/%s", ch->id, sums_tmp);
+            }
+            unlinkat(cfd, sums_tmp, 0);
+            close(target);
+            qcow2_reader_free(chain);
+            return false;
+        }
+        bg_fsync_start(&sums_sync, sfd);
+    }
+    ok = qcow2_merge_layers(chain, n, target, NULL, &stats, merge_progress, c,
+                            &err);
     qcow2_reader_free(chain);
     close(target); /* the merge made it durable */
     *untouched = !ok && !stats.parent_changed;
+    if (merged &&
+        !bg_fsync_wait(&sums_sync, ok ? errp : NULL, ch->id, sums_tmp)) {
+        unlinkat(cfd, sums_tmp, 0);
+        if (ok) {
+            return false;
+        }
+    }
     if (!ok) {
+        unlinkat(cfd, sums_tmp, 0);
         if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
             /* io/ names the guest offset of a cluster that fails its
              * checksum. */
@@ -388,7 +478,6 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
             g_propagate_prefixed_error(errp, err, "point %s, disk %s: ", p->id,
                                        disk);
         }
-        qcow2_sums_free(merged);
         return false;
     }
     c->merged_bytes += stats.data_bytes;
@@ -397,14 +486,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     /* The merged checksums cover C's clusters with C's own hashes, so
      * they hold for C's layer as much as for the merged file: they go
      * first, and a reader between the two renames checks C right. */
-    unlinkat(cfd, sums_tmp, 0);
     if (merged) {
-        ok = qcow2_sums_write(cfd, sums_tmp, merged, errp);
-        qcow2_sums_free(merged);
-        if (!ok) {
-            unlinkat(cfd, sums_tmp, 0);
-            return false;
-        }
         if (renameat(cfd, sums_tmp, cfd, sums) < 0) {
             return qbak_errno(errp, errno, "%s/%s: rename", ch->id, sums);
         }
@@ -419,6 +501,17 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
         return qbak_errno(errp, errno, "%s/%s: unlink", ch->id, sums);
     }
     recover_crash_point("prune-renaming");
+    /* C's old layer keeps a name in P's directory, which goes when P's
+     * does (prune_finish_removals): the rename then drops a name, not a
+     * file, and the old layer's blocks are freed after the prune's last
+     * fsync, not in the journal commits that order its steps (on a file
+     * system mounted with discard each commit that frees blocks also
+     * waits for their discard).  The extra name is harmless at every
+     * step: P's directory goes whole, and a rerun after a crash before
+     * the rename finds it naming C's layer still, and replaces it.  Best
+     * effort: without it the rename frees the old layer. */
+    unlinkat(pfd, replaced, 0);
+    (void)linkat(cfd, cfile, pfd, replaced, 0);
     if (renameat(pfd, pfile, cfd, cfile) < 0) {
         return qbak_errno(errp, errno, "%s/%s: rename to %s", p->id, pfile,
                           cpath);
@@ -812,6 +905,57 @@ remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
     return true;
 }
 
+/* Bytes the files of directory dirfd/name take on the disk. */
+static uint64_t
+dir_bytes(int dirfd, const char *name)
+{
+    int fd =
+        openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+    uint64_t bytes = 0;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return 0;
+    }
+    while ((de = readdir(d))) {
+        struct stat st;
+
+        if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISREG(st.st_mode)) {
+            bytes += (uint64_t)st.st_blocks * 512;
+        }
+    }
+    closedir(d);
+    return bytes;
+}
+
+/* The removal of directory name (a .pruned-* leftover) put off to the end
+ * of the run, when nothing more is to be made durable: freeing blocks
+ * makes the journal commits that follow slower (discards), and those
+ * commits are the fsyncs that order the prune's steps.  Removed at once
+ * when the leftovers would hold more than PRUNE_DEFER_BYTES, so that a
+ * long prune never needs much more space than it frees. */
+#define PRUNE_DEFER_BYTES (UINT64_C(1) << 30)
+static bool
+defer_removal(struct prune_ctx *c, const char *name, GError **errp)
+{
+    uint64_t bytes = dir_bytes(c->r->vm_fd, name);
+
+    if (c->pruned_bytes + bytes > PRUNE_DEFER_BYTES) {
+        return remove_pruned_dir(c->r, name, errp);
+    }
+    if (c->pruned == NULL) {
+        c->pruned = g_ptr_array_new_with_free_func(g_free);
+    }
+    g_ptr_array_add(c->pruned, g_strdup(name));
+    c->pruned_bytes += bytes;
+    return true;
+}
+
 bool
 prune_work_pending(struct repo_vm *r)
 {
@@ -1011,10 +1155,26 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
      * recovery removes it again. */
     p->gone = true;
     /* What is left is a leftover (prune_cleanup_removed): its removal
-     * need not be durable. */
-    if (!remove_pruned_dir(c->r, pruned, errp)) {
+     * need not be durable, and waits for the end of the run
+     * (prune_finish_removals) unless the leftovers grow large. */
+    if (!defer_removal(c, pruned, errp)) {
         return false;
     }
     recover_crash_point("prune-removed");
     return true;
+}
+
+void
+prune_finish_removals(struct prune_ctx *c)
+{
+    if (c->pruned == NULL) {
+        return;
+    }
+    for (guint i = 0; i < c->pruned->len; i++) {
+        /* Not fsynced: one left by a crash is removed by the next run. */
+        remove_pruned_dir(c->r, c->pruned->pdata[i], NULL);
+    }
+    g_ptr_array_free(c->pruned, true);
+    c->pruned = NULL;
+    c->pruned_bytes = 0;
 }

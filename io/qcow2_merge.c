@@ -511,6 +511,12 @@ merged_sums_of(struct qcow2_reader *chain, unsigned n)
     return acc;
 }
 
+struct qcow2_sums *
+qcow2_merge_sums(struct qcow2_reader *chain, unsigned n)
+{
+    return merged_sums_of(chain, n);
+}
+
 /* One pass over the guest disk: newest data wins, each guest cluster
  * taken once, from the newest of the n layers that has it. */
 static bool
@@ -576,7 +582,9 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
     uint64_t size;
     bool ok = false;
 
-    *merged_sums = NULL;
+    if (merged_sums != NULL) {
+        *merged_sums = NULL;
+    }
     memset(stats, 0, sizeof(*stats));
     stats->damaged_depth = -1;
     if (n == 0 || qcow2_reader_chain_depth(chain) < n + 1) {
@@ -651,7 +659,9 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
         goto out;
     }
     qcow2_writer_punch_free(w);
-    *merged_sums = merged_sums_of(chain, n);
+    if (merged_sums != NULL) {
+        *merged_sums = merged_sums_of(chain, n);
+    }
     ok = true;
 out:
     if (!ok) {
