@@ -444,6 +444,8 @@ prune_run(const struct prune_opts *o, GError **errp)
         }
         if (!left && !prune_journal_remove(c.r, &err)) {
             note_failure(&first, &more, err);
+        } else if (left && !prune_sync_pending(&c, &err)) {
+            note_failure(&first, &more, err);
         }
     }
 failed:

@@ -13,7 +13,9 @@
  * Every step is durable before the next, and a crash at any step leaves
  * state the next prune or backup completes (prune_recover):
  *   1. .prune.json in the VM directory lists the points to remove, in
- *      order, and where each disk's layer goes (the intent);
+ *      order, and where each disk's layer goes (the intent; its name is
+ *      made durable in one batch with the first point's marker: recovery
+ *      needs only the markers);
  *   then for each point P:
  *   2. <P>/pruning delists it (list and restore skip it; the chains of
  *      later points still read through its files); what recovery does is

@@ -27,6 +27,9 @@ struct prune_ctx {
      * (prune_finish_removals), and the bytes they hold. */
     GPtrArray *pruned;
     uint64_t pruned_bytes;
+    /* The VM directory's fsync is owed (the journal's name): made with
+     * the first marker's (prune_remove_point) or prune_sync_pending. */
+    bool vm_sync_pending;
 };
 
 /* Every directory with a readable manifest naming it, oldest first. */
@@ -52,6 +55,9 @@ bool prune_journal_remove(struct repo_vm *r, GError **errp);
  * crash at any step, it completes the work. */
 bool prune_remove_point(struct prune_ctx *c, struct prune_dir *p,
                         GError **errp);
+
+/* Makes the VM directory durable if its fsync is owed (see prune_ctx). */
+bool prune_sync_pending(struct prune_ctx *c, GError **errp);
 
 /* Removes the .pruned-* directories that prune_remove_point left for the
  * end of the run (not durably: one a crash leaves is a leftover that the

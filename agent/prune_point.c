@@ -64,9 +64,10 @@ write_all(int fd, const char *buf, size_t len)
 }
 
 /* dirfd/name replaced by j as a whole: a temporary file, fsynced, renamed
- * over it, the directory fsynced. */
+ * over it, the directory fsynced (unless sync_dir is false: the caller
+ * fsyncs it). */
 static bool
-write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
+write_json(int dirfd, const char *name, json_t *j, bool sync_dir, GError **errp)
 {
     g_autofree char *text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
     g_autofree char *tmp = g_strdup_printf("%s.tmp", name);
@@ -92,7 +93,13 @@ write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
         unlinkat(dirfd, tmp, 0);
         return qbak_errno(errp, err, "%s: rename", name);
     }
-    return fsync_dir(dirfd, name, errp);
+    return !sync_dir || fsync_dir(dirfd, name, errp);
+}
+
+static bool
+write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
+{
+    return write_json(dirfd, name, j, true, errp);
 }
 
 bool
@@ -1090,7 +1097,15 @@ prune_journal_write(struct prune_ctx *c, GPtrArray *order, GError **errp)
     }
     j = json_pack("{s:i, s:s, s:o}", "format", 1, "time", now, "remove",
                   points);
-    ok = write_json_durable(c->r->vm_fd, PRUNE_JOURNAL, j, errp);
+    /* The VM directory's fsync that makes the journal's name durable
+     * waits for the first point's delisting and goes in one batch with
+     * it (prune_remove_point): one wait fewer.  Recovery needs only the
+     * markers (prune_recover completes every delisted point, journal or
+     * not), so a crash that keeps the marker and loses the journal's
+     * name leaves nothing it cannot complete, and one that keeps the
+     * journal alone leaves a plan that changed nothing yet, as before. */
+    ok = write_json(c->r->vm_fd, PRUNE_JOURNAL, j, false, errp);
+    c->vm_sync_pending = ok;
     json_decref(j);
     return ok;
 }
@@ -1105,6 +1120,43 @@ prune_journal_remove(struct repo_vm *r, GError **errp)
         return qbak_errno(errp, errno, "%s", PRUNE_JOURNAL);
     }
     return fsync_dir(r->vm_fd, r->vm, errp);
+}
+
+bool
+prune_sync_pending(struct prune_ctx *c, GError **errp)
+{
+    if (!c->vm_sync_pending) {
+        return true;
+    }
+    if (!fsync_dir(c->r->vm_fd, c->r->vm, errp)) {
+        return false;
+    }
+    c->vm_sync_pending = false;
+    return true;
+}
+
+/* P's marker created, and made durable together with the VM directory
+ * when its fsync is pending (the journal's name): one batch. */
+static bool
+delist_point(struct prune_ctx *c, struct prune_dir *p, int pfd, GError **errp)
+{
+    int fds[2] = {pfd, c->r->vm_fd};
+    const char *names[2] = {p->id, "."};
+    int mfd = openat(pfd, REPO_POINT_PRUNING,
+                     O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, FILE_MODE);
+
+    if (mfd < 0) {
+        return qbak_errno(errp, errno, "%s/%s: create", p->id,
+                          REPO_POINT_PRUNING);
+    }
+    close(mfd);
+    if (!repo_fsync_all(fds, names, c->vm_sync_pending ? 2 : 1, c->r->vm,
+                        errp)) {
+        return false;
+    }
+    p->delisted = true;
+    c->vm_sync_pending = false;
+    return true;
 }
 
 bool
@@ -1128,12 +1180,14 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
         return false;
     }
     if (!p->delisted) {
-        if (!create_marker(pfd, REPO_POINT_PRUNING, errp)) {
+        if (!delist_point(c, p, pfd, errp)) {
             close(pfd);
             return false;
         }
-        p->delisted = true;
         recover_crash_point("prune-delisted");
+    } else if (!prune_sync_pending(c, errp)) {
+        close(pfd);
+        return false;
     }
     json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
     {
