@@ -59,6 +59,13 @@ bool prune_remove_point(struct prune_ctx *c, struct prune_dir *p,
 /* Makes the VM directory durable if its fsync is owed (see prune_ctx). */
 bool prune_sync_pending(struct prune_ctx *c, GError **errp);
 
+/* What a removed point's directory is renamed to: .pruned-<id>. */
+#define PRUNED_PREFIX ".pruned-"
+
+/* Removes .pruned-* directory name now, or at the end of the run
+ * (prune_finish_removals) while the leftovers waiting so hold little. */
+bool prune_defer_removal(struct prune_ctx *c, const char *name, GError **errp);
+
 /* Removes the .pruned-* directories that prune_remove_point left for the
  * end of the run (not durably: one a crash leaves is a leftover that the
  * next run removes).  Called once nothing more is made durable. */
