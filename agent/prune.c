@@ -308,6 +308,7 @@ prune_recover(struct repo_vm *r, GPtrArray *done, GError **errp)
     if (ok) {
         ok = prune_journal_remove(r, errp);
     }
+    prune_finish_removals(&c);
     if (lock >= 0) {
         close(lock);
     }
@@ -443,6 +444,8 @@ prune_run(const struct prune_opts *o, GError **errp)
         }
         if (!left && !prune_journal_remove(c.r, &err)) {
             note_failure(&first, &more, err);
+        } else if (left && !prune_sync_pending(&c, &err)) {
+            note_failure(&first, &more, err);
         }
     }
 failed:
@@ -461,6 +464,7 @@ failed:
                     strings_json(recovered), "duration_s",
                     (double)(g_get_monotonic_time() - start) / 1e6);
 out:
+    prune_finish_removals(&c);
     if (c.dirs) {
         g_ptr_array_free(c.dirs, true);
     }

@@ -13,7 +13,9 @@
  * Every step is durable before the next, and a crash at any step leaves
  * state the next prune or backup completes (prune_recover):
  *   1. .prune.json in the VM directory lists the points to remove, in
- *      order, and where each disk's layer goes (the intent);
+ *      order, and where each disk's layer goes (the intent; its name is
+ *      made durable in one batch with the first point's marker: recovery
+ *      needs only the markers);
  *   then for each point P:
  *   2. <P>/pruning delists it (list and restore skip it; the chains of
  *      later points still read through its files); what recovery does is
@@ -22,7 +24,9 @@
  *      C's checksums replaced by the merged ones, P's file renamed over
  *      C's layer (whether C's layer still names P's file as its backing
  *      tells whether this happened), C's manifest replaced;
- *   4. the point directory renamed to .pruned-<P>, then deleted;
+ *   4. the point directory renamed to .pruned-<P>, deleted at the end of
+ *      the run, after its last fsync (blocks freed earlier would slow the
+ *      journal commits of the steps still to come);
  *   and at the end:
  *   5. .prune.json removed.  Points of it not delisted yet when a crash
  *      came are untouched, and left to the next prune.

@@ -23,6 +23,13 @@ struct prune_ctx {
     GPtrArray *dirs; /* struct prune_dir *, oldest first */
     uint64_t merged_bytes;
     unsigned progress_calls;
+    /* .pruned-* directories whose removal waits for the end of the run
+     * (prune_finish_removals), and the bytes they hold. */
+    GPtrArray *pruned;
+    uint64_t pruned_bytes;
+    /* The VM directory's fsync is owed (the journal's name): made with
+     * the first marker's (prune_remove_point) or prune_sync_pending. */
+    bool vm_sync_pending;
 };
 
 /* Every directory with a readable manifest naming it, oldest first. */
@@ -48,6 +55,21 @@ bool prune_journal_remove(struct repo_vm *r, GError **errp);
  * crash at any step, it completes the work. */
 bool prune_remove_point(struct prune_ctx *c, struct prune_dir *p,
                         GError **errp);
+
+/* Makes the VM directory durable if its fsync is owed (see prune_ctx). */
+bool prune_sync_pending(struct prune_ctx *c, GError **errp);
+
+/* What a removed point's directory is renamed to: .pruned-<id>. */
+#define PRUNED_PREFIX ".pruned-"
+
+/* Removes .pruned-* directory name now, or at the end of the run
+ * (prune_finish_removals) while the leftovers waiting so hold little. */
+bool prune_defer_removal(struct prune_ctx *c, const char *name, GError **errp);
+
+/* Removes the .pruned-* directories that prune_remove_point left for the
+ * end of the run (not durably: one a crash leaves is a leftover that the
+ * next run removes).  Called once nothing more is made durable. */
+void prune_finish_removals(struct prune_ctx *c);
 
 /* Creates (an empty file) or removes dirfd/name, durably. */
 bool prune_marker_set(int dirfd, const char *name, bool present, GError **errp);

@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <liburing.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -17,7 +18,6 @@
 #include "io/qcow2_sums.h"
 
 #define FILE_MODE 0640
-#define PRUNED_PREFIX ".pruned-"
 
 static bool create_marker(int dirfd, const char *name, GError **errp);
 
@@ -64,9 +64,10 @@ write_all(int fd, const char *buf, size_t len)
 }
 
 /* dirfd/name replaced by j as a whole: a temporary file, fsynced, renamed
- * over it, the directory fsynced. */
+ * over it, the directory fsynced (unless sync_dir is false: the caller
+ * fsyncs it). */
 static bool
-write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
+write_json(int dirfd, const char *name, json_t *j, bool sync_dir, GError **errp)
 {
     g_autofree char *text = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
     g_autofree char *tmp = g_strdup_printf("%s.tmp", name);
@@ -92,7 +93,13 @@ write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
         unlinkat(dirfd, tmp, 0);
         return qbak_errno(errp, err, "%s: rename", name);
     }
-    return fsync_dir(dirfd, name, errp);
+    return !sync_dir || fsync_dir(dirfd, name, errp);
+}
+
+static bool
+write_json_durable(int dirfd, const char *name, json_t *j, GError **errp)
+{
+    return write_json(dirfd, name, j, true, errp);
 }
 
 bool
@@ -120,107 +127,6 @@ create_marker(int dirfd, const char *name, GError **errp)
     }
     close(fd);
     return fsync_dir(dirfd, name, errp);
-}
-
-void
-prune_dir_free(struct prune_dir *d)
-{
-    if (d) {
-        g_free(d->id);
-        json_decref(d->manifest);
-        g_free(d->damaged);
-        g_free(d);
-    }
-}
-
-static gint
-dir_cmp(gconstpointer a, gconstpointer b)
-{
-    return strcmp((*(struct prune_dir *const *)a)->id,
-                  (*(struct prune_dir *const *)b)->id);
-}
-
-/* Why damaged.json says the point is damaged. */
-static char *
-read_damage(int pfd)
-{
-    g_autoptr(GError) err = NULL;
-    json_t *j;
-    char *why;
-
-    if (faccessat(pfd, DAMAGE_NAME, F_OK, AT_SYMLINK_NOFOLLOW) < 0) {
-        return NULL;
-    }
-    j = repo_read_json(pfd, DAMAGE_NAME, &err);
-    if (!j) {
-        return g_strdup_printf("%s: %s", DAMAGE_NAME, err->message);
-    }
-    why = g_strdup_printf("%s%s%s",
-                          json_string_value(json_object_get(j, "disk"))
-                              ? json_string_value(json_object_get(j, "disk"))
-                              : "",
-                          json_string_value(json_object_get(j, "disk")) ? ": "
-                                                                        : "",
-                          json_string_value(json_object_get(j, "reason"))
-                              ? json_string_value(json_object_get(j, "reason"))
-                              : "damaged");
-    json_decref(j);
-    return why;
-}
-
-GPtrArray *
-prune_scan(struct repo_vm *r, GError **errp)
-{
-    GPtrArray *dirs =
-        g_ptr_array_new_with_free_func((GDestroyNotify)prune_dir_free);
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-    struct dirent *de;
-
-    if (!d) {
-        qbak_errno(errp, errno, "%s/%s", r->repo_path, r->vm);
-        if (fd >= 0) {
-            close(fd);
-        }
-        g_ptr_array_free(dirs, true);
-        return NULL;
-    }
-    rewinddir(d);
-    while ((de = readdir(d))) {
-        struct prune_dir *p;
-        json_t *m;
-        int pfd;
-
-        if (de->d_name[0] == '.' ||
-            (de->d_type != DT_DIR && de->d_type != DT_UNKNOWN)) {
-            continue;
-        }
-        pfd = openat(r->vm_fd, de->d_name,
-                     O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (pfd < 0) {
-            continue;
-        }
-        m = repo_read_json(pfd, MANIFEST_NAME, NULL);
-        if (!m || g_strcmp0(json_string_value(json_object_get(m, "point")),
-                            de->d_name) != 0) {
-            json_decref(m);
-            close(pfd);
-            continue;
-        }
-        p = g_new0(struct prune_dir, 1);
-        p->id = g_strdup(de->d_name);
-        p->manifest = m;
-        p->delisted =
-            faccessat(pfd, REPO_POINT_PRUNING, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
-        p->protected =
-            faccessat(pfd, PROTECTED_NAME, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
-        p->damaged = read_damage(pfd);
-        close(pfd);
-        g_ptr_array_add(dirs, p);
-    }
-    closedir(d);
-    g_ptr_array_sort(dirs, dir_cmp);
-    return dirs;
 }
 
 json_t *
@@ -297,6 +203,59 @@ merge_progress(void *opaque, uint64_t done)
     }
 }
 
+/* An fsync run by an io_uring worker while the caller goes on (plainly,
+ * at the wait, without io_uring). */
+struct bg_fsync {
+    struct io_uring ring;
+    int fd;
+    bool have_ring, inflight;
+};
+
+static void
+bg_fsync_start(struct bg_fsync *b, int fd)
+{
+    struct io_uring_sqe *sqe;
+
+    b->fd = fd;
+    b->inflight = false;
+    b->have_ring = io_uring_queue_init(1, &b->ring, 0) == 0;
+    if (b->have_ring && (sqe = io_uring_get_sqe(&b->ring)) != NULL) {
+        io_uring_prep_fsync(sqe, fd, 0);
+        b->inflight = io_uring_submit(&b->ring) == 1;
+    }
+}
+
+/* Waits for the fsync (fails naming dir/name) and closes the fd. */
+static bool
+bg_fsync_wait(struct bg_fsync *b, GError **errp, const char *dir,
+              const char *name)
+{
+    int res = 0;
+
+    if (b->inflight) {
+        struct io_uring_cqe *cqe;
+        int r;
+
+        while ((r = io_uring_wait_cqe(&b->ring, &cqe)) == -EINTR) {
+        }
+        /* A failed wait cannot tell whether the fsync ran: a failure. */
+        res = r < 0 ? r : cqe->res;
+        if (r == 0) {
+            io_uring_cqe_seen(&b->ring, cqe);
+        }
+    } else if (fsync(b->fd) < 0) {
+        res = -errno;
+    }
+    if (b->have_ring) {
+        io_uring_queue_exit(&b->ring);
+    }
+    close(b->fd);
+    if (res < 0) {
+        return qbak_errno(errp, -res, "%s/%s: fsync", dir, name);
+    }
+    return true;
+}
+
 /* Whether fd and dirfd/name are the same file. */
 static bool
 same_file(int fd, int dirfd, const char *name)
@@ -322,7 +281,9 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     g_autofree char *cpath = g_strdup_printf("%s/%s", ch->id, cfile);
     g_autofree char *sums = g_strdup_printf("%s%s", cfile, QCOW2_SUMS_SUFFIX);
     g_autofree char *sums_tmp = g_strdup_printf("%s.prune", sums);
+    g_autofree char *replaced = g_strdup_printf(".replaced-%s", cfile);
     struct qcow2_sums *merged = NULL;
+    struct bg_fsync sums_sync;
     struct qcow2_merge_stats stats = {0};
     struct qcow2_reader *chain;
     GError *err = NULL;
@@ -372,12 +333,46 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
         qcow2_reader_free(chain);
         return false;
     }
-    ok = qcow2_merge_layers(chain, n, target, &merged, &stats, merge_progress,
-                            c, &err);
+    /* The merged checksums come from the layers' checksum files alone,
+     * which the merge does not touch: written now under a temporary name
+     * nothing reads, and fsynced while the merge runs (one wait fewer
+     * after it).  A crash leaves the temporary file to the next run's
+     * merge, which replaces it. */
+    merged = qcow2_merge_sums(chain, n);
+    unlinkat(cfd, sums_tmp, 0);
+    if (merged) {
+        bool written =
+            qcow2_sums_write_sync(cfd, sums_tmp, merged, false, errp);
+        int sfd = written
+                      ? openat(cfd, sums_tmp, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                      : -1;
+
+        qcow2_sums_free(merged);
+        if (sfd < 0) {
+            if (written) {
+                qbak_errno(errp, errno, "%s/%s", ch->id, sums_tmp);
+            }
+            unlinkat(cfd, sums_tmp, 0);
+            close(target);
+            qcow2_reader_free(chain);
+            return false;
+        }
+        bg_fsync_start(&sums_sync, sfd);
+    }
+    ok = qcow2_merge_layers(chain, n, target, NULL, &stats, merge_progress, c,
+                            &err);
     qcow2_reader_free(chain);
     close(target); /* the merge made it durable */
     *untouched = !ok && !stats.parent_changed;
+    if (merged &&
+        !bg_fsync_wait(&sums_sync, ok ? errp : NULL, ch->id, sums_tmp)) {
+        unlinkat(cfd, sums_tmp, 0);
+        if (ok) {
+            return false;
+        }
+    }
     if (!ok) {
+        unlinkat(cfd, sums_tmp, 0);
         if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_INVAL)) {
             /* io/ names the guest offset of a cluster that fails its
              * checksum. */
@@ -402,7 +397,6 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
             g_propagate_prefixed_error(errp, err, "point %s, disk %s: ", p->id,
                                        disk);
         }
-        qcow2_sums_free(merged);
         return false;
     }
     c->merged_bytes += stats.data_bytes;
@@ -411,14 +405,7 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
     /* The merged checksums cover C's clusters with C's own hashes, so
      * they hold for C's layer as much as for the merged file: they go
      * first, and a reader between the two renames checks C right. */
-    unlinkat(cfd, sums_tmp, 0);
     if (merged) {
-        ok = qcow2_sums_write(cfd, sums_tmp, merged, errp);
-        qcow2_sums_free(merged);
-        if (!ok) {
-            unlinkat(cfd, sums_tmp, 0);
-            return false;
-        }
         if (renameat(cfd, sums_tmp, cfd, sums) < 0) {
             return qbak_errno(errp, errno, "%s/%s: rename", ch->id, sums);
         }
@@ -433,6 +420,17 @@ merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
         return qbak_errno(errp, errno, "%s/%s: unlink", ch->id, sums);
     }
     recover_crash_point("prune-renaming");
+    /* C's old layer keeps a name in P's directory, which goes when P's
+     * does (prune_finish_removals): the rename then drops a name, not a
+     * file, and the old layer's blocks are freed after the prune's last
+     * fsync, not in the journal commits that order its steps (on a file
+     * system mounted with discard each commit that frees blocks also
+     * waits for their discard).  The extra name is harmless at every
+     * step: P's directory goes whole, and a rerun after a crash before
+     * the rename finds it naming C's layer still, and replaces it.  Best
+     * effort: without it the rename frees the old layer. */
+    unlinkat(pfd, replaced, 0);
+    (void)linkat(cfd, cfile, pfd, replaced, 0);
     if (renameat(pfd, pfile, cfd, cfile) < 0) {
         return qbak_errno(errp, errno, "%s/%s: rename to %s", p->id, pfile,
                           cpath);
@@ -579,6 +577,58 @@ relist(struct prune_ctx *c, GPtrArray *delisted)
     }
 }
 
+/* The group's points not delisted yet delisted (each added to delisted
+ * once its marker exists), their markers made durable together: one wait
+ * for the file system's journal instead of one per point (a full and ten
+ * incrementals pruned to one: nine waits became one).  Nothing changes
+ * before all are durable, so a crash meanwhile leaves some of them
+ * delisted and every file as it was: recovery removes those (each alone
+ * is a removal it completes, as after a crash between two of the former
+ * one-by-one fsyncs), or a failure here relists them all. */
+static bool
+delist_group(struct prune_ctx *c, GPtrArray *group, GPtrArray *delisted,
+             GError **errp)
+{
+    g_autoptr(GArray) fds = g_array_new(false, false, sizeof(int));
+    g_autoptr(GPtrArray) names = g_ptr_array_new();
+    bool ok = true;
+
+    for (guint i = 0; i < group->len && ok; i++) {
+        struct prune_dir *x = group->pdata[i];
+        int xfd, mfd;
+
+        if (x->delisted) {
+            continue;
+        }
+        xfd = open_dir(c->r->vm_fd, x->id, errp);
+        if (xfd < 0) {
+            ok = false;
+            break;
+        }
+        g_array_append_val(fds, xfd);
+        g_ptr_array_add(names, x->id);
+        mfd = openat(xfd, REPO_POINT_PRUNING,
+                     O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, FILE_MODE);
+        if (mfd < 0) {
+            ok = qbak_errno(errp, errno, "%s/%s: create", x->id,
+                            REPO_POINT_PRUNING);
+            break;
+        }
+        close(mfd);
+        x->delisted = true;
+        g_ptr_array_add(delisted, x);
+    }
+    if (ok) {
+        ok = repo_fsync_all((const int *)(void *)fds->data,
+                            (const char *const *)names->pdata, fds->len,
+                            c->r->vm, errp);
+    }
+    for (guint i = 0; i < fds->len; i++) {
+        close(g_array_index(fds, int, i));
+    }
+    return ok;
+}
+
 /* Step 3 for one disk of P when the points above P up to a kept point K
  * all go (a prune to the newest point, say): the group's layers and K's
  * are folded into P's file at once, each cluster written once, and P's
@@ -615,24 +665,9 @@ fold_into_kept(struct prune_ctx *c, struct prune_dir *p, int pfd,
     }
     kpath = g_strdup_printf("%s/%s", k->id, kfile);
     kback = g_strdup_printf("../%s/%s", top->id, tfile);
-    for (guint i = 0; i < group->len; i++) {
-        struct prune_dir *x = group->pdata[i];
-        int xfd;
-
-        if (x->delisted) {
-            continue;
-        }
-        xfd = open_dir(c->r->vm_fd, x->id, errp);
-        if (xfd < 0 || !create_marker(xfd, REPO_POINT_PRUNING, errp)) {
-            if (xfd >= 0) {
-                close(xfd);
-            }
-            relist(c, delisted);
-            return false;
-        }
-        close(xfd);
-        x->delisted = true;
-        g_ptr_array_add(delisted, x);
+    if (!delist_group(c, group, delisted, errp)) {
+        relist(c, delisted);
+        return false;
     }
     if (delisted->len) {
         recover_crash_point("prune-delisted-fold");
@@ -751,106 +786,6 @@ remove_layer(struct prune_ctx *c, struct prune_dir *p, int pfd, json_t *pentry,
     return ok;
 }
 
-static void
-remove_dir_contents(int fd)
-{
-    int dfd = dup(fd);
-    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
-    struct dirent *de;
-
-    if (!d) {
-        if (dfd >= 0) {
-            close(dfd);
-        }
-        return;
-    }
-    rewinddir(d);
-    while ((de = readdir(d))) {
-        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
-            unlinkat(fd, de->d_name, 0);
-        }
-    }
-    closedir(d);
-}
-
-static bool
-remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
-{
-    int fd = open_dir(r->vm_fd, name, errp);
-
-    if (fd < 0) {
-        return false;
-    }
-    remove_dir_contents(fd);
-    close(fd);
-    if (unlinkat(r->vm_fd, name, AT_REMOVEDIR) < 0) {
-        return qbak_errno(errp, errno, "%s: rmdir", name);
-    }
-    return true;
-}
-
-bool
-prune_work_pending(struct repo_vm *r)
-{
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-    struct dirent *de;
-    bool pending = false;
-
-    if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
-        return true; /* let the full scan say what is wrong */
-    }
-    rewinddir(d);
-    while (!pending && (de = readdir(d))) {
-        g_autofree char *marker = NULL;
-
-        if (!strcmp(de->d_name, PRUNE_JOURNAL) ||
-            g_str_has_prefix(de->d_name, PRUNED_PREFIX)) {
-            pending = true;
-        } else if (de->d_name[0] != '.') {
-            marker = g_strdup_printf("%s/%s", de->d_name, REPO_POINT_PRUNING);
-            pending =
-                faccessat(r->vm_fd, marker, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
-        }
-    }
-    closedir(d);
-    return pending;
-}
-
-unsigned
-prune_cleanup_removed(struct repo_vm *r)
-{
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-    g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
-    struct dirent *de;
-    unsigned n = 0;
-
-    if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
-        return 0;
-    }
-    rewinddir(d);
-    while ((de = readdir(d))) {
-        if (g_str_has_prefix(de->d_name, PRUNED_PREFIX)) {
-            g_ptr_array_add(names, g_strdup(de->d_name));
-        }
-    }
-    closedir(d);
-    for (guint i = 0; i < names->len; i++) {
-        n += remove_pruned_dir(r, names->pdata[i], NULL);
-    }
-    if (names->len) {
-        fsync(r->vm_fd);
-    }
-    return n;
-}
-
 /* P's layer of entry e is not open in a QEMU (a live restore reading
  * through it, qemu-nbd, ...): removing it would pull it from under that
  * program, and a QEMU started again over the same chain would miss it. */
@@ -959,7 +894,15 @@ prune_journal_write(struct prune_ctx *c, GPtrArray *order, GError **errp)
     }
     j = json_pack("{s:i, s:s, s:o}", "format", 1, "time", now, "remove",
                   points);
-    ok = write_json_durable(c->r->vm_fd, PRUNE_JOURNAL, j, errp);
+    /* The VM directory's fsync that makes the journal's name durable
+     * waits for the first point's delisting and goes in one batch with
+     * it (prune_remove_point): one wait fewer.  Recovery needs only the
+     * markers (prune_recover completes every delisted point, journal or
+     * not), so a crash that keeps the marker and loses the journal's
+     * name leaves nothing it cannot complete, and one that keeps the
+     * journal alone leaves a plan that changed nothing yet, as before. */
+    ok = write_json(c->r->vm_fd, PRUNE_JOURNAL, j, false, errp);
+    c->vm_sync_pending = ok;
     json_decref(j);
     return ok;
 }
@@ -974,6 +917,43 @@ prune_journal_remove(struct repo_vm *r, GError **errp)
         return qbak_errno(errp, errno, "%s", PRUNE_JOURNAL);
     }
     return fsync_dir(r->vm_fd, r->vm, errp);
+}
+
+bool
+prune_sync_pending(struct prune_ctx *c, GError **errp)
+{
+    if (!c->vm_sync_pending) {
+        return true;
+    }
+    if (!fsync_dir(c->r->vm_fd, c->r->vm, errp)) {
+        return false;
+    }
+    c->vm_sync_pending = false;
+    return true;
+}
+
+/* P's marker created, and made durable together with the VM directory
+ * when its fsync is pending (the journal's name): one batch. */
+static bool
+delist_point(struct prune_ctx *c, struct prune_dir *p, int pfd, GError **errp)
+{
+    int fds[2] = {pfd, c->r->vm_fd};
+    const char *names[2] = {p->id, "."};
+    int mfd = openat(pfd, REPO_POINT_PRUNING,
+                     O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, FILE_MODE);
+
+    if (mfd < 0) {
+        return qbak_errno(errp, errno, "%s/%s: create", p->id,
+                          REPO_POINT_PRUNING);
+    }
+    close(mfd);
+    if (!repo_fsync_all(fds, names, c->vm_sync_pending ? 2 : 1, c->r->vm,
+                        errp)) {
+        return false;
+    }
+    p->delisted = true;
+    c->vm_sync_pending = false;
+    return true;
 }
 
 bool
@@ -1004,12 +984,14 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
         }
     }
     if (!p->delisted) {
-        if (!create_marker(pfd, REPO_POINT_PRUNING, errp)) {
+        if (!delist_point(c, p, pfd, errp)) {
             close(pfd);
             return false;
         }
-        p->delisted = true;
         recover_crash_point("prune-delisted");
+    } else if (!prune_sync_pending(c, errp)) {
+        close(pfd);
+        return false;
     }
     json_array_foreach(json_object_get(p->manifest, "disks"), i, e)
     {
@@ -1031,8 +1013,9 @@ prune_remove_point(struct prune_ctx *c, struct prune_dir *p, GError **errp)
      * recovery removes it again. */
     p->gone = true;
     /* What is left is a leftover (prune_cleanup_removed): its removal
-     * need not be durable. */
-    if (!remove_pruned_dir(c->r, pruned, errp)) {
+     * need not be durable, and waits for the end of the run
+     * (prune_finish_removals) unless the leftovers grow large. */
+    if (!prune_defer_removal(c, pruned, errp)) {
         return false;
     }
     recover_crash_point("prune-removed");

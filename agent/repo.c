@@ -538,21 +538,77 @@ repo_partial_cleanup(struct repo_vm *r)
     return n;
 }
 
-/* fsync every regular file of dir_fd and dir_fd itself, all at once:
- * the file system joins fsyncs that wait together into one journal
- * commit, where one after the other each waits for its own (a small
- * incremental's commit: six waits became two).  The first failure is
- * the error; none is retried. */
 #define SYNC_BATCH 64
+/* See repo.h. */
+bool
+repo_fsync_all(const int *fds, const char *const *names, guint n,
+               const char *what, GError **errp)
+{
+    struct io_uring ring;
+    int first_err = 0;
+    const char *failed = NULL;
+
+    if (n == 0) {
+        return true;
+    }
+    if (n == 1 || io_uring_queue_init(SYNC_BATCH, &ring, 0) < 0) {
+        /* One alone, or no io_uring here: one after the other. */
+        for (guint i = 0; i < n && !failed; i++) {
+            if (fsync(fds[i]) < 0) {
+                first_err = errno;
+                failed = names[i];
+            }
+        }
+    } else {
+        for (guint i = 0; i < n; i += SYNC_BATCH) {
+            guint k = MIN(n - i, SYNC_BATCH), got = 0;
+            for (guint j = 0; j < k; j++) {
+                struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+                io_uring_prep_fsync(sqe, fds[i + j], 0);
+                io_uring_sqe_set_data64(sqe, i + j);
+            }
+            io_uring_submit(&ring);
+            while (got < k) {
+                struct io_uring_cqe *cqe;
+                int r = io_uring_wait_cqe(&ring, &cqe);
+                if (r == -EINTR) {
+                    continue;
+                }
+                if (r < 0) {
+                    /* Cannot tell which finished: fail, nothing may
+                     * count on them. */
+                    first_err = first_err ? first_err : -r;
+                    failed = failed ? failed : ".";
+                    break;
+                }
+                if (cqe->res < 0 && !failed) {
+                    first_err = -cqe->res;
+                    failed = names[io_uring_cqe_get_data64(cqe)];
+                }
+                io_uring_cqe_seen(&ring, cqe);
+                got++;
+            }
+            if (got < k) {
+                break;
+            }
+        }
+        io_uring_queue_exit(&ring);
+    }
+    if (failed) {
+        return qbak_errno(errp, first_err, "%s/%s: fsync", what, failed);
+    }
+    return true;
+}
+
+/* fsync every regular file of dir_fd and dir_fd itself, all at once
+ * (repo_fsync_all).  The first failure is the error; none is retried. */
 static bool
 sync_dir_files(int dir_fd, const char *what, GError **errp)
 {
     g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GArray) fds = g_array_new(false, false, sizeof(int));
-    struct io_uring ring;
     struct dirent *de;
-    int dfd = dup(dir_fd), first_err = 0;
-    const char *failed = NULL;
+    int dfd = dup(dir_fd);
     DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
     bool ok = true;
 
@@ -564,6 +620,8 @@ sync_dir_files(int dir_fd, const char *what, GError **errp)
         return qbak_errno(errp, err, "%s: list", what);
     }
     rewinddir(d);
+    /* [0]: the directory itself */
+    g_ptr_array_add(names, g_strdup("."));
     while ((de = readdir(d))) {
         struct stat st;
         if (de->d_type != DT_REG &&
@@ -576,7 +634,7 @@ sync_dir_files(int dir_fd, const char *what, GError **errp)
     }
     closedir(d);
     g_array_append_val(fds, dir_fd); /* [0]: the directory (borrowed) */
-    for (guint i = 0; i < names->len; i++) {
+    for (guint i = 1; i < names->len; i++) {
         int fd =
             openat(dir_fd, names->pdata[i], O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0) {
@@ -587,53 +645,9 @@ sync_dir_files(int dir_fd, const char *what, GError **errp)
         }
         g_array_append_val(fds, fd);
     }
-    if (io_uring_queue_init(SYNC_BATCH, &ring, 0) < 0) {
-        /* No io_uring here: one after the other. */
-        for (guint i = 0; i < fds->len && !failed; i++) {
-            if (fsync(g_array_index(fds, int, i)) < 0) {
-                first_err = errno;
-                failed = i ? names->pdata[i - 1] : ".";
-            }
-        }
-    } else {
-        for (guint i = 0; i < fds->len; i += SYNC_BATCH) {
-            guint n = MIN(fds->len - i, SYNC_BATCH), got = 0;
-            for (guint j = 0; j < n; j++) {
-                struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-                io_uring_prep_fsync(sqe, g_array_index(fds, int, i + j), 0);
-                io_uring_sqe_set_data64(sqe, i + j);
-            }
-            io_uring_submit(&ring);
-            while (got < n) {
-                struct io_uring_cqe *cqe;
-                int r = io_uring_wait_cqe(&ring, &cqe);
-                if (r == -EINTR) {
-                    continue;
-                }
-                if (r < 0) {
-                    /* Cannot tell which finished: fail, the point is not
-                     * committed. */
-                    first_err = first_err ? first_err : -r;
-                    failed = failed ? failed : ".";
-                    break;
-                }
-                if (cqe->res < 0 && !failed) {
-                    guint k = (guint)io_uring_cqe_get_data64(cqe);
-                    first_err = -cqe->res;
-                    failed = k ? names->pdata[k - 1] : ".";
-                }
-                io_uring_cqe_seen(&ring, cqe);
-                got++;
-            }
-            if (got < n) {
-                break;
-            }
-        }
-        io_uring_queue_exit(&ring);
-    }
-    if (failed) {
-        ok = qbak_errno(errp, first_err, "%s/%s: fsync", what, failed);
-    }
+    ok =
+        repo_fsync_all((const int *)(void *)fds->data,
+                       (const char *const *)names->pdata, fds->len, what, errp);
 out:
     for (guint i = 1; i < fds->len; i++) {
         close(g_array_index(fds, int, i));

@@ -97,6 +97,14 @@ bool repo_commit_publish(struct repo_vm *r, const char *id, GError **errp);
 bool repo_commit(struct repo_vm *r, int partial_fd, const char *id,
                  json_t *manifest, GError **errp);
 
+/* fsync fds[0..n) all at once (one io_uring batch; one after the other
+ * without io_uring): the file system joins fsyncs that wait together into
+ * one journal commit, where one after the other each waits for its own (a
+ * small incremental's commit: six waits became two).  Fails, naming
+ * what/names[i], with the first failure; none is retried. */
+bool repo_fsync_all(const int *fds, const char *const *names, guint n,
+                    const char *what, GError **errp);
+
 /* Read a JSON file (bounded size) relative to dirfd. */
 json_t *repo_read_json(int dirfd, const char *name, GError **errp);
 

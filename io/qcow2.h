@@ -292,11 +292,18 @@ bool qcow2_merge_top(struct qcow2_reader *chain, int parent_fd,
  * reads the same at every instant (every cluster written is covered by
  * one of the n layers, untouched), so n merges of one layer each, oldest
  * first, give the same image as this one, at the cost of one.  On a
- * checksum failure stats->damaged_depth names the layer. */
+ * checksum failure stats->damaged_depth names the layer.  merged_sums may
+ * be NULL (qcow2_merge_sums gives them beforehand). */
 bool qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
                         struct qcow2_sums **merged_sums,
                         struct qcow2_merge_stats *stats,
                         qcow2_merge_progress_fn *progress_fn, void *opaque,
                         GError **errp);
+
+/* The checksums the merge of layers 0..n-1 into layer n gives (layer n's
+ * with each newer one's over them), or NULL when one of them has none:
+ * from the layers' checksum files alone, which the merge does not touch,
+ * so they can be made durable while it runs. */
+struct qcow2_sums *qcow2_merge_sums(struct qcow2_reader *chain, unsigned n);
 
 #endif

@@ -14,8 +14,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <liburing.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "io/qcow2.h"
@@ -95,39 +97,15 @@ fault_merge_write(void)
     return nth > 0 && ++count == nth ? err : 0;
 }
 
-static bool
-pwrite_full(int fd, const uint8_t *buf, size_t len, uint64_t off,
-            const char *name, GError **errp)
-{
-    int fault = fault_merge_write();
-
-    while (len > 0) {
-        ssize_t n =
-            fault ? (errno = fault, -1) : pwrite(fd, buf, len, (off_t)off);
-
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n <= 0) {
-            int err = n < 0 ? errno : ENOSPC;
-            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
-                        "%s: writing at %" PRIu64 ": %s", name, off,
-                        g_strerror(err));
-            return false;
-        }
-        buf += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return true;
-}
-
 /* A piece of the top layer's data: guest offset, host offset in the top
  * layer's file, guest length (at most MERGE_CHUNK). */
 struct data_run {
     uint64_t guest, host, len;
     unsigned depth; /* the layer it is read from */
 };
+
+/* Pieces joined into one write at most (IOV_MAX is 1024). */
+#define MERGE_IOV 256
 
 /* Data runs gathered before they are read in host order: 24 bytes each,
  * so a batch costs at most 1.5 MiB whatever the disk's size. */
@@ -146,7 +124,161 @@ struct merge {
     size_t n_runs;
     unsigned into;   /* the depth of the image written into */
     bool check_only; /* the first pass: read and check, write nothing */
+    /* Extents of a span that follow each other in the parent's file go
+     * out as one write, wherever they lie in m->buf (the merge appends
+     * the clusters it does not write in place one after the other, so
+     * most do): n_iov pieces, pending_len bytes at pending_host, not
+     * written yet. */
+    struct iovec iov[MERGE_IOV];
+    int n_iov;
+    uint64_t pending_host, pending_len;
+    uint64_t unflushed; /* bytes written since writeback was last started */
+    /* Writeback is started from the ring's worker, so that the merge
+     * never waits for the disk's queue (a sync_file_range call does once
+     * the queue is full): at most one at a time in flight. */
+    struct io_uring ring;
+    bool have_ring;
+    bool wb_inflight;
 };
+
+/* Writeback of the merged data is started every this many bytes written,
+ * so that the disk writes while the merge reads on: left to the final
+ * fdatasync, all of it would be written only once everything is read. */
+#define MERGE_WRITEBACK (UINT64_C(8) << 20)
+
+/* Whether the writeback started last is done (reaps its completion). */
+static bool
+writeback_done(struct merge *m, bool wait)
+{
+    struct io_uring_cqe *cqe;
+
+    while (m->wb_inflight) {
+        int r = wait ? io_uring_wait_cqe(&m->ring, &cqe)
+                     : io_uring_peek_cqe(&m->ring, &cqe);
+
+        if (r == -EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            return r != -EAGAIN; /* -EAGAIN: not yet */
+        }
+        /* Its result does not matter: the fdatasync that follows the
+         * writes reports any error writing them out. */
+        io_uring_cqe_seen(&m->ring, cqe);
+        m->wb_inflight = false;
+    }
+    return true;
+}
+
+/* Starts writing out what the merge wrote so far, unless that is under
+ * way already.  sync_file_range only starts writing pages out earlier
+ * than the kernel would: the merge's order of durability is the
+ * fdatasyncs' alone (qcow2_merge_layers), so it changes nothing about a
+ * crash.  Best effort: without it the final fdatasync writes it all, only
+ * once everything is read. */
+static void
+start_writeback(struct merge *m)
+{
+    struct io_uring_sqe *sqe;
+
+    if (!m->have_ring) {
+        m->unflushed = 0;
+        (void)sync_file_range(m->parent_fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        return;
+    }
+    if (!writeback_done(m, false) || m->wb_inflight ||
+        (sqe = io_uring_get_sqe(&m->ring)) == NULL) {
+        return; /* tried again after the next write */
+    }
+    m->unflushed = 0;
+    io_uring_prep_sync_file_range(sqe, m->parent_fd, 0, 0,
+                                  SYNC_FILE_RANGE_WRITE);
+    if (io_uring_submit(&m->ring) == 1) {
+        m->wb_inflight = true;
+    }
+}
+
+/* The pending write issued (if any), and writeback started once enough
+ * is written. */
+static bool
+flush_pending(struct merge *m, GError **errp)
+{
+    struct iovec *iov = m->iov;
+    int n = m->n_iov;
+    uint64_t off = m->pending_host, len = m->pending_len;
+
+    m->n_iov = 0;
+    m->pending_len = 0;
+    while (n > 0) {
+        ssize_t done = pwritev(m->parent_fd, iov, n, (off_t)off);
+
+        if (done < 0 && errno == EINTR) {
+            continue;
+        }
+        if (done <= 0) {
+            int err = done < 0 ? errno : ENOSPC;
+            g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(err),
+                        "%s: writing at %" PRIu64 ": %s",
+                        qcow2_reader_layer_name(m->chain, m->into), off,
+                        g_strerror(err));
+            return false;
+        }
+        off += (uint64_t)done;
+        /* A short write: on from where it stopped. */
+        while (n > 0 && (size_t)done >= iov->iov_len) {
+            done -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + done;
+            iov->iov_len -= (size_t)done;
+        }
+    }
+    m->unflushed += len;
+    if (m->unflushed >= MERGE_WRITEBACK) {
+        start_writeback(m);
+    }
+    return true;
+}
+
+/* Queues len bytes of buf (valid until the span's end) for the parent at
+ * host, joined to the pending write when it follows it in the file.  A
+ * fault injected counts extents, as it did before they were joined. */
+static bool
+queue_write(struct merge *m, const uint8_t *buf, uint64_t len, uint64_t host,
+            GError **errp)
+{
+    int fault = fault_merge_write();
+
+    if (fault) {
+        g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(fault),
+                    "%s: writing at %" PRIu64 ": %s",
+                    qcow2_reader_layer_name(m->chain, m->into), host,
+                    g_strerror(fault));
+        return false;
+    }
+    if (m->n_iov > 0 && m->n_iov < MERGE_IOV &&
+        host == m->pending_host + m->pending_len) {
+        struct iovec *last = &m->iov[m->n_iov - 1];
+
+        if ((const uint8_t *)last->iov_base + last->iov_len == buf) {
+            last->iov_len += (size_t)len;
+        } else {
+            m->iov[m->n_iov++] = (struct iovec){(void *)buf, (size_t)len};
+        }
+        m->pending_len += len;
+        return true;
+    }
+    if (!flush_pending(m, errp)) {
+        return false;
+    }
+    m->iov[0] = (struct iovec){(void *)buf, (size_t)len};
+    m->n_iov = 1;
+    m->pending_host = host;
+    m->pending_len = len;
+    return true;
+}
 
 /* Host bytes a run occupies: whole clusters (the last cluster of a disk
  * whose size is not a multiple is read past the disk's end too, so that it
@@ -181,7 +313,6 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
     struct qcow2_reader *chain = m->chain;
     unsigned bits = qcow2_reader_layer_cluster_bits(chain, 0);
     uint64_t cluster = UINT64_C(1) << bits;
-    const char *parent_name = qcow2_reader_layer_name(chain, m->into);
     uint64_t pos = 0;
     bool wrote = false;
 
@@ -224,8 +355,8 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
             for (size_t e = 0; e < n_ext; e++) {
                 const struct qcow2_extent *x = &m->ext[e];
 
-                if (!pwrite_full(m->parent_fd, buf + k + x->buf_offset, x->len,
-                                 x->host_offset, parent_name, errp)) {
+                if (!queue_write(m, buf + k + x->buf_offset, x->len,
+                                 x->host_offset, errp)) {
                     return false;
                 }
             }
@@ -234,6 +365,10 @@ merge_span(struct merge *m, const struct data_run *runs, size_t n,
             k = end;
         }
         pos += whole;
+    }
+    /* m->buf is read over next. */
+    if (!flush_pending(m, errp)) {
+        return false;
     }
     if (m->progress_fn != NULL && wrote) {
         m->progress_fn(m->opaque, m->stats->data_bytes);
@@ -376,6 +511,12 @@ merged_sums_of(struct qcow2_reader *chain, unsigned n)
     return acc;
 }
 
+struct qcow2_sums *
+qcow2_merge_sums(struct qcow2_reader *chain, unsigned n)
+{
+    return merged_sums_of(chain, n);
+}
+
 /* One pass over the guest disk: newest data wins, each guest cluster
  * taken once, from the newest of the n layers that has it. */
 static bool
@@ -441,7 +582,9 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
     uint64_t size;
     bool ok = false;
 
-    *merged_sums = NULL;
+    if (merged_sums != NULL) {
+        *merged_sums = NULL;
+    }
     memset(stats, 0, sizeof(*stats));
     stats->damaged_depth = -1;
     if (n == 0 || qcow2_reader_chain_depth(chain) < n + 1) {
@@ -480,13 +623,22 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
     buf = g_malloc(MERGE_CHUNK);
     ext = g_new(struct qcow2_extent, qcow2_writer_max_extents(w, MERGE_CHUNK));
     runs = g_new(struct data_run, MERGE_BATCH_RUNS);
-    m = (struct merge){chain,       w,      parent_fd, buf, ext, stats,
-                       progress_fn, opaque, runs,      0,   n,   false};
+    m = (struct merge){.chain = chain,
+                       .w = w,
+                       .parent_fd = parent_fd,
+                       .buf = buf,
+                       .ext = ext,
+                       .stats = stats,
+                       .progress_fn = progress_fn,
+                       .opaque = opaque,
+                       .runs = runs,
+                       .into = n};
     /* Every cluster is checked before the first is written over in the
      * parent: damage found half way would leave the parent changed where
      * it is written in place.  The second pass reads what the first left
      * in the page cache (for all but huge merges), so the price is a
      * second checksum, not a second read from the disk. */
+    m.have_ring = io_uring_queue_init(2, &m.ring, 0) == 0;
     m.check_only = true;
     if (!merge_walk(&m, size, errp)) {
         goto out;
@@ -507,11 +659,17 @@ qcow2_merge_layers(struct qcow2_reader *chain, unsigned n, int parent_fd,
         goto out;
     }
     qcow2_writer_punch_free(w);
-    *merged_sums = merged_sums_of(chain, n);
+    if (merged_sums != NULL) {
+        *merged_sums = merged_sums_of(chain, n);
+    }
     ok = true;
 out:
     if (!ok) {
         g_prefix_error(errp, "merging %s into %s: ", top_name, into_name);
+    }
+    if (m.have_ring) {
+        writeback_done(&m, true);
+        io_uring_queue_exit(&m.ring);
     }
     qcow2_writer_free(w);
     return ok;
