@@ -200,7 +200,6 @@ LAZY_FN(guestfs, char **, guestfs_inspect_get_mountpoints,
 LAZY_FN(guestfs, char **, guestfs_inspect_os, (guestfs_h * g), (g))
 LAZY_FN(guestfs, const char *, guestfs_last_error, (guestfs_h * g), (g))
 LAZY_FN(guestfs, int, guestfs_launch, (guestfs_h * g), (g))
-LAZY_FN(guestfs, char **, guestfs_list_devices, (guestfs_h * g), (g))
 LAZY_FN(guestfs, char **, guestfs_list_partitions, (guestfs_h * g), (g))
 LAZY_FN(guestfs, char **, guestfs_ls, (guestfs_h * g, const char *directory),
         (g, directory))

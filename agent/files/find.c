@@ -60,15 +60,97 @@ catalog_of_drive(struct files_session *s, guint i, struct files_target *t,
     return c;
 }
 
+/* One catalog on its way to disk.  A writer thread encodes it and writes
+ * it durably (two fsyncs) while the appliance walks the next point: the
+ * appliance sat idle for 0.2 s per point before (30 points, load 5). */
+struct catalog_job {
+    struct files_session *s;
+    struct files_catalog *c; /* the writer frees it unless keep */
+    struct files_target t;
+    bool keep;     /* the caller's too (find): read-only until joined */
+    guint entries; /* for the report */
+    double duration_s;
+    int64_t bytes; /* set by the writer: -1 with err */
+    GError *err;
+};
+
+static void
+catalog_job_free(struct catalog_job *j)
+{
+    g_clear_error(&j->err);
+    g_free(j);
+}
+
+static void
+catalog_job_run(gpointer data, gpointer user_data)
+{
+    struct catalog_job *j = data;
+    gint *failed = user_data;
+    int fd = files_point_fd(j->s, j->t.point, &j->err);
+
+    j->bytes = fd < 0 ? -1 : files_catalog_write(fd, j->c, &j->err);
+    if (fd >= 0) {
+        close(fd);
+    }
+    if (j->bytes < 0) {
+        g_atomic_int_set(failed, 1);
+    }
+    if (!j->keep) {
+        g_clear_pointer(&j->c, files_catalog_free);
+    }
+}
+
+/* Waits for the writer, then reports each job in order: a catalog that
+ * could not be written fails index (the first error), and is a warning
+ * for find (it still answers; the next run indexes again). */
+static bool
+catalog_jobs_finish(struct files_session *s, GThreadPool *pool, GPtrArray *jobs,
+                    bool strict, json_t *report, GError **errp)
+{
+    bool ok = true;
+
+    g_thread_pool_free(pool, false, true);
+    for (guint k = 0; k < jobs->len; k++) {
+        struct catalog_job *j = jobs->pdata[k];
+
+        if (j->bytes < 0 && strict) {
+            if (ok) {
+                g_propagate_prefixed_error(errp, g_steal_pointer(&j->err),
+                                           "%s/%s: ", s->o->vm, j->t.point->id);
+            }
+            ok = false;
+            continue;
+        }
+        if (j->bytes < 0) {
+            fprintf(stderr, "qbak find: %s/%s: catalog not saved: %s\n",
+                    s->o->vm, j->t.point->id, j->err->message);
+        }
+        json_array_append_new(
+            report,
+            json_pack("{s:s, s:s, s:b, s:I, s:I, s:f}", "point", j->t.point->id,
+                      "disk", j->t.disk, "indexed", 1, "entries",
+                      (json_int_t)j->entries, "bytes", (json_int_t)j->bytes,
+                      "duration_s", j->duration_s));
+    }
+    return ok;
+}
+
 /* Indexes targets (struct files_target *) and writes their catalogs;
- * appends each catalog to out (if not NULL) and a line to report. */
+ * appends each catalog to out (if not NULL) and a line to report.
+ * duration_s of a point: its listing (the writing overlaps the next). */
 static bool
 index_targets(struct files_session *s, GPtrArray *targets, GPtrArray *out,
               json_t *report, GError **errp)
 {
+    g_autoptr(GPtrArray) jobs =
+        g_ptr_array_new_with_free_func((GDestroyNotify)catalog_job_free);
+    gint failed = 0;
+    GThreadPool *pool =
+        g_thread_pool_new(catalog_job_run, &failed, 1, true, NULL);
     guint done = 0;
+    bool ok = true;
 
-    while (done < targets->len) {
+    while (ok && done < targets->len) {
         g_autoptr(GPtrArray) batch = g_ptr_array_new();
         guint n = MIN(MAX_DRIVES, targets->len - done);
 
@@ -80,17 +162,21 @@ index_targets(struct files_session *s, GPtrArray *targets, GPtrArray *out,
                     n);
         }
         if (!files_launch(s, batch, errp)) {
-            return false;
+            ok = false;
+            break;
         }
         for (guint i = 0; i < n; i++) {
             struct files_target *t = batch->pdata[i];
             bool relaunch = false;
             struct files_catalog *c;
+            struct catalog_job *j;
             gint64 t0 = g_get_monotonic_time();
-            int64_t bytes;
-            guint count = 0;
-            int fd;
 
+            if (!out && g_atomic_int_get(&failed)) {
+                /* a catalog could not be written: index fails anyway */
+                ok = false;
+                break;
+            }
             c = catalog_of_drive(s, i, t, &relaunch, errp);
             if (relaunch) {
                 break; /* a second btrfs copy: the rest in a new launch */
@@ -98,52 +184,42 @@ index_targets(struct files_session *s, GPtrArray *targets, GPtrArray *out,
             if (!c) {
                 g_prefix_error(errp, "%s/%s: %s: ", s->o->vm, t->point->id,
                                t->disk);
-                return false;
+                ok = false;
+                break;
             }
-            {
-                g_autoptr(GError) werr = NULL;
-                fd = files_point_fd(s, t->point, &werr);
-                bytes = fd < 0 ? -1 : files_catalog_write(fd, c, &werr);
-                if (fd >= 0) {
-                    close(fd);
-                }
-                if (bytes < 0 && !out) {
-                    files_catalog_free(c);
-                    g_propagate_prefixed_error(errp, g_steal_pointer(&werr),
-                                               "%s/%s: ", s->o->vm,
-                                               t->point->id);
-                    return false;
-                }
-                if (bytes < 0) {
-                    /* find still answers; the next run indexes again */
-                    fprintf(stderr, "qbak find: %s/%s: catalog not saved: %s\n",
-                            s->o->vm, t->point->id, werr->message);
-                }
-            }
+            j = g_new0(struct catalog_job, 1);
+            j->s = s;
+            j->c = c;
+            j->t = *t;
+            j->keep = out != NULL;
+            j->duration_s = (g_get_monotonic_time() - t0) / 1e6;
             for (guint k = 0; k < c->fss->len; k++) {
                 struct files_fs *fs = c->fss->pdata[k];
-                count += fs->entries ? fs->entries->len : 0;
+                j->entries += fs->entries ? fs->entries->len : 0;
             }
-            json_array_append_new(
-                report, json_pack("{s:s, s:s, s:b, s:I, s:I, s:f}", "point",
-                                  t->point->id, "disk", t->disk, "indexed", 1,
-                                  "entries", (json_int_t)count, "bytes",
-                                  (json_int_t)bytes, "duration_s",
-                                  (g_get_monotonic_time() - t0) / 1e6));
             if (s->o->progress) {
                 fprintf(stderr, "indexed %s %s: %u entries\n", t->point->id,
-                        t->disk, count);
+                        t->disk, j->entries);
             }
             if (out) {
                 g_ptr_array_add(out, c);
-            } else {
-                files_catalog_free(c);
             }
+            g_ptr_array_add(jobs, j);
+            g_thread_pool_push(pool, j, NULL);
             done++;
         }
     }
     files_shutdown(s);
-    return true;
+    if (!ok) {
+        /* the error already set wins; the writer still finishes what it
+         * has (each catalog is whole or absent) */
+        GError *later = NULL;
+        catalog_jobs_finish(s, pool, jobs, !out, report,
+                            errp && *errp ? &later : errp);
+        g_clear_error(&later);
+        return false;
+    }
+    return catalog_jobs_finish(s, pool, jobs, !out, report, errp);
 }
 
 /* The catalog of (point, disk) if it exists and verifies.  A damaged one

@@ -10,6 +10,7 @@
 
 #include "agent/error.h"
 #include "agent/files/kmsg.h"
+#include "agent/files/names.h"
 #include "io/qcow2.h"
 
 /* Appliance memory (MiB) unless LIBGUESTFS_MEMSIZE says otherwise: a
@@ -452,26 +453,11 @@ files_launch(struct files_session *s, GPtrArray *targets, GError **errp)
     if (!files_kernel_errors(s, NULL, errp)) {
         return false;
     }
-    if (targets->len == 1) {
-        /* libguestfs names the first drive added /dev/sda (guestfs(3),
-         * block device naming); list_devices would cost 0.25 s under TCG
-         * (it waits for udev) */
-        g_ptr_array_add(s->drives, g_strdup("/dev/sda"));
-    } else {
-        char **devs = guestfs_list_devices(s->g);
-        if (!devs) {
-            return files_gerror(s, "list_devices", errp);
-        }
-        for (char **d = devs; *d; d++) {
-            g_ptr_array_add(s->drives, *d);
-        }
-        free(devs);
-    }
-    if (s->drives->len != targets->len) {
-        g_set_error(errp, QBAK_ERROR, QBAK_ERROR_FAILED,
-                    "libguestfs: %u drives added, %u seen", targets->len,
-                    s->drives->len);
-        return false;
+    /* libguestfs names the drives in the order added (guestfs(3), block
+     * device naming): list_devices would open every device to say the
+     * same, 0.17 s per drive under TCG (5 s for 30 points). */
+    for (guint k = 0; k < targets->len; k++) {
+        g_ptr_array_add(s->drives, files_drive_name(k));
     }
     return true;
 }

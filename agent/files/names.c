@@ -155,3 +155,19 @@ files_glob_quote(GString *pattern, const char *path, size_t len)
         g_string_append_c(pattern, path[i]);
     }
 }
+
+char *
+files_drive_name(unsigned index)
+{
+    char letters[8]; /* 26^7 > UINT_MAX */
+    size_t n = sizeof(letters);
+    long k = index;
+
+    /* bijective base 26: a..z, then aa..zz, aaa ... */
+    do {
+        letters[--n] = (char)('a' + k % 26);
+        k = k / 26 - 1;
+    } while (k >= 0);
+    return g_strdup_printf("/dev/sd%.*s", (int)(sizeof(letters) - n),
+                           letters + n);
+}

@@ -40,4 +40,9 @@ char *files_name_printable(const char *name, size_t len);
  * expansion treats specially (\\ * ? [ ] { } ,) gets a backslash. */
 void files_glob_quote(GString *pattern, const char *path, size_t len);
 
+/* The appliance's device of the drive added index-th (from 0): /dev/sda
+ * ... /dev/sdz, /dev/sdaa ... (guestfs(3), BLOCK DEVICE NAMING: the
+ * order the drives were added, the kernel's sd naming). */
+char *files_drive_name(unsigned index);
+
 #endif

@@ -214,9 +214,10 @@ files_list_fs(struct files_session *s, guint drive, GError **errp)
     struct probe whole = {0};
     bool any = false, probed = false;
 
-    if (!s->parts && s->drives->len == 1) {
-        /* one drive: a file system on the whole disk (no partition
-         * table) needs no partition list, which waits for udev */
+    if (!s->parts) {
+        /* a file system on the whole disk (no partition table) needs no
+         * partition list, which opens every drive of the launch (7 s
+         * for 30 points under TCG): the whole-disk probe first */
         probe_dev(s, dev, &whole);
         probed = true;
         if ((!*whole.type || whole.ptable) &&
@@ -224,7 +225,7 @@ files_list_fs(struct files_session *s, guint drive, GError **errp)
             goto fail;
         }
     } else if (!list_parts(s, drive, fss, pvs, &any, errp)) {
-        /* several drives: one partition list serves them all */
+        /* listed once for an earlier drive: it serves them all */
         goto fail;
     }
     if (!any) {

@@ -21,6 +21,14 @@
  * mismatch that ls does not explain still fails: the listing would be
  * short.  Probes are rare (empty directories), so the walk stays at a
  * few round trips per level.
+ *
+ * The cost is the appliance's kernel, not the round trips: a call costs
+ * about 1 ms (echo_daemon), an lstatnslist of 200 names 21 ms cold and
+ * 5 ms warm, and a static C walker run inside the appliance (readdir +
+ * fstatat, no protocol) took 80 % of this walk's time on the same
+ * appliance (2.66 s against 3.36 s a point, 20,000 files, load 5).
+ * filesystem_walk (libtsk) is no cheaper (same QEMU CPU a point) and
+ * has no mode.
  */
 #include <string.h>
 #include <sys/stat.h>

@@ -88,6 +88,26 @@ test_name_display(void)
     g_assert_cmpstr(p2, ==, "caf\xc3\xa9\\\\");
 }
 
+static void
+test_drive_name(void)
+{
+    const struct {
+        unsigned index;
+        const char *dev;
+    } cases[] = {
+        {0, "/dev/sda"},       {1, "/dev/sdb"},        {25, "/dev/sdz"},
+        {26, "/dev/sdaa"},     {27, "/dev/sdab"},      {51, "/dev/sdaz"},
+        {52, "/dev/sdba"},     {701, "/dev/sdzz"},     {702, "/dev/sdaaa"},
+        {18277, "/dev/sdzzz"}, {18278, "/dev/sdaaaa"},
+    };
+
+    for (guint i = 0; i < G_N_ELEMENTS(cases); i++) {
+        g_autofree char *d = files_drive_name(cases[i].index);
+        g_assert_cmpstr(d, ==, cases[i].dev);
+    }
+    g_free(files_drive_name(UINT_MAX)); /* fits */
+}
+
 static struct files_catalog *
 sample_catalog(void)
 {
@@ -225,6 +245,7 @@ main(int argc, char **argv)
     g_test_add_func("/files/names/unsafe-components", test_name_unsafe);
     g_test_add_func("/files/names/path-split", test_path_split);
     g_test_add_func("/files/names/display-escapes", test_name_display);
+    g_test_add_func("/files/names/drive-names", test_drive_name);
     g_test_add_func("/files/catalog/roundtrip", test_catalog_roundtrip);
     g_test_add_func("/files/catalog/every-flip-and-cut-is-damage",
                     test_catalog_damage);
