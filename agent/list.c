@@ -1,43 +1,13 @@
 /* qbak list: see list.h. */
 #include "agent/list.h"
 
-#include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "agent/damage.h"
 #include "agent/repo.h"
-
-/* Bytes the point's files take on disk (allocated blocks). */
-static uint64_t
-point_size(struct repo_vm *r, const char *id)
-{
-    int fd =
-        openat(r->vm_fd, id, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-    struct dirent *de;
-    uint64_t total = 0;
-
-    if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
-        return 0;
-    }
-    while ((de = readdir(d))) {
-        struct stat st;
-        if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-            S_ISREG(st.st_mode)) {
-            total += (uint64_t)st.st_blocks * 512;
-        }
-    }
-    closedir(d);
-    return total;
-}
 
 static json_t *
 point_json(struct repo_vm *r, struct restore_point *p)
@@ -67,8 +37,8 @@ point_json(struct repo_vm *r, struct restore_point *p)
                     p->info ? p->info->time : NULL, "consistency",
                     p->info ? p->info->consistency : NULL, "disks", disks,
                     "protected", damage_point_protected(r, p->id), "size_bytes",
-                    (json_int_t)point_size(r, p->id), "checksums", sums,
-                    "damaged", damage ? damage : json_null());
+                    (json_int_t)repo_dir_bytes(r->vm_fd, p->id), "checksums",
+                    sums, "damaged", damage ? damage : json_null());
     return out;
 }
 

@@ -154,34 +154,6 @@ remove_pruned_dir(struct repo_vm *r, const char *name, GError **errp)
     return true;
 }
 
-/* Bytes the files of directory dirfd/name take on the disk. */
-static uint64_t
-dir_bytes(int dirfd, const char *name)
-{
-    int fd =
-        openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-    struct dirent *de;
-    uint64_t bytes = 0;
-
-    if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
-        return 0;
-    }
-    while ((de = readdir(d))) {
-        struct stat st;
-
-        if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-            S_ISREG(st.st_mode)) {
-            bytes += (uint64_t)st.st_blocks * 512;
-        }
-    }
-    closedir(d);
-    return bytes;
-}
-
 /* The removal of directory name (a .pruned-* leftover) put off to the end
  * of the run, when nothing more is to be made durable: freeing blocks
  * makes the journal commits that follow slower (discards), and those
@@ -192,7 +164,7 @@ dir_bytes(int dirfd, const char *name)
 bool
 prune_defer_removal(struct prune_ctx *c, const char *name, GError **errp)
 {
-    uint64_t bytes = dir_bytes(c->r->vm_fd, name);
+    uint64_t bytes = repo_dir_bytes(c->r->vm_fd, name);
 
     if (c->pruned_bytes + bytes > PRUNE_DEFER_BYTES) {
         return remove_pruned_dir(c->r, name, errp);

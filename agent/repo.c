@@ -713,3 +713,31 @@ repo_commit(struct repo_vm *r, int partial_fd, const char *id, json_t *manifest,
     return repo_commit_sync(r, partial_fd, id, manifest, errp) &&
            repo_commit_publish(r, id, errp);
 }
+
+/* See repo.h. */
+uint64_t
+repo_dir_bytes(int dirfd, const char *name)
+{
+    int fd =
+        openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *de;
+    uint64_t bytes = 0;
+
+    if (!d) {
+        if (fd >= 0) {
+            close(fd);
+        }
+        return 0;
+    }
+    while ((de = readdir(d))) {
+        struct stat st;
+
+        if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISREG(st.st_mode)) {
+            bytes += (uint64_t)st.st_blocks * 512;
+        }
+    }
+    closedir(d);
+    return bytes;
+}

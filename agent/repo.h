@@ -105,6 +105,10 @@ bool repo_commit(struct repo_vm *r, int partial_fd, const char *id,
 bool repo_fsync_all(const int *fds, const char *const *names, guint n,
                     const char *what, GError **errp);
 
+/* Bytes the regular files of directory dirfd/name take on disk
+ * (allocated blocks; 0 when it cannot be read). */
+uint64_t repo_dir_bytes(int dirfd, const char *name);
+
 /* Read a JSON file (bounded size) relative to dirfd. */
 json_t *repo_read_json(int dirfd, const char *name, GError **errp);
 
