@@ -109,6 +109,17 @@ copy_fail(struct pull_copy *pc, char *msg)
     }
 }
 
+/* A request QEMU's server answered with an error: the snapshot broke
+ * (on-cbw-error=break-snapshot: scratch full or failing) or QEMU failed. */
+static void
+point_gone(struct pull_copy *pc, const char *what, uint64_t off, int err)
+{
+    copy_fail(pc, g_strdup_printf("%s at %" PRIu64 ": %s (the point in time "
+                                  "is gone: scratch full or failing, or QEMU "
+                                  "failed)",
+                                  what, off, g_strerror(err)));
+}
+
 /* QEMU's server drops the connection when a read of the source fails, as
  * when QEMU itself goes. */
 static void
@@ -277,10 +288,7 @@ take_status(struct pull_copy *pc)
 
     pc->status_done = false;
     if (pc->status_err) {
-        copy_fail(pc, g_strdup_printf("block status at %" PRIu64 ": %s (the "
-                                      "point in time is gone: scratch full "
-                                      "or failing, or QEMU failed)",
-                                      pc->cursor, g_strerror(pc->status_err)));
+        point_gone(pc, "block status", pc->cursor, pc->status_err);
         return;
     }
     why = sweep_answer(pc, pc->bitmap_context ? &pc->dirty : &pc->base,
@@ -429,10 +437,7 @@ write_slot(struct pull_copy *pc, struct slot *s)
 
     s->state = SLOT_FREE;
     if (s->err) {
-        copy_fail(pc, g_strdup_printf("read at %" PRIu64 ": %s (the point "
-                                      "in time is gone: scratch full or "
-                                      "failing, or QEMU failed)",
-                                      s->off, g_strerror(s->err)));
+        point_gone(pc, "read", s->off, s->err);
         return;
     }
     pc->bytes_read += s->len;
