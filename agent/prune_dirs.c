@@ -65,19 +65,14 @@ prune_scan(struct repo_vm *r, GError **errp)
 {
     GPtrArray *dirs =
         g_ptr_array_new_with_free_func((GDestroyNotify)prune_dir_free);
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *d = repo_opendir(r->vm_fd);
     struct dirent *de;
 
     if (!d) {
         qbak_errno(errp, errno, "%s/%s", r->repo_path, r->vm);
-        if (fd >= 0) {
-            close(fd);
-        }
         g_ptr_array_free(dirs, true);
         return NULL;
     }
-    rewinddir(d);
     while ((de = readdir(d))) {
         struct prune_dir *p;
         json_t *m;
@@ -118,17 +113,12 @@ prune_scan(struct repo_vm *r, GError **errp)
 static void
 remove_dir_contents(int fd)
 {
-    int dfd = dup(fd);
-    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    DIR *d = repo_opendir(fd);
     struct dirent *de;
 
     if (!d) {
-        if (dfd >= 0) {
-            close(dfd);
-        }
         return;
     }
-    rewinddir(d);
     while ((de = readdir(d))) {
         if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
             unlinkat(fd, de->d_name, 0);
@@ -180,18 +170,13 @@ prune_defer_removal(struct prune_ctx *c, const char *name, GError **errp)
 bool
 prune_work_pending(struct repo_vm *r)
 {
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *d = repo_opendir(r->vm_fd);
     struct dirent *de;
     bool pending = false;
 
     if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
         return true; /* let the full scan say what is wrong */
     }
-    rewinddir(d);
     while (!pending && (de = readdir(d))) {
         g_autofree char *marker = NULL;
 
@@ -211,19 +196,14 @@ prune_work_pending(struct repo_vm *r)
 unsigned
 prune_cleanup_removed(struct repo_vm *r)
 {
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *d = repo_opendir(r->vm_fd);
     g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
     struct dirent *de;
     unsigned n = 0;
 
     if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
         return 0;
     }
-    rewinddir(d);
     while ((de = readdir(d))) {
         if (g_str_has_prefix(de->d_name, PRUNED_PREFIX)) {
             g_ptr_array_add(names, g_strdup(de->d_name));

@@ -360,19 +360,14 @@ scan_points(struct repo_vm *r, bool damaged_too, GError **errp)
 {
     GPtrArray *points =
         g_ptr_array_new_with_free_func((GDestroyNotify)restore_point_free);
-    int fd = dup(r->vm_fd);
-    DIR *d;
+    DIR *d = repo_opendir(r->vm_fd);
     struct dirent *de;
 
-    if (fd < 0 || !(d = fdopendir(fd))) {
+    if (!d) {
         qbak_errno(errp, errno, "%s/%s", r->repo_path, r->vm);
-        if (fd >= 0) {
-            close(fd);
-        }
         g_ptr_array_free(points, true);
         return NULL;
     }
-    rewinddir(d);
     while ((de = readdir(d))) {
         g_autoptr(GError) err = NULL;
         struct manifest *m = NULL;
@@ -507,20 +502,15 @@ repo_partial_remove(struct repo_vm *r, const char *id)
 unsigned
 repo_partial_cleanup(struct repo_vm *r)
 {
-    int fd = dup(r->vm_fd);
-    DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *d = repo_opendir(r->vm_fd);
     struct dirent *de;
     GPtrArray *names = g_ptr_array_new_with_free_func(g_free);
     unsigned n;
 
     if (!d) {
-        if (fd >= 0) {
-            close(fd);
-        }
         g_ptr_array_free(names, true);
         return 0;
     }
-    rewinddir(d);
     while ((de = readdir(d))) {
         if (g_str_has_prefix(de->d_name, ".partial-")) {
             g_ptr_array_add(names, g_strdup(de->d_name));
@@ -608,18 +598,12 @@ sync_dir_files(int dir_fd, const char *what, GError **errp)
     g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GArray) fds = g_array_new(false, false, sizeof(int));
     struct dirent *de;
-    int dfd = dup(dir_fd);
-    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+    DIR *d = repo_opendir(dir_fd);
     bool ok = true;
 
     if (!d) {
-        int err = errno;
-        if (dfd >= 0) {
-            close(dfd);
-        }
-        return qbak_errno(errp, err, "%s: list", what);
+        return qbak_errno(errp, errno, "%s: list", what);
     }
-    rewinddir(d);
     /* [0]: the directory itself */
     g_ptr_array_add(names, g_strdup("."));
     while ((de = readdir(d))) {
@@ -740,4 +724,24 @@ repo_dir_bytes(int dirfd, const char *name)
     }
     closedir(d);
     return bytes;
+}
+
+/* See repo.h. */
+DIR *
+repo_opendir(int fd)
+{
+    int dfd = dup(fd);
+    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+
+    if (!d) {
+        int err = errno;
+        if (dfd >= 0) {
+            close(dfd);
+        }
+        errno = err;
+        return NULL;
+    }
+    /* A duplicate shares fd's offset: an earlier reader may have moved it. */
+    rewinddir(d);
+    return d;
 }
