@@ -1002,7 +1002,12 @@ def chart(res, path, title):
             plots.append("%s using 1:2 with boxes lc rgb '%s' title %s" % (name, color, gq(label)))
             plots.append("%s using 1:3:(0):($4-$3) with vectors nohead lc rgb 'black' notitle" % name)
             plots.append("%s using 1:4:5 with labels offset 0,0.7 font 'sans,8' notitle" % name)
+        if not plots:  # every step of this panel was skipped
+            plots = ["0 lc rgb 'white' notitle"]
+            script += ["set yrange [0:1]",
+                       "set label 1 'not measured in this run' at graph 0.5, 0.5 center"]
         script.append("plot " + ", \\\n  ".join(plots))
+        script += ["unset label 1", "set yrange [0:*]"]
         script.append("unset key")  # the first panel's names all the series
     script.append("unset multiplot")
     gpfile = os.path.splitext(path)[0] + ".gp"
