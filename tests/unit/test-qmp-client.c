@@ -1,5 +1,6 @@
-/* Unit tests for qmp/client.c's pipelined batches (qmp_client_call_many),
- * against a scripted QMP server in a child process on a unix socket.
+/* Unit tests for qmp/client.c's pipelined batches (qmp_client_call_many)
+ * and qmp/batch.c's flags on top of them, against a scripted QMP server
+ * in a child process on a unix socket.
  *
  * The server reads whole lines; for each command it answers as its script
  * says: a return, an error, an event first, or it hangs up.  It answers
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #include "io/ring.h"
+#include "qmp/batch.h"
 #include "qmp/client.h"
 
 static char sock_dir[] = "/tmp/qbak-qmp-test-XXXXXX";
@@ -268,6 +270,49 @@ test_empty(void)
     finish(pid);
 }
 
+/* qmp/batch.c: each success sets its flag to its value, a failure leaves
+ * the flag, is named by its "what" in errp (the first) and warnings
+ * (every one). */
+static void
+test_flags(void)
+{
+    struct ring ring;
+    pid_t pid = start_server("rerre");
+    struct qmp_client *c;
+    struct qmp_batch bt;
+    GError *err = NULL;
+    g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
+    bool flags[5] = {false, false, false, true, false};
+    const char *what[5] = {"a", "b", "c", "d", "e"};
+
+    g_assert_cmpint(ring_init(&ring, 64), ==, 0);
+    c = qmp_client_connect(&ring, sock_path, QMP_PARSER_QMP, 5000, &err);
+    g_assert_no_error(err);
+    qmp_batch_init(&bt, 5);
+    for (size_t i = 0; i < 5; i++) {
+        /* d's success undoes: it sets false */
+        qmp_batch_add(&bt, what[i], "query-x",
+                      json_pack("{s:I}", "i", (json_int_t)i),
+                      i == 2 ? NULL : &flags[i], i != 3);
+    }
+    g_assert_false(qmp_batch_run(c, &bt, 5000, warnings, &err));
+    g_assert_null(bt.calls);
+    g_assert_true(flags[0]);
+    g_assert_false(flags[1]);
+    g_assert_false(flags[2]); /* no flag: nothing set */
+    g_assert_false(flags[3]);
+    g_assert_false(flags[4]);
+    g_assert_nonnull(err);
+    g_assert_cmpstr(err->message, ==, "b: query-x: no 1");
+    g_assert_cmpuint(warnings->len, ==, 2);
+    g_assert_cmpstr(warnings->pdata[0], ==, "b: query-x: no 1");
+    g_assert_cmpstr(warnings->pdata[1], ==, "e: query-x: no 4");
+    g_clear_error(&err);
+    qmp_client_free(c);
+    ring_fini(&ring);
+    finish(pid);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -285,6 +330,7 @@ main(int argc, char **argv)
     g_test_add_func("/qmp/client/batch-forged-replies-dropped", test_forged);
     g_test_add_func("/qmp/client/batch-peer-hangs-up-mid-batch", test_hangup);
     g_test_add_func("/qmp/client/batch-empty", test_empty);
+    g_test_add_func("/qmp/batch/flags-and-errors", test_flags);
     ret = g_test_run();
     unlink(sock_path);
     rmdir(sock_dir);
