@@ -96,7 +96,8 @@ cmd_backup(int argc, char **argv)
     g_autofree gchar *vm = NULL;
     g_auto(GStrv) disks = NULL;
     gboolean full = FALSE, json = FALSE, verbose = FALSE;
-    gint64 speed = 0;
+    g_autofree gchar *speed = NULL;
+    gint64 speed_bytes = 0;
     gint timeout = 60;
     gint stall = 30;
     g_autofree gchar *qga = NULL;
@@ -126,8 +127,10 @@ cmd_backup(int argc, char **argv)
          "back up only this disk (device id or node name); repeatable", "NAME"},
         {"full", 0, 0, G_OPTION_ARG_NONE, &full,
          "start a new chain with a full backup", NULL},
-        {"speed", 0, 0, G_OPTION_ARG_INT64, &speed,
-         "limit each disk's copy to BYTES per second", "BYTES"},
+        {"speed", 0, 0, G_OPTION_ARG_STRING, &speed,
+         "limit each disk's copy to SIZE per second (K, M, G, T: binary "
+         "units)",
+         "SIZE"},
         {"timeout", 0, 0, G_OPTION_ARG_INT, &timeout,
          "seconds to wait for any one answer from QEMU (default 60)", "SECS"},
         {"stall-timeout", 0, 0, G_OPTION_ARG_INT, &stall,
@@ -173,8 +176,9 @@ cmd_backup(int argc, char **argv)
     cli_require("backup", qmp, "--qmp");
     cli_require("backup", repo, "--repo");
     cli_require("backup", vm, "--vm");
-    if (speed < 0) {
-        fprintf(stderr, "qbak backup: --speed must not be negative\n");
+    if (speed && !host_parse_size(speed, &speed_bytes)) {
+        fprintf(stderr, "qbak backup: --speed must be a size per second, "
+                        "such as 67108864 or 64M\n");
         return QBAK_EXIT_USAGE;
     }
     if (timeout < 1 || timeout > 86400) {
@@ -237,7 +241,7 @@ cmd_backup(int argc, char **argv)
     o.vm = vm;
     o.disks = disks;
     o.full = full;
-    o.speed = (uint64_t)speed;
+    o.speed = (uint64_t)speed_bytes;
     o.wait_ms = cli_wait_ms("backup", wait);
     o.progress = cli_progress_wanted(json);
     o.progress_fd = progress_fd > 0 ? progress_fd : 0;

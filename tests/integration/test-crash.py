@@ -29,7 +29,7 @@ def crash_backup(state, slow):
     env = dict(os.environ, QBAK_CRASH_AT=state)
     args = [QBAK, "backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1"] + mode_args()
     if slow:
-        args += ["--speed", str(2 << 20)]  # so the job is seen running
+        args += ["--speed", "2M"]  # so the job is seen running
     p = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True, timeout=120)
     check(p.returncode == -9, "qbak should die by SIGKILL at %s: rc %d %s"
@@ -37,6 +37,10 @@ def crash_backup(state, slow):
 
 
 try:
+    bad = qbak("backup", "--qmp", vm.qbak_sock, "--repo", repo, "--vm", "vm1", "--speed",
+               "2X", check_rc=False)
+    check(bad.returncode == 2 and "--speed must be a size" in bad.stderr,
+          "--speed 2X is a usage error: %d %s" % (bad.returncode, bad.stderr))
     status = vm.qmp.cmd("query-status")["status"]
     # A crash during the very first (full) backup.
     random_writes(vm, "vd0", SIZE, rng, 20)
