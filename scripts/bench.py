@@ -589,6 +589,7 @@ def one_run(r, args, ref, lay, work, res):
             return s
 
         qfull = None
+        limits = None  # (write, read) GiB/s of this run
         for m in order:
             s = step("full", m, full=True)
             if m == "qbak":
@@ -601,6 +602,7 @@ def one_run(r, args, ref, lay, work, res):
             note("run %d full   limit  %.3f s (%.2f GiB/s)" % (r + 1, s["wall"], s["gib_s"]))
             rl = read_limit(src)
             res.add("full.readlimit", rl)
+            limits = (s["gib_s"], rl["gib_s"])
             note("run %d full   read limit %.3f s (%.2f GiB/s, %s)"
                  % (r + 1, rl["wall"], rl["gib_s"], human(rl["bytes"])))
 
@@ -614,7 +616,13 @@ def one_run(r, args, ref, lay, work, res):
                 step(key, "push")
             else:
                 for m in order:
-                    step(key, m)
+                    st = step(key, m)
+                    if m == "qbak" and limits and phase == "10%":
+                        # The disk's limits for this incremental's bytes:
+                        # reading them plus writing them, at best.
+                        nb = st["bytes"] / GiB
+                        res.add("inc10%.limit", Sample(wall=nb / limits[0] + nb / limits[1],
+                                                       bytes=st["bytes"]))
 
         if "restore" not in args.skip:
             restore_step(r, vm, rdir, repo, src, res)
@@ -791,6 +799,7 @@ def report(args, lay, res, meta):
             ("virtnbd", "virtnbdbackup, libvirt pull + fsync", ["full", "inc1%", "inc10%"], None),
             ("limit", "disk write limit, qbak's bytes", ["full"], None),
             ("readlimit", "disk read limit, allocated data", ["full"], None),
+            ("inclimit", "disk read + write limit, its bytes", ["inc10%"], None),
             ("convert", "qemu-img convert + fsync", [], None)]
     w0 = 38
     P("%-*s" % (w0, "time") + "".join("%-24s" % c[1] for c in cols))
@@ -804,6 +813,8 @@ def report(args, lay, res, meta):
                 cells.append(fmt_t(res.vals("full.limit", "implied_for_qbak")))
             elif m == "readlimit" and key == "full":
                 cells.append(fmt_t(res.vals("full.readlimit")))
+            elif m == "inclimit" and key == "inc10%":
+                cells.append(fmt_t(res.vals("inc10%.limit")))
             elif key in phases:
                 cells.append(fmt_t(res.vals("%s.%s" % (key, m))))
             else:
@@ -927,7 +938,9 @@ def report(args, lay, res, meta):
     for name, a, b in (("full: QEMU -> nbdkit null / qbak (x)", "full.nbd", "full.qbak"),
                        ("1 % incremental: QEMU native / qbak (x)", "inc1%.native", "inc1%.qbak"),
                        ("10 % incremental: QEMU -> nbdkit null / qbak (x)", "inc10%.nbd",
-                        "inc10%.qbak")):
+                        "inc10%.qbak"),
+                       ("10 % incremental: QEMU native / disk read + write limit (x)",
+                        "inc10%.native", "inc10%.limit")):
         v = ratio(res.med(a), res.med(b))
         P("  %-58s %10s" % (name, "%.2f" % v if v else "-"))
     big, small = res.vals("bigfull.64G", "rss_kib"), res.vals("bigfull.1G", "rss_kib")
