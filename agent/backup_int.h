@@ -64,6 +64,21 @@ struct backup {
     char *mode_reason;       /* why, for the result and --verbose */
 };
 
+struct vm_settings_pending;
+
+/* Planning (backup_plan.c).  Every writable, non-empty block device with
+ * a guest device (--disk: only those), from the settings' query-block. */
+bool backup_discover_disks(struct backup *b,
+                           struct vm_settings_pending *settings, GError **errp);
+/* Decide full or incremental for one disk (see the bitmap rules at the top
+ * of backup.c): d->full and d->reason, its chain, bitmap and backing. */
+void backup_plan_disk(struct backup *b, struct disk *d);
+/* A full because QEMU's bitmaps are gone says why when QEMU is another
+ * process than at the previous point (a restored VM: a new chain). */
+void backup_explain_full(struct backup *b, struct disk *d,
+                         const char *last_point);
+void backup_disk_free(struct disk *d);
+
 /* --verbose: the time since the start and the phase just done. */
 void backup_trace(struct backup *b, const char *phase);
 
