@@ -71,6 +71,18 @@ bool prune_defer_removal(struct prune_ctx *c, const char *name, GError **errp);
  * next run removes).  Called once nothing more is made durable. */
 void prune_finish_removals(struct prune_ctx *c);
 
+/* Step 3 of removing a point, for one disk: C's layer (with a group, the
+ * doomed points between P and C too) folded into P's file, the merged
+ * checksums made C's, P's file renamed over C's layer (prune_merge.c).
+ * *untouched: a failure left P's file the image it was. */
+bool prune_merge_layer(struct prune_ctx *c, struct prune_dir *p, int pfd,
+                       const char *pfile, struct prune_dir *ch, int cfd,
+                       const char *cfile, const char *disk, GPtrArray *group,
+                       bool *untouched, GError **errp);
+
+/* fsync of a directory fd; failures name `what`. */
+bool prune_fsync_dir(int fd, const char *what, GError **errp);
+
 /* Creates (an empty file) or removes dirfd/name, durably. */
 bool prune_marker_set(int dirfd, const char *name, bool present, GError **errp);
 
