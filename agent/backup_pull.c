@@ -127,13 +127,14 @@ write_marker(struct backup *b, GError **errp)
     m = json_pack("{s:o}", "disks", disks);
     text = json_dumps(m, JSON_COMPACT);
     json_decref(m);
-    fd = openat(b->repo->vm_fd, MARKER ".tmp",
+    fd = openat(b->repo->vm_fd, PULL_MARKER ".tmp",
                 O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
     ok = fd >= 0 && write(fd, text, strlen(text)) == (ssize_t)strlen(text) &&
-         renameat(b->repo->vm_fd, MARKER ".tmp", b->repo->vm_fd, MARKER) == 0;
+         renameat(b->repo->vm_fd, PULL_MARKER ".tmp", b->repo->vm_fd,
+                  PULL_MARKER) == 0;
     if (!ok) {
         g_set_error(errp, G_FILE_ERROR, g_file_error_from_errno(errno),
-                    "%s: %s", MARKER, g_strerror(errno));
+                    "%s: %s", PULL_MARKER, g_strerror(errno));
     }
     if (fd >= 0) {
         close(fd);
@@ -522,7 +523,7 @@ backup_pull_release(struct backup *b, GPtrArray *warnings)
     }
     /* Left for the next run's recovery if QEMU still holds something. */
     if (p->marker && (all_undone || !b->qmp)) {
-        unlinkat(b->repo->vm_fd, MARKER, 0);
+        unlinkat(b->repo->vm_fd, PULL_MARKER, 0);
         p->marker = false;
     }
 }

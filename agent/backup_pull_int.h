@@ -10,12 +10,13 @@
 
 #include "qmp/batch.h"
 
-#define MARKER ".pull-pending"
+#define PULL_MARKER ".pull-pending"
 
 struct pull_disk {
     char *qdev;
     char *scr, *cbw, *acc, *exp_bitmap, *export_id;
-    char *pass; /* several disks: a raw node the device sits on (below) */
+    char *pass; /* several disks: the raw node the device sits on (see the
+                 * graph at the top of backup_pull.c) */
     char *scratch_path;
     int scratch_fd; /* read-only, to measure the scratch file */
     uint64_t scratch_limit;

@@ -23,14 +23,14 @@ backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
                     GPtrArray *done, GError **errp)
 {
     g_autoptr(GError) err = NULL;
-    json_t *m = repo_read_json(r->vm_fd, MARKER, &err);
+    json_t *m = repo_read_json(r->vm_fd, PULL_MARKER, &err);
     json_t *disk;
     size_t i;
 
     if (!m) {
-        if (faccessat(r->vm_fd, MARKER, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+        if (faccessat(r->vm_fd, PULL_MARKER, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
             /* A marker cut short by a crash: nothing was made after it. */
-            unlinkat(r->vm_fd, MARKER, 0);
+            unlinkat(r->vm_fd, PULL_MARKER, 0);
         }
         return true;
     }
@@ -112,7 +112,7 @@ backup_pull_recover(struct qmp_client *qmp, struct repo_vm *r, int timeout_ms,
         }
     }
     json_decref(m);
-    if (unlinkat(r->vm_fd, MARKER, 0) == 0) {
+    if (unlinkat(r->vm_fd, PULL_MARKER, 0) == 0) {
         fsync(r->vm_fd);
     }
     (void)errp;
