@@ -25,8 +25,8 @@ prune.keep1 and prune.commit work on two copies of the same chain, each
 timed from its process's start to its result made durable, the page
 cache dropped (sync first) before each; they alternate which goes first
 from run to run.  prune.merge1 is timed the same way, whole command, and
-prune.write1 from the file's open to its fsync.  The rows carry qbak's
-CPU seconds and peak RSS (GNU time).
+prune.write1 from the file's open to its fsync; these two alternate too.
+The rows carry qbak's CPU seconds and peak RSS (GNU time).
 
 bench.py calls prune_step(), and report_lines()/targets() from its report;
 `b` is the bench module, passed in to avoid a circular import.
@@ -87,7 +87,8 @@ def prune_step(args, ref, lay, work, res, b):
                 s = b.qbak_backup(vm, repo, what="prune: incremental %d" % (i + 1))
                 points.append(s["json"]["point"])
                 if i == 0:
-                    inc1_bytes = s["json"]["disks"][0]["bytes_written"]
+                    # the data the single merge folds: every rewritten cluster
+                    inc1_bytes = len(clusters) * b.CLUSTER
                     # full + this one incremental, for the single merge
                     os.makedirs(one)
                     _copy_tree(b, vmdir, os.path.join(one, b.VMNAME))
@@ -123,16 +124,24 @@ def prune_step(args, ref, lay, work, res, b):
             b.note("prune checked: qbak's one point left reads as the full qemu-img "
                    "committed the chain into")
 
-        s = b.run_qbak(["prune", "--repo", one, "--vm", b.VMNAME, "--keep-last", "1", "--json"],
-                       what="prune of one incremental")
-        s["bytes"] = s["json"]["merged_bytes"]
-        res.add("prune.merge1", s)
-        b.note("run %d prune: one 1 %% incremental into the full  %.3f s (%s merged)"
-               % (r + 1, s["wall"], b.human(s["bytes"])))
-        s = b.write_limit(os.path.join(rdir, "ddtest"), s["bytes"] or inc1_bytes,
-                          args.seed + r)
-        res.add("prune.write1", s)
-        b.note("run %d writing those bytes once  %.3f s" % (r + 1, s["wall"]))
+        def merge1():
+            s = b.run_qbak(["prune", "--repo", one, "--vm", b.VMNAME, "--keep-last", "1",
+                            "--json"], what="prune of one incremental")
+            s["bytes"] = s["json"]["merged_bytes"]
+            if s["bytes"] != inc1_bytes:
+                raise b.BenchError("the single merge folded %d bytes, not the %d rewritten"
+                                   % (s["bytes"], inc1_bytes))
+            res.add("prune.merge1", s)
+            b.note("run %d prune: one 1 %% incremental into the full  %.3f s (%s merged)"
+                   % (r + 1, s["wall"], b.human(s["bytes"])))
+
+        def write1():
+            s = b.write_limit(os.path.join(rdir, "ddtest"), inc1_bytes, args.seed + r)
+            res.add("prune.write1", s)
+            b.note("run %d writing those bytes once  %.3f s" % (r + 1, s["wall"]))
+
+        for step in ((merge1, write1) if r % 2 == 0 else (write1, merge1)):
+            step()
         if not args.keep:
             shutil.rmtree(rdir, ignore_errors=True)
 
