@@ -13,6 +13,7 @@
 
 #include "agent/damage.h"
 #include "agent/error.h"
+#include "io/file.h"
 
 void
 prune_dir_free(struct prune_dir *d)
@@ -65,7 +66,7 @@ prune_scan(struct repo_vm *r, GError **errp)
 {
     GPtrArray *dirs =
         g_ptr_array_new_with_free_func((GDestroyNotify)prune_dir_free);
-    DIR *d = repo_opendir(r->vm_fd);
+    DIR *d = file_opendir(r->vm_fd);
     struct dirent *de;
 
     if (!d) {
@@ -113,7 +114,7 @@ prune_scan(struct repo_vm *r, GError **errp)
 static void
 remove_dir_contents(int fd)
 {
-    DIR *d = repo_opendir(fd);
+    DIR *d = file_opendir(fd);
     struct dirent *de;
 
     if (!d) {
@@ -170,7 +171,7 @@ prune_defer_removal(struct prune_ctx *c, const char *name, GError **errp)
 bool
 prune_work_pending(struct repo_vm *r)
 {
-    DIR *d = repo_opendir(r->vm_fd);
+    DIR *d = file_opendir(r->vm_fd);
     struct dirent *de;
     bool pending = false;
 
@@ -196,7 +197,7 @@ prune_work_pending(struct repo_vm *r)
 unsigned
 prune_cleanup_removed(struct repo_vm *r)
 {
-    DIR *d = repo_opendir(r->vm_fd);
+    DIR *d = file_opendir(r->vm_fd);
     g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
     struct dirent *de;
     unsigned n = 0;

@@ -2,6 +2,7 @@
 #include "agent/repo.h"
 
 #include "agent/error.h"
+#include "io/file.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -360,7 +361,7 @@ scan_points(struct repo_vm *r, bool damaged_too, GError **errp)
 {
     GPtrArray *points =
         g_ptr_array_new_with_free_func((GDestroyNotify)restore_point_free);
-    DIR *d = repo_opendir(r->vm_fd);
+    DIR *d = file_opendir(r->vm_fd);
     struct dirent *de;
 
     if (!d) {
@@ -502,7 +503,7 @@ repo_partial_remove(struct repo_vm *r, const char *id)
 unsigned
 repo_partial_cleanup(struct repo_vm *r)
 {
-    DIR *d = repo_opendir(r->vm_fd);
+    DIR *d = file_opendir(r->vm_fd);
     struct dirent *de;
     GPtrArray *names = g_ptr_array_new_with_free_func(g_free);
     unsigned n;
@@ -598,7 +599,7 @@ sync_dir_files(int dir_fd, const char *what, GError **errp)
     g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GArray) fds = g_array_new(false, false, sizeof(int));
     struct dirent *de;
-    DIR *d = repo_opendir(dir_fd);
+    DIR *d = file_opendir(dir_fd);
     bool ok = true;
 
     if (!d) {
@@ -724,24 +725,4 @@ repo_dir_bytes(int dirfd, const char *name)
     }
     closedir(d);
     return bytes;
-}
-
-/* See repo.h. */
-DIR *
-repo_opendir(int fd)
-{
-    int dfd = dup(fd);
-    DIR *d = dfd >= 0 ? fdopendir(dfd) : NULL;
-
-    if (!d) {
-        int err = errno;
-        if (dfd >= 0) {
-            close(dfd);
-        }
-        errno = err;
-        return NULL;
-    }
-    /* A duplicate shares fd's offset: an earlier reader may have moved it. */
-    rewinddir(d);
-    return d;
 }

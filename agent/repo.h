@@ -6,7 +6,6 @@
 #ifndef QBAK_AGENT_REPO_H
 #define QBAK_AGENT_REPO_H
 
-#include <dirent.h>
 #include <glib.h>
 #include <jansson.h>
 #include <stdbool.h>
@@ -105,10 +104,6 @@ bool repo_commit(struct repo_vm *r, int partial_fd, const char *id,
  * what/names[i], with the first failure; none is retried. */
 bool repo_fsync_all(const int *fds, const char *const *names, guint n,
                     const char *what, GError **errp);
-
-/* The entries of directory fd from the start, read through a duplicate
- * of fd (closedir() leaves fd open); NULL with errno set. */
-DIR *repo_opendir(int fd);
 
 /* Bytes the regular files of directory dirfd/name take on disk
  * (allocated blocks; 0 when it cannot be read). */

@@ -2,6 +2,7 @@
 #ifndef QBAK_IO_FILE_H
 #define QBAK_IO_FILE_H
 
+#include <dirent.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -15,6 +16,10 @@
  * its name since.  -1 when the file system refuses O_DIRECT (or /proc is
  * missing, or no fd is left): the caller then keeps to fd. */
 int file_reopen_direct(int fd, int access_mode);
+
+/* The entries of directory fd from the start, read through a duplicate
+ * of fd (closedir() leaves fd open); NULL with errno set. */
+DIR *file_opendir(int fd);
 
 /* direct_fd (or -1) when buf, off and len suit O_DIRECT, else fd. */
 static inline int

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "agent/files/guestfs.h"
+#include "io/file.h"
 
 #define PREFIX "qbak-files-"
 #define OWNER ".owner"
@@ -54,7 +55,7 @@ our_file(const char *name)
 static void
 remove_stale(int tmpfd, const char *name, int dfd)
 {
-    DIR *d = fdopendir(dup(dfd));
+    DIR *d = file_opendir(dfd);
     struct dirent *e;
 
     if (!d) {
@@ -114,7 +115,7 @@ files_tmpdir_sweep(void)
     if (tmpfd < 0) {
         return;
     }
-    d = fdopendir(dup(tmpfd));
+    d = file_opendir(tmpfd);
     if (d) {
         while ((e = readdir(d))) {
             sweep_one(tmpfd, e->d_name);
