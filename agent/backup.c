@@ -25,6 +25,7 @@
 #include "agent/vm/vmstate.h"
 #include "io/lazy_libs.h"
 #include "io/qcow2_sums.h"
+#include "qmp/batch.h"
 
 #define RING_ENTRIES 256
 /* Bytes QEMU copies per backup request (x-perf max-chunk): a cluster of
@@ -264,52 +265,29 @@ commit(struct backup *b, const char *parent, json_t **manifest, GError **errp)
 }
 
 /* The bitmaps the committed point made stale, removed in one round trip:
- * sent (calls returned, *n of them, names[i] the disk of calls[i]) before
- * the answers to the graph's teardown are awaited, collected after. */
-static struct qmp_call *
-stale_bitmaps_send(struct backup *b, GPtrArray *names, size_t *n)
+ * sent before the answers to the graph's teardown are awaited, collected
+ * after (qmp_batch_finish: a failure is a warning naming the disk). */
+static void
+stale_bitmaps_send(struct backup *b, struct qmp_batch *bt)
 {
-    struct qmp_call *calls;
-    size_t total = 0, j = 0;
+    size_t total = 0;
 
     for (guint k = 0; k < b->disks->len; k++) {
         total += ((struct disk *)b->disks->pdata[k])->stale_bitmaps->len;
     }
-    *n = total;
-    if (total == 0) {
-        return NULL;
-    }
-    calls = g_new0(struct qmp_call, total);
+    qmp_batch_init(bt, total);
     for (guint k = 0; k < b->disks->len; k++) {
         struct disk *d = b->disks->pdata[k];
-        for (guint i = 0; i < d->stale_bitmaps->len; i++, j++) {
-            calls[j].cmd = "block-dirty-bitmap-remove";
-            calls[j].args = json_pack("{s:s, s:s}", "node", d->node, "name",
-                                      (char *)d->stale_bitmaps->pdata[i]);
-            g_ptr_array_add(names, d->name);
+        for (guint i = 0; i < d->stale_bitmaps->len; i++) {
+            qmp_batch_add(bt, d->name, "block-dirty-bitmap-remove",
+                          json_pack("{s:s, s:s}", "node", d->node, "name",
+                                    (char *)d->stale_bitmaps->pdata[i]),
+                          NULL, false);
         }
     }
-    qmp_client_send_many(b->qmp, calls, total, b->opts->timeout_ms);
-    return calls;
-}
-
-static void
-stale_bitmaps_finish(struct backup *b, struct qmp_call *calls, size_t n,
-                     GPtrArray *names, GPtrArray *warnings)
-{
-    if (!calls) {
-        return;
+    if (total > 0) {
+        qmp_batch_send(b->qmp, bt, b->opts->timeout_ms);
     }
-    qmp_client_wait_many(b->qmp, calls, n, b->opts->timeout_ms);
-    for (size_t i = 0; i < n; i++) {
-        if (calls[i].error) {
-            g_ptr_array_add(warnings,
-                            g_strdup_printf("%s: %s", (char *)names->pdata[i],
-                                            calls[i].error->message));
-        }
-    }
-    qmp_calls_clear(calls, n);
-    g_free(calls);
 }
 
 /* Undo what QEMU holds for us: jobs, NBD nodes; then stop serving. */
@@ -600,12 +578,11 @@ copied:
     {
         /* QEMU runs the removals after the teardown sent before the
          * commit: one wait for both. */
-        g_autoptr(GPtrArray) names = g_ptr_array_new();
-        size_t n;
-        struct qmp_call *stale = stale_bitmaps_send(&b, names, &n);
+        struct qmp_batch stale;
 
+        stale_bitmaps_send(&b, &stale);
         backup_pull_release(&b, warnings);
-        stale_bitmaps_finish(&b, stale, n, names, warnings);
+        qmp_batch_finish(b.qmp, &stale, b.opts->timeout_ms, warnings, NULL);
     }
     backup_trace(&b, "finalized");
     release_qemu(&b, false, warnings);

@@ -42,7 +42,6 @@ qmp_batch_finish(struct qmp_client *c, struct qmp_batch *bt, int timeout_ms,
             }
             continue;
         }
-        ok = false;
         if (warnings) {
             g_ptr_array_add(warnings,
                             g_strdup_printf("%s: %s", f->what, e->message));
